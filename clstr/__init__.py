@@ -1,0 +1,110 @@
+"""clstr: route keyed requests to the node that owns the key, over NATS.
+
+The public API is what this module exports (``__all__``); every other name
+is private and may change.
+"""
+
+from __future__ import annotations
+
+from .client import DEFAULT_TIMEOUT, Client, ClientState, ScopedClient
+from .codec import DEFAULT_LIMITS, Limits, decode_payload, encode_payload, message_type
+from .envelope import RESERVED_HEADER_PREFIX, Envelope, EnvelopeOption, with_header, with_ttl
+from .errors import (
+    BadRequestError,
+    ClstrError,
+    ConfigurationError,
+    ConnectionFailedError,
+    DeadlineExceededError,
+    EnvelopeExpiredError,
+    HandlerTimeoutError,
+    KeyRequiredError,
+    LifecycleError,
+    LimitExceededError,
+    MissingKeyError,
+    NoHandlerError,
+    NoShardOwnerError,
+    NotOwnerError,
+    OverloadedError,
+    PayloadError,
+    RemoteHandlerError,
+    RequestError,
+    RequestTimeoutError,
+    ReservedHeaderError,
+    ShardOutOfRangeError,
+    TransportClosedError,
+    TransportError,
+)
+from .handlers import Handler, KeyHandler, Router
+from .hashing import ShardMapper, assign_shards, owner_of, shard_for_key, shards_for_node
+from .metrics import Metrics, NoopMetrics, PrometheusMetrics
+from .node import DEFAULT_PREFIX, NODE_INFO_TYPE, Node, NodeInfo, NodeState, shard_subject
+from .transports import MemoryNetwork, MemoryTransport, Transport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # client side
+    "Client",
+    "ClientState",
+    "ScopedClient",
+    "DEFAULT_TIMEOUT",
+    # server side
+    "Node",
+    "NodeInfo",
+    "NodeState",
+    "NODE_INFO_TYPE",
+    "DEFAULT_PREFIX",
+    "shard_subject",
+    "Handler",
+    "Router",
+    "KeyHandler",
+    # envelopes and payloads
+    "Envelope",
+    "EnvelopeOption",
+    "with_header",
+    "with_ttl",
+    "RESERVED_HEADER_PREFIX",
+    "Limits",
+    "DEFAULT_LIMITS",
+    "message_type",
+    "encode_payload",
+    "decode_payload",
+    # hashing
+    "shard_for_key",
+    "shards_for_node",
+    "owner_of",
+    "assign_shards",
+    "ShardMapper",
+    # transports
+    "Transport",
+    "MemoryTransport",
+    "MemoryNetwork",
+    # metrics
+    "Metrics",
+    "NoopMetrics",
+    "PrometheusMetrics",
+    # errors
+    "ClstrError",
+    "ConfigurationError",
+    "ShardOutOfRangeError",
+    "ReservedHeaderError",
+    "MissingKeyError",
+    "LimitExceededError",
+    "PayloadError",
+    "LifecycleError",
+    "TransportError",
+    "TransportClosedError",
+    "ConnectionFailedError",
+    "RequestError",
+    "NoShardOwnerError",
+    "NotOwnerError",
+    "EnvelopeExpiredError",
+    "DeadlineExceededError",
+    "HandlerTimeoutError",
+    "RequestTimeoutError",
+    "OverloadedError",
+    "BadRequestError",
+    "KeyRequiredError",
+    "NoHandlerError",
+    "RemoteHandlerError",
+]

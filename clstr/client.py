@@ -1,0 +1,397 @@
+"""The client: hashes keys to shards, builds envelopes, sends, maps errors.
+
+One deadline per request: the call's ``timeout`` and the envelope's TTL are
+the same budget. The client waits for at most that long, and the envelope
+carries the same budget less a small reserve for the reply's way back, so a
+node's ``timeout`` error reaches the caller before the caller gives up.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+from .codec import (
+    DEFAULT_LIMITS,
+    Limits,
+    check_limits,
+    decode_payload,
+    decode_reply,
+    encode_payload,
+    encode_request,
+    message_type,
+)
+from .envelope import Envelope, EnvelopeOption
+from .errors import (
+    ConfigurationError,
+    DeadlineExceededError,
+    LimitExceededError,
+    MissingKeyError,
+    NoShardOwnerError,
+    PayloadError,
+    ShardOutOfRangeError,
+    TransportClosedError,
+)
+from .hashing import ShardMapper
+from .metrics import NOOP_METRICS, Metrics
+from .node import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
+from .transports.base import Transport
+
+__all__ = ["Client", "ClientState", "ScopedClient", "DEFAULT_TIMEOUT"]
+
+T = TypeVar("T")
+
+#: Default request timeout (and so TTL), in seconds.
+DEFAULT_TIMEOUT: Final = 5.0
+
+# Part of the budget kept back for the reply's way home: up to 50 ms, never
+# more than a tenth of the budget.
+_REPLY_RESERVE_MAX: Final = 0.05
+_REPLY_RESERVE_FRACTION: Final = 0.1
+
+
+class ClientState(enum.Enum):
+    """Lifecycle of a :class:`Client`."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Client:
+    """Routes requests and notifications to the node that owns each key.
+
+    ``num_shards``, ``seed`` and ``prefix`` must match the nodes'.
+    ``timeout`` is the default request deadline in seconds; ``options`` are
+    envelope options (:func:`~clstr.with_header`, :func:`~clstr.with_ttl`)
+    applied to every envelope before the per-call ones.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        num_shards: int,
+        seed: str = "",
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        options: Sequence[EnvelopeOption] = (),
+        limits: Limits = DEFAULT_LIMITS,
+        metrics: Metrics = NOOP_METRICS,
+        owns_transport: bool = False,
+    ) -> None:
+        if not timeout > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self._mapper = ShardMapper(num_shards, seed)
+        self.num_shards = num_shards
+        self.seed = seed
+        self.prefix = prefix
+        self.transport = transport
+        self.timeout = timeout
+        self.options = tuple(options)
+        self.limits = limits
+        self.metrics = metrics
+        self._owns_transport = owns_transport
+        self.state = ClientState.OPEN
+        self._subjects = [shard_subject(prefix, s) for s in range(num_shards)]
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: str | Sequence[str] = "nats://127.0.0.1:4222",
+        *,
+        num_shards: int,
+        nats_options: Any = None,
+        **kwargs: Any,
+    ) -> Client:
+        """Connect to NATS and return a client that owns (and closes) the connection.
+
+        ``nats_options`` is a :class:`~clstr.transports.nats.NatsOptions`;
+        the other keyword arguments are those of :class:`Client`.
+        """
+        from .transports.nats import NatsTransport
+
+        transport = await NatsTransport.connect(servers, nats_options)
+        return cls(transport, num_shards=num_shards, owns_transport=True, **kwargs)
+
+    # -- routing ------------------------------------------------------------
+
+    def shard_for(self, key: str | bytes) -> int:
+        """The shard ``key`` belongs to."""
+        return self._mapper.shard(key)
+
+    def _check_shard(self, shard: int) -> None:
+        if not isinstance(shard, int) or not 0 <= shard < self.num_shards:
+            raise ShardOutOfRangeError(f"shard {shard!r} is out of range 0..{self.num_shards - 1}")
+
+    def _check_open(self) -> None:
+        if self.state is ClientState.CLOSED:
+            raise TransportClosedError("client is closed; create a new Client to send again")
+
+    def _build(
+        self,
+        shard: int,
+        msg_type: str,
+        data: bytes,
+        key: str | None,
+        options: Sequence[EnvelopeOption],
+        request_id: str | None,
+    ) -> Envelope:
+        self._check_open()
+        self._check_shard(shard)
+        if not isinstance(msg_type, str) or not msg_type:
+            raise ConfigurationError(f"message type must be a non-empty str, got {msg_type!r}")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"data must be bytes, got {type(data).__name__}; "
+                "use client.key(k).request(obj) for typed payloads"
+            )
+        env = Envelope(type=msg_type, data=bytes(data), shard=shard, key=key, id=request_id)
+        for option in (*self.options, *options):
+            env = option(env)
+        check_limits(env, self.limits)
+        return env
+
+    def _encode(self, env: Envelope) -> bytes:
+        body = encode_request(env)
+        if len(body) > self.transport.max_payload:
+            raise LimitExceededError(
+                f"message of {len(body)} bytes is over the transport's max_payload of "
+                f"{self.transport.max_payload} bytes; send less data per message"
+            )
+        return body
+
+    # -- raw API --------------------------------------------------------------
+
+    async def request_shard(
+        self,
+        shard: int,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        key: str | None = None,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+        request_id: str | None = None,
+    ) -> bytes:
+        """Send a request to ``shard`` and return the reply's payload.
+
+        Raises :class:`NoShardOwnerError` at once when no node serves the
+        shard, :class:`~clstr.RequestTimeoutError` (or the node's
+        :class:`~clstr.HandlerTimeoutError`) past the deadline, and the
+        :class:`~clstr.RequestError` subclass for any error the node replied.
+        """
+        env = self._build(shard, msg_type, data, key, options, request_id)
+        budget = self.timeout if timeout is None else timeout
+        if not budget > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {budget!r}")
+        remaining = env.remaining()
+        if remaining is not None:
+            budget = min(budget, remaining)
+        reserve = min(_REPLY_RESERVE_MAX, budget * _REPLY_RESERVE_FRACTION)
+        env = env.with_ttl(budget - reserve)
+        body = self._encode(env)
+        started = time.perf_counter()
+        ok = False
+        try:
+            reply = await self.transport.request(self._subjects[shard], body, budget)
+            payload = decode_reply(reply, limits=self.limits)
+            ok = True
+            return payload
+        except NoShardOwnerError:
+            self.metrics.transport_error("no_subscriber")
+            raise
+        except DeadlineExceededError:
+            self.metrics.transport_error("timeout")
+            raise
+        finally:
+            self.metrics.request_completed(msg_type, ok, time.perf_counter() - started)
+
+    async def request_key(
+        self,
+        key: str,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+        request_id: str | None = None,
+    ) -> bytes:
+        """Send a request to the owner of ``key``; see :meth:`request_shard`."""
+        return await self.request_shard(
+            self._shard_of_key(key),
+            msg_type,
+            data,
+            key=key,
+            timeout=timeout,
+            options=options,
+            request_id=request_id,
+        )
+
+    async def notify_shard(
+        self,
+        shard: int,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        key: str | None = None,
+        options: Sequence[EnvelopeOption] = (),
+    ) -> None:
+        """Publish to ``shard`` and return at once: no reply, no waiting.
+
+        Nothing tells the caller whether a node handled it; give it a TTL
+        (``with_ttl``) so that a message nobody takes in time is dropped.
+        """
+        env = self._build(shard, msg_type, data, key, options, None)
+        ok = False
+        try:
+            await self.transport.publish(self._subjects[shard], self._encode(env))
+            ok = True
+        finally:
+            self.metrics.notify_completed(msg_type, ok)
+
+    async def notify_key(
+        self,
+        key: str,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        options: Sequence[EnvelopeOption] = (),
+    ) -> None:
+        """Publish to the owner of ``key``; see :meth:`notify_shard`."""
+        await self.notify_shard(self._shard_of_key(key), msg_type, data, key=key, options=options)
+
+    def _shard_of_key(self, key: str) -> int:
+        if not isinstance(key, str):
+            raise TypeError(f"key must be str, got {type(key).__name__}")
+        if not key:
+            raise MissingKeyError("key must not be empty; every key-routed call needs a key")
+        return self._mapper.shard(key)
+
+    # -- scoped clients -----------------------------------------------------
+
+    def key(self, key: str, *options: EnvelopeOption) -> ScopedClient:
+        """A client bound to ``key``: every call goes to its owner, with the key."""
+        return ScopedClient(self, self._shard_of_key(key), key, options)
+
+    def shard(self, shard: int, *options: EnvelopeOption) -> ScopedClient:
+        """A client bound to ``shard`` (no key)."""
+        self._check_shard(shard)
+        return ScopedClient(self, shard, None, options)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def close(self) -> None:
+        """Refuse further calls; close the transport if this client owns it."""
+        if self.state is ClientState.CLOSED:
+            return
+        self.state = ClientState.CLOSED
+        if self._owns_transport:
+            await self.transport.close()
+
+    async def __aenter__(self) -> Self:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _encode_typed(payload: object) -> tuple[str, bytes]:
+    validate = getattr(payload, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except Exception as exc:
+            raise PayloadError(f"invalid {type(payload).__name__} payload: {exc}") from exc
+    return message_type(payload), encode_payload(payload)
+
+
+class ScopedClient:
+    """A client bound to one key or one shard, speaking typed payloads.
+
+    A payload is a dataclass instance (or plain msgpack values); its message
+    type is its class's ``message_type`` attribute, else the class name. A
+    payload with a ``validate()`` method is validated before sending.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        shard: int,
+        key: str | None,
+        options: Sequence[EnvelopeOption],
+    ) -> None:
+        self.client = client
+        self.shard = shard
+        self.key = key
+        self.options = tuple(options)
+
+    async def request_raw(
+        self,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+        request_id: str | None = None,
+    ) -> bytes:
+        """Send raw bytes with an explicit message type; return the raw reply."""
+        return await self.client.request_shard(
+            self.shard,
+            msg_type,
+            data,
+            key=self.key,
+            timeout=timeout,
+            options=(*self.options, *options),
+            request_id=request_id,
+        )
+
+    async def request(
+        self,
+        payload: object,
+        *,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+        request_id: str | None = None,
+    ) -> bytes:
+        """Send a typed payload; return the reply's raw (msgpack) bytes."""
+        msg_type, data = _encode_typed(payload)
+        return await self.request_raw(
+            msg_type, data, timeout=timeout, options=options, request_id=request_id
+        )
+
+    async def call(
+        self,
+        payload: object,
+        reply_type: type[T],
+        *,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+        request_id: str | None = None,
+    ) -> T:
+        """Send a typed payload and decode the reply into ``reply_type``.
+
+        Raises :class:`~clstr.PayloadError` when the reply does not fit ``reply_type``.
+        """
+        data = await self.request(payload, timeout=timeout, options=options, request_id=request_id)
+        return decode_payload(data, reply_type)
+
+    async def notify(self, payload: object, *, options: Sequence[EnvelopeOption] = ()) -> None:
+        """Publish a typed payload; fire and forget."""
+        msg_type, data = _encode_typed(payload)
+        await self.client.notify_shard(
+            self.shard, msg_type, data, key=self.key, options=(*self.options, *options)
+        )
+
+    async def node_info(self, *, timeout: float | None = None) -> NodeInfo:
+        """Ask the node serving this shard who it is and what it owns."""
+        data = await self.request_raw(NODE_INFO_TYPE, b"", timeout=timeout)
+        return decode_payload(data, NodeInfo)

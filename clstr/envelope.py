@@ -1,0 +1,117 @@
+"""The envelope: one message to a shard, with its type, payload, key and deadline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from .errors import ConfigurationError, ReservedHeaderError
+
+__all__ = [
+    "RESERVED_HEADER_PREFIX",
+    "Envelope",
+    "EnvelopeOption",
+    "with_header",
+    "with_ttl",
+]
+
+#: Header names starting with this prefix belong to clstr; users may not set them.
+RESERVED_HEADER_PREFIX = "x-clstr-"
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message addressed to a shard.
+
+    ``ttl`` is the time to live in seconds (``None``: no deadline). The
+    deadline itself is kept on the local monotonic clock (``deadline``), set
+    when the envelope is created or, on a node, when it is received: clocks of
+    different hosts never meet. ``created_at`` is the sender's wall clock,
+    used by nodes only to drop messages that are stale beyond a clock-skew
+    allowance.
+    """
+
+    type: str
+    data: bytes = b""
+    shard: int = 0
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
+    ttl: float | None = None
+    created_at: float = field(default_factory=time.time)
+    id: str | None = None
+    deadline: float | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ttl is not None:
+            if not self.ttl > 0:
+                raise ConfigurationError(f"ttl must be > 0 seconds or None, got {self.ttl!r}")
+            if self.deadline is None:
+                object.__setattr__(self, "deadline", time.monotonic() + self.ttl)
+
+    def with_header(self, name: str, value: str) -> Envelope:
+        """Return a copy with header ``name`` set to ``value``.
+
+        Raises :class:`ReservedHeaderError` for names with the ``x-clstr-`` prefix.
+        """
+        check_header_name(name)
+        if not isinstance(value, str):
+            raise TypeError(f"header {name!r}: value must be str, got {type(value).__name__}")
+        return replace(self, headers={**self.headers, name: value})
+
+    def with_ttl(self, seconds: float) -> Envelope:
+        """Return a copy that expires ``seconds`` from now."""
+        return replace(self, ttl=seconds, deadline=None)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (may be negative), or ``None`` without one."""
+        if self.deadline is None:
+            return None
+        return self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        """Whether the deadline has passed."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The value of header ``name``, or ``default``."""
+        return self.headers.get(name, default)
+
+
+def check_header_name(name: str) -> None:
+    """Refuse header names that are not str or that use the reserved prefix."""
+    if not isinstance(name, str):
+        raise TypeError(f"header names must be str, got {type(name).__name__}")
+    if name.lower().startswith(RESERVED_HEADER_PREFIX):
+        raise ReservedHeaderError(
+            f"header {name!r} uses the reserved prefix {RESERVED_HEADER_PREFIX!r}; "
+            "choose another name"
+        )
+
+
+#: A change applied to an outgoing envelope (client defaults and per-call options).
+EnvelopeOption = Callable[[Envelope], Envelope]
+
+
+def with_header(name: str, value: str) -> EnvelopeOption:
+    """An option that sets header ``name``; the name is checked at once."""
+    check_header_name(name)
+
+    def apply(env: Envelope) -> Envelope:
+        return env.with_header(name, value)
+
+    return apply
+
+
+def with_ttl(seconds: float) -> EnvelopeOption:
+    """An option that gives the envelope a TTL of ``seconds``."""
+    if not seconds > 0:
+        raise ConfigurationError(f"ttl must be > 0 seconds, got {seconds!r}")
+
+    def apply(env: Envelope) -> Envelope:
+        return env.with_ttl(seconds)
+
+    return apply

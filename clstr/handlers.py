@@ -1,0 +1,298 @@
+"""Handlers: what a node runs for each envelope.
+
+A handler is any ``async`` callable ``(Envelope) -> bytes | None``. Two
+building blocks:
+
+* :class:`Router` dispatches by message type to typed handlers: it decodes
+  the payload into the declared class and encodes what the handler returns.
+* :class:`KeyHandler` keeps one handler per key (an actor-like entity with
+  its own state), bounded by an LRU and evicted when idle.
+
+A handler object may also define ``async on_start()`` and ``async on_stop()``;
+the node calls them when it starts and stops (:class:`KeyHandler` uses them
+to run its idle sweeper and to evict, and so persist, every entity on stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar, overload
+
+import structlog
+
+from .codec import decode_payload, encode_payload, message_type
+from .envelope import Envelope
+from .errors import (
+    BadRequestError,
+    ConfigurationError,
+    KeyRequiredError,
+    NoHandlerError,
+    PayloadError,
+)
+
+__all__ = ["Handler", "Router", "KeyHandler", "start_handler", "stop_handler"]
+
+#: The shape of every handler a node runs.
+Handler = Callable[[Envelope], Awaitable[bytes | None]]
+
+M = TypeVar("M")
+R = TypeVar("R")
+
+_log = structlog.get_logger("clstr.handlers")
+
+
+class _Lifecycle(Protocol):
+    async def on_start(self) -> None: ...
+
+    async def on_stop(self) -> None: ...
+
+
+async def start_handler(handler: object) -> None:
+    """Call ``handler.on_start()`` when it has one."""
+    hook = getattr(handler, "on_start", None)
+    if hook is not None:
+        await hook()
+
+
+async def stop_handler(handler: object) -> None:
+    """Call ``handler.on_stop()`` when it has one; log, never raise, on failure."""
+    hook = getattr(handler, "on_stop", None)
+    if hook is not None:
+        try:
+            await hook()
+        except Exception:
+            _log.exception("handler on_stop failed")
+
+
+def _wants_envelope(fn: Callable[..., Any]) -> bool:
+    params = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(params) >= 2
+
+
+class Router:
+    """Dispatch envelopes by message type.
+
+    Typed routes take a payload class (a dataclass or a plain type); the
+    handler gets the decoded instance (and the envelope, when it takes a
+    second argument) and returns a value that is msgpack-encoded as the reply
+    (``None`` becomes an empty reply). Raw routes take a type name and a
+    handler of the plain :data:`Handler` shape. An unknown type is answered
+    with ``no_handler``; a payload that does not decode, with ``bad_request``.
+
+    ::
+
+        router = Router()
+
+        @router.on(GetUser)
+        async def get_user(msg: GetUser) -> User: ...
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Handler] = {}
+        self._objects: list[object] = []
+
+    @property
+    def message_types(self) -> list[str]:
+        """The message types this router serves."""
+        return sorted(self._routes)
+
+    def register(self, message: type[Any] | str, handler: Callable[..., Awaitable[Any]]) -> None:
+        """Route ``message`` (a payload class or a raw type name) to ``handler``.
+
+        Raises :class:`ConfigurationError` when the type already has a route.
+        """
+        name = message if isinstance(message, str) else message_type(message)
+        if name in self._routes:
+            raise ConfigurationError(f"message type {name!r} already has a handler")
+        if isinstance(message, str):
+            self._routes[name] = handler
+        else:
+            self._routes[name] = _typed(message, handler)
+        if hasattr(handler, "on_start") or hasattr(handler, "on_stop"):
+            self._objects.append(handler)
+
+    @overload
+    def on(
+        self, message: type[M]
+    ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]: ...
+
+    @overload
+    def on(self, message: str) -> Callable[[Handler], Handler]: ...
+
+    def on(self, message: type[Any] | str) -> Callable[[Any], Any]:
+        """Decorator form of :meth:`register`."""
+
+        def decorate(fn: Any) -> Any:
+            self.register(message, fn)
+            return fn
+
+        return decorate
+
+    async def __call__(self, env: Envelope) -> bytes | None:
+        route = self._routes.get(env.type)
+        if route is None:
+            raise NoHandlerError(
+                f"no handler for message type {env.type!r}; known types: {self.message_types}"
+            )
+        return await route(env)
+
+    async def on_start(self) -> None:
+        for obj in self._objects:
+            await start_handler(obj)
+
+    async def on_stop(self) -> None:
+        for obj in self._objects:
+            await stop_handler(obj)
+
+
+def _typed(cls: type[Any], fn: Callable[..., Awaitable[Any]]) -> Handler:
+    pass_env = _wants_envelope(fn)
+
+    async def typed(env: Envelope) -> bytes:
+        try:
+            msg = decode_payload(env.data, cls)
+        except PayloadError as exc:
+            raise BadRequestError(f"payload of {env.type!r} does not decode: {exc}") from exc
+        result = await (fn(msg, env) if pass_env else fn(msg))
+        return b"" if result is None else encode_payload(result)
+
+    return typed
+
+
+class _Entry:
+    __slots__ = ("busy", "handler", "last_used")
+
+    def __init__(self, handler: Handler, now: float) -> None:
+        self.handler = handler
+        self.busy = 0
+        self.last_used = now
+
+
+EvictHook = Callable[[str, Handler], Awaitable[None] | None]
+
+
+class KeyHandler:
+    """One handler per key, created on first use, like the Go ``NewKeyHandler``.
+
+    ``factory(key)`` builds the key's handler (sync or async). At most
+    ``max_keys`` are kept (least recently used go first; one that is handling
+    a message is never evicted); one unused for ``idle_timeout`` seconds is
+    evicted too. ``on_evict(key, handler)`` runs for every eviction, also for
+    all remaining keys when the node stops, so an entity can persist itself.
+    A message without a key is answered with ``key_required``.
+
+    Per-key order comes from the node: one key's messages never run at once.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[str], Handler | Awaitable[Handler]],
+        *,
+        max_keys: int = 1024,
+        idle_timeout: float | None = 600.0,
+        on_evict: EvictHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_keys < 1:
+            raise ConfigurationError(f"max_keys must be >= 1, got {max_keys}")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ConfigurationError(f"idle_timeout must be > 0 or None, got {idle_timeout}")
+        self._factory = factory
+        self.max_keys = max_keys
+        self.idle_timeout = idle_timeout
+        self._on_evict = on_evict
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    async def __call__(self, env: Envelope) -> bytes | None:
+        key = env.key
+        if not key:
+            raise KeyRequiredError(
+                f"message type {env.type!r} needs a key; send it with client.key(...) "
+                "or request_key(...)"
+            )
+        entry = self._entries.get(key)
+        created = entry is None
+        if entry is None:
+            made = self._factory(key)
+            handler = await made if inspect.isawaitable(made) else made
+            entry = self._entries[key] = _Entry(handler, self._clock())
+        else:
+            self._entries.move_to_end(key)
+        entry.busy += 1
+        try:
+            if created:
+                await self._evict_over_capacity()
+            return await entry.handler(env)
+        finally:
+            entry.busy -= 1
+            entry.last_used = self._clock()
+
+    async def _evict(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        if self._on_evict is None:
+            return
+        try:
+            result = self._on_evict(key, entry.handler)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            _log.exception("on_evict failed", key=key)
+
+    async def _evict_over_capacity(self) -> None:
+        excess = len(self._entries) - self.max_keys
+        if excess <= 0:
+            return
+        victims = [k for k, e in self._entries.items() if not e.busy][:excess]
+        for key in victims:
+            await self._evict(key)
+
+    async def sweep(self) -> int:
+        """Evict every key idle for longer than ``idle_timeout``; return how many."""
+        if self.idle_timeout is None:
+            return 0
+        limit = self._clock() - self.idle_timeout
+        idle = [k for k, e in self._entries.items() if not e.busy and e.last_used <= limit]
+        for key in idle:
+            await self._evict(key)
+        return len(idle)
+
+    async def evict_all(self) -> None:
+        """Evict every key that is not busy (calling ``on_evict`` for each)."""
+        for key in [k for k, e in self._entries.items() if not e.busy]:
+            await self._evict(key)
+
+    async def _sweep_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.sweep()
+
+    async def on_start(self) -> None:
+        if self.idle_timeout is not None and self._sweeper is None:
+            self._sweeper = asyncio.create_task(
+                self._sweep_forever(max(self.idle_timeout / 2, 0.01)), name="clstr-key-sweeper"
+            )
+
+    async def on_stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await self.evict_all()

@@ -1,0 +1,176 @@
+"""Metrics: a small protocol, a no-op default and a Prometheus implementation.
+
+Metric names and labels follow the Go original (``clstr_cluster_*``) so that
+dashboards carry over; clstr adds ``clstr_cluster_envelopes_rejected_total``
+(by reason: ``expired``, ``overloaded``, ``bad_request``) and
+``clstr_cluster_pending_messages``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics", "NoopMetrics", "PrometheusMetrics", "NOOP_METRICS"]
+
+
+class Metrics(Protocol):
+    """What clients and nodes report. Every method must be cheap and must not raise."""
+
+    def request_completed(self, message_type: str, success: bool, duration: float) -> None:
+        """A client request ended (``duration`` in seconds)."""
+
+    def notify_completed(self, message_type: str, success: bool) -> None:
+        """A client notify was sent (or failed to be)."""
+
+    def transport_error(self, error_type: str) -> None:
+        """A client call failed in transport: ``no_subscriber``, ``timeout``, ``ttl_expired``..."""
+
+    def handler_completed(self, message_type: str, success: bool, duration: float) -> None:
+        """A node's handler finished (``duration`` in seconds)."""
+
+    def handlers_active(self, node_id: str, count: int) -> None:
+        """How many handlers a node runs right now."""
+
+    def shards_owned(self, node_id: str, count: int) -> None:
+        """How many shards a node serves."""
+
+    def envelope_rejected(self, reason: str) -> None:
+        """A node refused an envelope without running a handler."""
+
+    def pending_messages(self, node_id: str, count: int) -> None:
+        """How many messages wait in a node's queue."""
+
+
+class NoopMetrics:
+    """Records nothing. The default."""
+
+    def request_completed(self, message_type: str, success: bool, duration: float) -> None:
+        pass
+
+    def notify_completed(self, message_type: str, success: bool) -> None:
+        pass
+
+    def transport_error(self, error_type: str) -> None:
+        pass
+
+    def handler_completed(self, message_type: str, success: bool, duration: float) -> None:
+        pass
+
+    def handlers_active(self, node_id: str, count: int) -> None:
+        pass
+
+    def shards_owned(self, node_id: str, count: int) -> None:
+        pass
+
+    def envelope_rejected(self, reason: str) -> None:
+        pass
+
+    def pending_messages(self, node_id: str, count: int) -> None:
+        pass
+
+
+NOOP_METRICS = NoopMetrics()
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class PrometheusMetrics:
+    """Prometheus metrics registered on the registry you give (never the global one
+    unless you pass it)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._request_duration = Histogram(
+            "clstr_cluster_request_duration_seconds",
+            "Client request latency in seconds",
+            ["message_type"],
+            registry=registry,
+            buckets=_BUCKETS,
+        )
+        self._requests = Counter(
+            "clstr_cluster_requests",
+            "Total number of client requests",
+            ["message_type", "success"],
+            registry=registry,
+        )
+        self._notifies = Counter(
+            "clstr_cluster_notifies",
+            "Total number of client notifications",
+            ["message_type", "success"],
+            registry=registry,
+        )
+        self._transport_errors = Counter(
+            "clstr_cluster_transport_errors",
+            "Transport errors by type",
+            ["error_type"],
+            registry=registry,
+        )
+        self._handler_duration = Histogram(
+            "clstr_cluster_handler_duration_seconds",
+            "Handler execution time in seconds",
+            ["message_type"],
+            registry=registry,
+            buckets=_BUCKETS,
+        )
+        self._handlers = Counter(
+            "clstr_cluster_handlers",
+            "Handlers executed",
+            ["message_type", "success"],
+            registry=registry,
+        )
+        self._handlers_active = Gauge(
+            "clstr_cluster_handlers_active",
+            "Handlers running now",
+            ["node_id"],
+            registry=registry,
+        )
+        self._shards_owned = Gauge(
+            "clstr_cluster_shards_owned",
+            "Shards served by the node",
+            ["node_id"],
+            registry=registry,
+        )
+        self._rejected = Counter(
+            "clstr_cluster_envelopes_rejected",
+            "Envelopes refused before a handler ran, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self._pending = Gauge(
+            "clstr_cluster_pending_messages",
+            "Messages waiting in the node's queue",
+            ["node_id"],
+            registry=registry,
+        )
+
+    def request_completed(self, message_type: str, success: bool, duration: float) -> None:
+        self._request_duration.labels(message_type).observe(duration)
+        self._requests.labels(message_type, _flag(success)).inc()
+
+    def notify_completed(self, message_type: str, success: bool) -> None:
+        self._notifies.labels(message_type, _flag(success)).inc()
+
+    def transport_error(self, error_type: str) -> None:
+        self._transport_errors.labels(error_type).inc()
+
+    def handler_completed(self, message_type: str, success: bool, duration: float) -> None:
+        self._handler_duration.labels(message_type).observe(duration)
+        self._handlers.labels(message_type, _flag(success)).inc()
+
+    def handlers_active(self, node_id: str, count: int) -> None:
+        self._handlers_active.labels(node_id).set(count)
+
+    def shards_owned(self, node_id: str, count: int) -> None:
+        self._shards_owned.labels(node_id).set(count)
+
+    def envelope_rejected(self, reason: str) -> None:
+        self._rejected.labels(reason).inc()
+
+    def pending_messages(self, node_id: str, count: int) -> None:
+        self._pending.labels(node_id).set(count)
+
+
+def _flag(success: bool) -> str:
+    return "true" if success else "false"

@@ -1,0 +1,87 @@
+"""The transport seam: a transport moves bytes on subjects, nothing more.
+
+TTL, deadlines, ordering, concurrency limits, retries and error mapping live
+in :class:`~clstr.Client` and :class:`~clstr.Node`, once, so the memory and
+NATS transports cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+__all__ = ["MessageCallback", "Subscription", "Transport"]
+
+#: Called once per delivered message with its bytes and its reply subject
+#: (``None`` for a publish without reply). It must not block: it runs on the
+#: transport's delivery path.
+MessageCallback = Callable[[bytes, str | None], None]
+
+
+class Subscription(abc.ABC):
+    """Interest in one subject, as returned by :meth:`Transport.subscribe`."""
+
+    subject: str
+
+    @abc.abstractmethod
+    async def drain(self) -> None:
+        """Stop receiving new messages and deliver those already received."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self) -> None:
+        """Stop receiving at once; messages not yet delivered are dropped."""
+
+
+class Transport(abc.ABC):
+    """Moves bytes: request/reply and publish for clients, queue-group
+    subscriptions for nodes. Use as an async context manager or call
+    :meth:`close`.
+    """
+
+    @property
+    @abc.abstractmethod
+    def max_payload(self) -> int:
+        """The largest message body, in bytes, the transport accepts."""
+
+    @abc.abstractmethod
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        """Send ``data`` to one subscriber of ``subject`` and return its reply.
+
+        Raises :class:`~clstr.NoShardOwnerError` at once when nobody listens
+        (NATS "no responders"), :class:`~clstr.RequestTimeoutError` when no
+        reply comes within ``timeout`` seconds, and
+        :class:`~clstr.TransportClosedError` once closed.
+        """
+
+    @abc.abstractmethod
+    async def publish(self, subject: str, data: bytes) -> None:
+        """Send ``data`` without waiting for anything (fire and forget)."""
+
+    @abc.abstractmethod
+    async def subscribe(
+        self, subject: str, callback: MessageCallback, *, queue: str | None = None
+    ) -> Subscription:
+        """Deliver messages on ``subject`` to ``callback``.
+
+        Subscribers sharing a ``queue`` group each get a share of the
+        messages, every message going to exactly one of them. Returns only
+        once the subscription is known to the server, so a message sent after
+        it returns reaches the callback.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop all subscriptions and fail pending requests. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,316 @@
+"""Wire format v1, typed payloads, envelopes and limits."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import msgpack
+import pytest
+
+from clstr import (
+    BadRequestError,
+    Envelope,
+    EnvelopeExpiredError,
+    HandlerTimeoutError,
+    LimitExceededError,
+    NoHandlerError,
+    OverloadedError,
+    PayloadError,
+    RemoteHandlerError,
+    RequestError,
+    ReservedHeaderError,
+    decode_payload,
+    encode_payload,
+    message_type,
+    with_header,
+    with_ttl,
+)
+from clstr.codec import (
+    DEFAULT_LIMITS,
+    Limits,
+    check_limits,
+    decode_reply,
+    decode_request,
+    encode_error_reply,
+    encode_reply,
+    encode_request,
+)
+from clstr.errors import ConfigurationError, KeyRequiredError, NotOwnerError
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+@dataclass
+class Point:
+    x: int
+    y: float = 0.0
+
+
+@dataclass
+class Shape:
+    message_type: ClassVar[str] = "geo.shape"
+
+    name: str
+    points: list[Point] = field(default_factory=list)
+    tags: dict[str, Point] = field(default_factory=dict)
+    parent: Point | None = None
+
+
+class TestEnvelope:
+    def test_ttl_sets_a_local_deadline(self) -> None:
+        """An envelope with a TTL has a monotonic deadline that many seconds ahead."""
+        before = time.monotonic()
+        env = Envelope("t", ttl=2.0)
+        assert env.deadline is not None
+        assert before + 2.0 <= env.deadline <= time.monotonic() + 2.0
+        remaining = env.remaining()
+        assert remaining is not None
+        assert 0 < remaining <= 2.0
+        assert not env.expired()
+
+    def test_without_ttl_never_expires(self) -> None:
+        """An envelope without TTL has no deadline and never expires."""
+        env = Envelope("t")
+        assert env.remaining() is None
+        assert not env.expired()
+
+    def test_past_deadline_is_expired(self) -> None:
+        """An envelope whose deadline has passed reports expired and negative time left."""
+        env = Envelope("t", ttl=1.0, deadline=time.monotonic() - 1)
+        assert env.expired()
+        remaining = env.remaining()
+        assert remaining is not None
+        assert remaining < 0
+
+    def test_with_header_and_with_ttl_copy(self) -> None:
+        """with_header/with_ttl return new envelopes and leave the original as it was."""
+        env = Envelope("t")
+        changed = env.with_header("a", "1").with_ttl(3)
+        assert changed.headers == {"a": "1"}
+        assert changed.ttl == 3
+        assert env.headers == {}
+        assert env.ttl is None
+
+    @pytest.mark.parametrize("name", ["x-clstr-key", "X-CLSTR-anything"])
+    def test_reserved_header_refused(self, name: str) -> None:
+        """Header names with the x-clstr- prefix (any case) raise ReservedHeaderError."""
+        with pytest.raises(ReservedHeaderError, match="reserved prefix"):
+            Envelope("t").with_header(name, "v")
+        with pytest.raises(ReservedHeaderError):
+            with_header(name, "v")
+
+    def test_options_apply_in_order(self) -> None:
+        """Envelope options are plain functions applied left to right."""
+        env = Envelope("t")
+        for option in (with_header("a", "1"), with_header("a", "2"), with_ttl(1)):
+            env = option(env)
+        assert env.headers == {"a": "2"}
+        assert env.ttl == 1
+
+    @pytest.mark.parametrize("ttl", [0, -1])
+    def test_non_positive_ttl_refused(self, ttl: float) -> None:
+        """A TTL of zero or less is a configuration error, not an instant expiry."""
+        with pytest.raises(ConfigurationError):
+            Envelope("t", ttl=ttl)
+        with pytest.raises(ConfigurationError):
+            with_ttl(ttl)
+
+
+class TestRequestWire:
+    def test_round_trip_keeps_every_field(self) -> None:
+        """encode_request then decode_request gives back type, data, key, headers, ttl, ts, id."""
+        env = Envelope(
+            "Greet",
+            b"\x01\x02",
+            key="user-1",
+            headers={"tenant": "acme"},
+            ttl=5.0,
+            created_at=1_795_000_000.123,
+            id="req-1",
+        )
+        received = time.monotonic()
+        back = decode_request(encode_request(env), shard=7, received=received)
+        assert (back.type, back.data, back.key, back.headers, back.id, back.shard) == (
+            "Greet",
+            b"\x01\x02",
+            "user-1",
+            {"tenant": "acme"},
+            "req-1",
+            7,
+        )
+        assert back.created_at == pytest.approx(1_795_000_000.123, abs=0.001)
+        assert back.ttl is not None
+        assert 4.9 < back.ttl <= 5.0
+        assert back.deadline == pytest.approx(received + back.ttl)
+
+    def test_deadline_counts_from_receipt_not_sender_clock(self) -> None:
+        """The decoded deadline is receipt time plus TTL, whatever the sender's timestamp says."""
+        env = Envelope("t", ttl=2.0, created_at=0.0)  # sender's clock claims 1970
+        back = decode_request(encode_request(env), received=100.0)
+        assert back.deadline == pytest.approx(100.0 + 2.0, abs=0.01)
+
+    def test_unknown_fields_are_ignored(self) -> None:
+        """A newer sender may add fields: the decoder ignores keys it does not know."""
+        body = msgpack.packb({"v": 1, "t": "x", "future": [1, 2, 3]}, use_bin_type=True)
+        assert decode_request(body).type == "x"
+
+    @pytest.mark.parametrize(
+        ("body", "reason"),
+        [
+            (b"", "not valid msgpack"),
+            (b"\xc1", "not valid msgpack"),
+            (msgpack.packb([1, 2]), "must be a msgpack map"),
+            (msgpack.packb({"v": 2, "t": "x"}), "unsupported wire version"),
+            (msgpack.packb({"v": 1}), "no message type"),
+            (msgpack.packb({"v": 1, "t": 5}), "'t' must be str"),
+            (msgpack.packb({"v": 1, "t": "x", "d": "text"}), "'d' must be bytes"),
+            (msgpack.packb({"v": 1, "t": "x", "k": 1}), "'k' must be str"),
+            (msgpack.packb({"v": 1, "t": "x", "h": {"a": 1}}), "'h' must map str to str"),
+            (msgpack.packb({"v": 1, "t": "x", "ttl": -5}), "'ttl' must be >= 0"),
+            (msgpack.packb({"v": 1, "t": "x", "ttl": True}), "'ttl' must be int"),
+            (msgpack.packb({"v": 1, "t": "x" * 300}), "message type is 300 bytes"),
+            (b"\x82\xa1v\x01\xa1t\xa1\xff", "not valid msgpack"),  # invalid UTF-8 in t
+        ],
+    )
+    def test_malformed_request_is_bad_request(self, body: bytes, reason: str) -> None:
+        """Each malformed body raises BadRequestError that says what is wrong."""
+        with pytest.raises(BadRequestError, match=re.escape(reason)):
+            decode_request(body)
+
+    def test_oversized_message_is_refused_before_parsing(self) -> None:
+        """A body over max_message_bytes is refused without being unpacked."""
+        with pytest.raises(BadRequestError, match="over the limit"):
+            decode_request(b"\x00" * 101, limits=Limits(max_message_bytes=100))
+
+
+class TestReplyWire:
+    def test_ok_reply_round_trip(self) -> None:
+        """A success reply decodes to its payload."""
+        assert decode_reply(encode_reply(b"abc")) == b"abc"
+
+    @pytest.mark.parametrize(
+        "cls",
+        [
+            EnvelopeExpiredError,
+            HandlerTimeoutError,
+            NoHandlerError,
+            OverloadedError,
+            BadRequestError,
+            KeyRequiredError,
+            NotOwnerError,
+        ],
+    )
+    def test_error_code_maps_to_its_exception(self, cls: type[RequestError]) -> None:
+        """Every wire error code comes back as its own exception class."""
+        with pytest.raises(cls, match="details"):
+            decode_reply(encode_error_reply(cls.code, cls.__name__, "details"))
+
+    def test_handler_error_carries_remote_type_and_message(self) -> None:
+        """handler_error keeps the remote exception's type name and message."""
+        with pytest.raises(RemoteHandlerError) as info:
+            decode_reply(encode_error_reply("handler_error", "KeyError", "'x'"))
+        assert (info.value.remote_type, info.value.remote_message) == ("KeyError", "'x'")
+
+    def test_unknown_code_is_a_plain_request_error(self) -> None:
+        """A code from a newer peer becomes RequestError naming the code."""
+        with pytest.raises(RequestError, match="'brand_new'"):
+            decode_reply(encode_error_reply("brand_new", "X", "y"))
+
+
+class TestTypedPayloads:
+    def test_message_type_attribute_or_class_name(self) -> None:
+        """The message type is the message_type attribute, else the class name."""
+        assert message_type(Shape) == "geo.shape"
+        assert message_type(Shape("s")) == "geo.shape"
+        assert message_type(Point(1)) == "Point"
+
+    def test_nested_dataclasses_round_trip(self) -> None:
+        """Nested dataclasses, lists, dicts and optionals survive encode/decode."""
+        shape = Shape("tri", [Point(1, 2.5), Point(3)], {"c": Point(0)}, parent=Point(9, 9.0))
+        assert decode_payload(encode_payload(shape), Shape) == shape
+
+    def test_unknown_fields_ignored_missing_fields_named(self) -> None:
+        """Extra fields are ignored; a missing required field is named in the error."""
+        data = msgpack.packb({"x": 1, "z": "extra"})
+        assert decode_payload(data, Point) == Point(1)
+        with pytest.raises(PayloadError, match=r"missing field\(s\) \['x'\]"):
+            decode_payload(msgpack.packb({"y": 1.0}), Point)
+
+    def test_wrong_field_type_is_named(self) -> None:
+        """A field of the wrong type raises PayloadError with the field's path."""
+        with pytest.raises(PayloadError, match=r"Shape\.points\[0\]\.x: expected int"):
+            decode_payload(msgpack.packb({"name": "s", "points": [{"x": "1"}]}), Shape)
+
+    def test_int_accepted_for_float_but_bool_is_not_int(self) -> None:
+        """An int is a fine float; a bool is not an int."""
+        assert decode_payload(msgpack.packb({"x": 1, "y": 2}), Point) == Point(1, 2.0)
+        with pytest.raises(PayloadError):
+            decode_payload(msgpack.packb({"x": True}), Point)
+
+    def test_plain_values_and_bytes(self) -> None:
+        """Plain msgpack values decode as themselves; bytes passes data through."""
+        assert decode_payload(encode_payload({"a": [1, 2]}), dict) == {"a": [1, 2]}
+        assert decode_payload(b"raw", bytes) == b"raw"
+        assert decode_payload(b"", type(None)) is None
+
+    def test_unencodable_value_is_payload_error(self) -> None:
+        """An object msgpack cannot hold raises PayloadError, not a bare TypeError."""
+        with pytest.raises(PayloadError, match="cannot encode"):
+            encode_payload(object())
+
+    def test_garbage_is_payload_error(self) -> None:
+        """Bytes that are not msgpack raise PayloadError."""
+        with pytest.raises(PayloadError):
+            decode_payload(b"\xc1", Point)
+
+
+class TestLimits:
+    def test_long_key_refused(self) -> None:
+        """A key over max_key_bytes raises LimitExceededError."""
+        with pytest.raises(LimitExceededError, match="key is 1025 bytes"):
+            check_limits(Envelope("t", key="k" * 1025), DEFAULT_LIMITS)
+
+    def test_too_many_headers_refused(self) -> None:
+        """More headers than max_header_count raises LimitExceededError."""
+        headers = {f"h{i}": "v" for i in range(65)}
+        with pytest.raises(LimitExceededError, match="65 headers"):
+            check_limits(Envelope("t", headers=headers), DEFAULT_LIMITS)
+
+    def test_large_headers_refused(self) -> None:
+        """Headers over max_headers_bytes raise LimitExceededError."""
+        with pytest.raises(LimitExceededError, match="headers take"):
+            check_limits(Envelope("t", headers={"a": "v" * 20_000}), DEFAULT_LIMITS)
+
+
+def _doc_hex_blocks() -> list[bytes]:
+    text = DOCS.read_text()
+    blocks = re.findall(r"```\n((?:[0-9a-f]{2}[ \n])+)```", text)
+    return [bytes.fromhex(b.replace("\n", " ")) for b in blocks]
+
+
+class TestProtocolDocument:
+    def test_worked_example_decodes_as_documented(self) -> None:
+        """The request bytes in docs/protocol.md decode to the envelope the doc describes."""
+        request, ok_reply, error_reply = _doc_hex_blocks()
+        env = decode_request(request, received=0.0)
+        assert (env.type, env.key, dict(env.headers), env.id) == (
+            "Greet",
+            "user-42",
+            {"tenant": "acme"},
+            "req-1",
+        )
+        assert env.ttl == 4.95
+        assert env.created_at == 1_795_000_000
+        assert msgpack.unpackb(env.data) == {"name": "ada"}
+        assert len(request) == 79
+        assert msgpack.unpackb(decode_reply(ok_reply)) == {
+            "text": "hello ada",
+            "node": "node-2",
+            "visits": 1,
+        }
+        with pytest.raises(NoHandlerError, match="no handler for message type 'Greet'"):
+            decode_reply(error_reply)

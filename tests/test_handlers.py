@@ -1,0 +1,238 @@
+"""Router and KeyHandler, driven directly with envelopes (no transport needed)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from clstr import (
+    BadRequestError,
+    ConfigurationError,
+    Envelope,
+    Handler,
+    KeyHandler,
+    KeyRequiredError,
+    NoHandlerError,
+    Router,
+    decode_payload,
+    encode_payload,
+)
+
+
+@dataclass
+class Ping:
+    n: int
+
+
+@dataclass
+class Pong:
+    n: int
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestRouter:
+    async def test_typed_route_decodes_and_encodes(self) -> None:
+        """A typed route gets the decoded dataclass and its return value is encoded."""
+        router = Router()
+
+        @router.on(Ping)
+        async def ping(msg: Ping) -> Pong:
+            return Pong(msg.n + 1)
+
+        reply = await router(Envelope("Ping", encode_payload(Ping(1))))
+        assert reply is not None
+        assert decode_payload(reply, Pong) == Pong(2)
+
+    async def test_handler_with_two_parameters_gets_the_envelope(self) -> None:
+        """A typed handler that takes a second parameter receives the envelope."""
+        router = Router()
+        seen: list[str | None] = []
+
+        @router.on(Ping)
+        async def ping(msg: Ping, env: Envelope) -> None:
+            seen.append(env.key)
+
+        assert await router(Envelope("Ping", encode_payload(Ping(1)), key="k")) == b""
+        assert seen == ["k"]
+
+    async def test_raw_route_passes_bytes_through(self) -> None:
+        """A route registered by type name gets the envelope and returns bytes as they are."""
+        router = Router()
+        router.register("echo", _echo)
+        assert await router(Envelope("echo", b"\x00\x01")) == b"\x00\x01"
+
+    async def test_unknown_type_is_no_handler(self) -> None:
+        """An unregistered type raises NoHandlerError listing the known types."""
+        router = Router()
+        router.register("echo", _echo)
+        with pytest.raises(NoHandlerError, match=r"'nope'.*\['echo'\]"):
+            await router(Envelope("nope"))
+
+    async def test_undecodable_payload_is_bad_request(self) -> None:
+        """A payload that does not fit the route's class raises BadRequestError."""
+        router = Router()
+
+        @router.on(Ping)
+        async def ping(msg: Ping) -> None:
+            raise AssertionError("must not run")
+
+        with pytest.raises(BadRequestError, match="Ping"):
+            await router(Envelope("Ping", encode_payload({"wrong": 1})))
+
+    def test_duplicate_route_refused(self) -> None:
+        """Registering the same message type twice is a configuration error."""
+        router = Router()
+        router.register("echo", _echo)
+        with pytest.raises(ConfigurationError, match="already has a handler"):
+            router.register("echo", _echo)
+
+    async def test_lifecycle_hooks_reach_mounted_handlers(self) -> None:
+        """on_start/on_stop of a router reach the handler objects mounted on it."""
+        evicted: list[str] = []
+        keys = KeyHandler(lambda key: _echo, on_evict=lambda key, h: evicted.append(key))
+        router = Router()
+        router.register("echo", keys)
+        await router.on_start()
+        await router(Envelope("echo", b"", key="a"))
+        await router.on_stop()
+        assert evicted == ["a"]
+
+
+async def _echo(env: Envelope) -> bytes:
+    return env.data
+
+
+def counter_factory(created: list[str]) -> Callable[[str], Handler]:
+    def make(key: str) -> Handler:
+        created.append(key)
+        count = 0
+
+        async def handle(env: Envelope) -> bytes:
+            nonlocal count
+            count += 1
+            return str(count).encode()
+
+        return handle
+
+    return make
+
+
+class TestKeyHandler:
+    async def test_one_entity_per_key(self) -> None:
+        """Each key gets its own handler, built once and reused."""
+        created: list[str] = []
+        keys = KeyHandler(counter_factory(created))
+        for _ in range(3):
+            await keys(Envelope("inc", key="a"))
+        assert await keys(Envelope("inc", key="a")) == b"4"
+        assert await keys(Envelope("inc", key="b")) == b"1"
+        assert created == ["a", "b"]
+
+    async def test_async_factory(self) -> None:
+        """The factory may be async (load the entity's state first)."""
+
+        async def make(key: str) -> Handler:
+            return _echo
+
+        keys = KeyHandler(make)
+        assert await keys(Envelope("e", b"x", key="k")) == b"x"
+
+    async def test_missing_key_is_key_required(self) -> None:
+        """A message without a key raises KeyRequiredError."""
+        keys = KeyHandler(lambda key: _echo)
+        with pytest.raises(KeyRequiredError, match="needs a key"):
+            await keys(Envelope("e"))
+
+    async def test_lru_bound_evicts_least_recently_used(self) -> None:
+        """Past max_keys the least recently used key is evicted, and on_evict hears of it."""
+        evicted: list[str] = []
+        keys = KeyHandler(
+            lambda key: _echo, max_keys=2, on_evict=lambda key, h: evicted.append(key)
+        )
+        for key in ("a", "b", "a", "c"):
+            await keys(Envelope("e", key=key))
+        assert evicted == ["b"]
+        assert "a" in keys
+        assert "c" in keys
+        assert len(keys) == 2
+
+    async def test_busy_entity_is_never_evicted(self) -> None:
+        """An entity in the middle of a message is skipped by LRU eviction."""
+        gate = asyncio.Event()
+        entered = asyncio.Event()
+
+        async def slow(env: Envelope) -> bytes:
+            entered.set()
+            await gate.wait()
+            return b""
+
+        evicted: list[str] = []
+        keys = KeyHandler(
+            lambda key: slow if key == "busy" else _echo,
+            max_keys=1,
+            on_evict=lambda key, h: evicted.append(key),
+        )
+        busy = asyncio.create_task(keys(Envelope("e", key="busy")))
+        await entered.wait()
+        await keys(Envelope("e", key="other"))
+        assert "busy" in keys
+        assert evicted == []  # nothing evictable: the only older entry is busy
+        gate.set()
+        await busy
+
+    async def test_idle_entities_are_swept(self) -> None:
+        """sweep() evicts keys unused for idle_timeout, on a controlled clock."""
+        clock = FakeClock()
+        evicted: list[str] = []
+
+        async def on_evict(key: str, handler: Handler) -> None:
+            evicted.append(key)
+
+        keys = KeyHandler(lambda key: _echo, idle_timeout=10, on_evict=on_evict, clock=clock)
+        await keys(Envelope("e", key="old"))
+        clock.now = 8
+        await keys(Envelope("e", key="new"))
+        clock.now = 12
+        assert await keys.sweep() == 1
+        assert evicted == ["old"]
+        assert "new" in keys
+
+    async def test_on_stop_evicts_everything(self) -> None:
+        """on_stop evicts every entity so each can persist its state."""
+        evicted: list[str] = []
+        keys = KeyHandler(lambda key: _echo, on_evict=lambda key, h: evicted.append(key))
+        await keys.on_start()
+        for key in ("a", "b"):
+            await keys(Envelope("e", key=key))
+        await keys.on_stop()
+        assert sorted(evicted) == ["a", "b"]
+        assert len(keys) == 0
+
+    async def test_failing_on_evict_does_not_break_the_handler(self) -> None:
+        """An exception in on_evict is logged; eviction and handling go on."""
+
+        def boom(key: str, handler: Handler) -> None:
+            raise RuntimeError("disk full")
+
+        keys = KeyHandler(lambda key: _echo, max_keys=1, on_evict=boom)
+        await keys(Envelope("e", key="a"))
+        assert await keys(Envelope("e", b"ok", key="b")) == b"ok"
+        assert "a" not in keys
+
+    @pytest.mark.parametrize(
+        "kwargs", [{"max_keys": 0}, {"idle_timeout": 0}, {"idle_timeout": -1.0}]
+    )
+    def test_bad_settings_refused(self, kwargs: dict[str, float]) -> None:
+        """Out-of-range settings raise ConfigurationError."""
+        with pytest.raises(ConfigurationError):
+            KeyHandler(lambda key: _echo, **kwargs)  # type: ignore[arg-type]

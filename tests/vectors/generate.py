@@ -1,0 +1,242 @@
+"""Generate the clstr hashing test vectors: shard_for_key.json and hrw.json.
+
+    python tests/vectors/generate.py
+
+rewrites both files next to this script.
+
+These vectors pin wire format v1. They must only change together with a
+wire-format version bump: a changed vector means every deployed client and
+node would route keys differently. If regenerating changes a file without
+such a bump, the change (here or in clstr/hashing.py) is a bug.
+
+The values are computed by the deliberately plain implementation below (one
+BLAKE3 call per value, one loop per shard and node), written from the spec in
+clstr/hashing.py's docstring and independent of the optimised code there, so
+that the vectors check that code rather than echo it. This script imports
+nothing from clstr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from blake3 import blake3
+
+HERE = Path(__file__).resolve().parent
+WIRE_VERSION = 1
+MASK64 = (1 << 64) - 1
+
+# --- reference implementation -------------------------------------------------
+
+
+def u64be(data: bytes) -> int:
+    """The first 8 bytes of BLAKE3(data), as a big-endian unsigned integer."""
+    return int.from_bytes(blake3(data).digest()[:8], "big")
+
+
+def seed_prefix(seed: str) -> bytes:
+    return seed.encode("utf-8") + b"\x00" if seed else b""
+
+
+def ref_shard(key: bytes, num_shards: int, seed: str = "") -> int:
+    return u64be(seed_prefix(seed) + key) % num_shards
+
+
+def fmix64(k: int) -> int:
+    """MurmurHash3's 64-bit finalizer."""
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & MASK64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & MASK64
+    k ^= k >> 33
+    return k
+
+
+def shard_hash(shard: int, seed: str) -> int:
+    return u64be(seed_prefix(seed) + b"shard:" + str(shard).encode("ascii"))
+
+
+def node_hash(node: str, seed: str) -> int:
+    return u64be(seed_prefix(seed) + b"node:" + node.encode("utf-8"))
+
+
+def ref_score(shard: int, node: str, seed: str = "") -> int:
+    return fmix64(shard_hash(shard, seed) ^ node_hash(node, seed))
+
+
+def ref_weighted_score(score: int, weight: float) -> float:
+    u = ((score >> 11) + 0.5) / 2.0**53
+    return -weight / math.log(u)
+
+
+def ref_assign(
+    nodes: Sequence[str],
+    num_shards: int,
+    seed: str = "",
+    weights: Mapping[str, float] | None = None,
+) -> dict[int, str]:
+    """Shard -> owner: highest score wins, ties to the smallest node id."""
+    distinct = sorted(set(nodes))
+    node_weights = {n: float((weights or {}).get(n, 1.0)) for n in distinct}
+    weighted = weights is not None and len(set(node_weights.values())) > 1
+    assignment: dict[int, str] = {}
+    for shard in range(num_shards):
+        best_node: str | None = None
+        best: float = -1.0
+        for node in distinct:  # ascending, so a strict > keeps the smallest id on ties
+            score = ref_score(shard, node, seed)
+            value = ref_weighted_score(score, node_weights[node]) if weighted else score
+            if best_node is None or value > best:
+                best_node, best = node, value
+        assert best_node is not None
+        assignment[shard] = best_node
+    return assignment
+
+
+# --- vectors ----------------------------------------------------------------------
+
+SHARD_KEYS: list[str | bytes] = [
+    "",
+    "a",
+    "user-42",
+    "tenant:acme/user:7",
+    "hello world",
+    "ключ",
+    "日本語",
+    "🔑🚀",
+    "e\u0301",  # "e" + combining acute accent: not normalised, hashed as given
+    "0123456789" * 10,
+    "k" * 1025,  # one byte past BLAKE3's 1024-byte chunk: exercises the tree mode
+    b"\x00\xff\xfe\x80",  # not UTF-8: only key_hex gives it
+]
+SHARD_SEEDS = ["", "clstr", "種子-seed"]
+SHARD_COUNTS = [1, 7, 64, 256, 1024, 65536]
+LONG_KEY_SHARD_COUNTS = [1024, 65536]  # keys over 256 bytes: fewer entries, smaller file
+
+HRW_NODE_SETS = [
+    ["node-a"],
+    ["node-a", "node-b", "node-c"],
+    [f"node-{i}" for i in range(8)] + ["узел-8", "ノード-9"],
+]
+HRW_SEEDS = ["", "cluster-1"]
+HRW_SHARD_COUNTS = [16, 64]
+HRW_WEIGHTED: list[tuple[list[str], str, int, dict[str, float]]] = [
+    # node-c is missing from the mapping, so it weighs 1.0.
+    (["node-a", "node-b", "node-c"], "", 64, {"node-a": 2.0, "node-b": 0.5}),
+    (["node-a", "node-b", "node-c"], "cluster-1", 64, {"node-a": 3.0}),
+    # All equal: the placement is exactly the unweighted one.
+    (["node-a", "node-b", "node-c"], "", 64, {"node-a": 2.5, "node-b": 2.5, "node-c": 2.5}),
+]
+SCORE_SHARDS = [0, 1, 15, 63, 1000, (1 << 20) - 1]
+SCORE_NODES = ["node-a", "ノード-9"]
+
+
+def shard_vectors() -> dict[str, Any]:
+    vectors = []
+    for key in SHARD_KEYS:
+        key_bytes = key.encode("utf-8") if isinstance(key, str) else key
+        for seed in SHARD_SEEDS:
+            digest8 = blake3(seed_prefix(seed) + key_bytes).digest()[:8]
+            counts = SHARD_COUNTS if len(key_bytes) <= 256 else LONG_KEY_SHARD_COUNTS
+            for num_shards in counts:
+                vectors.append(
+                    {
+                        "key": key if isinstance(key, str) else None,
+                        "key_hex": key_bytes.hex(),
+                        "seed": seed,
+                        "num_shards": num_shards,
+                        "digest8_hex": digest8.hex(),
+                        "shard": ref_shard(key_bytes, num_shards, seed),
+                    }
+                )
+    return {
+        "description": (
+            "clstr shard_for_key test vectors. shard = u64be(BLAKE3(data)[0:8]) % num_shards, "
+            "data = utf8(seed) + 0x00 + key if seed else key; a str key is hashed as its "
+            "UTF-8 bytes (key_hex). key is null where the bytes are not UTF-8. digest8_hex is "
+            "BLAKE3(data)[0:8]. Change only with a wire-format version bump."
+        ),
+        "wire_version": WIRE_VERSION,
+        "vectors": vectors,
+    }
+
+
+def hrw_vectors() -> dict[str, Any]:
+    scores = []
+    for seed in HRW_SEEDS:
+        for shard in SCORE_SHARDS:
+            for node in SCORE_NODES:
+                score = ref_score(shard, node, seed)
+                scores.append(
+                    {
+                        "shard": shard,
+                        "node": node,
+                        "seed": seed,
+                        "shard_hash_hex": f"{shard_hash(shard, seed):016x}",
+                        "node_hash_hex": f"{node_hash(node, seed):016x}",
+                        "score": score,
+                        "score_hex": f"{score:016x}",
+                    }
+                )
+    cases: list[tuple[list[str], str, int, dict[str, float] | None]] = [
+        (nodes, seed, num_shards, None)
+        for nodes in HRW_NODE_SETS
+        for seed in HRW_SEEDS
+        for num_shards in HRW_SHARD_COUNTS
+    ]
+    cases += HRW_WEIGHTED
+    assignments = [
+        {
+            "nodes": nodes,
+            "seed": seed,
+            "num_shards": num_shards,
+            "weights": weights,
+            "assignment": {
+                str(shard): owner
+                for shard, owner in ref_assign(nodes, num_shards, seed, weights).items()
+            },
+        }
+        for nodes, seed, num_shards, weights in cases
+    ]
+    return {
+        "description": (
+            "clstr rendezvous (HRW) placement test vectors. prefix = utf8(seed) + 0x00 if seed "
+            "else empty; hs = u64be(BLAKE3(prefix + 'shard:' + decimal(shard))[0:8]); "
+            "hn = u64be(BLAKE3(prefix + 'node:' + utf8(node))[0:8]); "
+            "score = fmix64(hs ^ hn) (MurmurHash3 64-bit finalizer). The owner of a shard is "
+            "the node with the highest score, ties to the smallest node id. With weights "
+            "(missing node = 1.0) that are not all equal: "
+            "score = -w / ln(((score >> 11) + 0.5) / 2**53). score_hex repeats score for "
+            "JSON parsers that lose integer precision above 2**53. "
+            "Change only with a wire-format version bump."
+        ),
+        "wire_version": WIRE_VERSION,
+        "scores": scores,
+        "assignments": assignments,
+    }
+
+
+def render(data: Mapping[str, Any]) -> str:
+    """The exact file text for ``data`` (stable, so regenerating is a no-op)."""
+    return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+
+
+FILES = {
+    "shard_for_key.json": shard_vectors,
+    "hrw.json": hrw_vectors,
+}
+
+
+def main() -> None:
+    for name, build in FILES.items():
+        path = HERE / name
+        path.write_text(render(build()), encoding="utf-8")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
