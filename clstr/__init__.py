@@ -37,7 +37,15 @@ from .errors import (
 from .handlers import Handler, KeyHandler, Router
 from .hashing import ShardMapper, assign_shards, owner_of, shard_for_key, shards_for_node
 from .metrics import Metrics, NoopMetrics, PrometheusMetrics
-from .node import DEFAULT_PREFIX, NODE_INFO_TYPE, Node, NodeInfo, NodeState, shard_subject
+from .node import (
+    DEFAULT_PREFIX,
+    NODE_INFO_TYPE,
+    Node,
+    NodeInfo,
+    NodeState,
+    NodeStats,
+    shard_subject,
+)
 from .transports import MemoryNetwork, MemoryTransport, Transport
 
 __version__ = "0.1.0"
@@ -52,6 +60,7 @@ __all__ = [
     "Node",
     "NodeInfo",
     "NodeState",
+    "NodeStats",
     "NODE_INFO_TYPE",
     "DEFAULT_PREFIX",
     "shard_subject",

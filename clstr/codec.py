@@ -18,6 +18,7 @@ from typing import Any, Final, TypeVar
 
 import msgpack
 
+from ._clock import monotonic
 from .envelope import Envelope
 from .errors import (
     BadRequestError,
@@ -168,7 +169,7 @@ def decode_request(
     ttl = ttl_ms / 1000 if ttl_ms else None
     deadline = None
     if ttl is not None:
-        deadline = (time.monotonic() if received is None else received) + ttl
+        deadline = (monotonic() if received is None else received) + ttl
     env = Envelope(
         type=msg_type,
         data=payload,

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from ._clock import monotonic
 from .errors import ConfigurationError, ReservedHeaderError
 
 __all__ = [
@@ -50,7 +51,7 @@ class Envelope:
             if not self.ttl > 0:
                 raise ConfigurationError(f"ttl must be > 0 seconds or None, got {self.ttl!r}")
             if self.deadline is None:
-                object.__setattr__(self, "deadline", time.monotonic() + self.ttl)
+                object.__setattr__(self, "deadline", monotonic() + self.ttl)
 
     def with_header(self, name: str, value: str) -> Envelope:
         """Return a copy with header ``name`` set to ``value``.
@@ -70,11 +71,11 @@ class Envelope:
         """Seconds left before the deadline (may be negative), or ``None`` without one."""
         if self.deadline is None:
             return None
-        return self.deadline - time.monotonic()
+        return self.deadline - monotonic()
 
     def expired(self) -> bool:
         """Whether the deadline has passed."""
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return self.deadline is not None and monotonic() >= self.deadline
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The value of header ``name``, or ``default``."""

@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar, overload
 
 import structlog
 
+from ._clock import monotonic
 from .codec import decode_payload, encode_payload, message_type
 from .envelope import Envelope
 from .errors import (
@@ -200,7 +200,7 @@ class KeyHandler:
         max_keys: int = 1024,
         idle_timeout: float | None = 600.0,
         on_evict: EvictHook | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = monotonic,
     ) -> None:
         if max_keys < 1:
             raise ConfigurationError(f"max_keys must be >= 1, got {max_keys}")

@@ -60,6 +60,7 @@ __all__ = [
     "NodeInfo",
     "Node",
     "NodeState",
+    "NodeStats",
     "shard_subject",
     "DEFAULT_PREFIX",
 ]
@@ -84,6 +85,22 @@ class NodeInfo:
 
     node_id: str
     shards: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """Counters of one node since it started (for status and service discovery)."""
+
+    started_at: float = 0.0
+    received: int = 0
+    handled: int = 0
+    errors: int = 0
+    processing_time: float = 0.0
+    last_error: str = ""
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 class NodeState(enum.Enum):
@@ -177,6 +194,7 @@ class Node:
         self._wall_clock = wall_clock
         self._log = structlog.get_logger("clstr.node").bind(node_id=self.node_id)
         self.state = NodeState.CREATED
+        self.stats = NodeStats()
 
         self._subs: dict[int, Subscription] = {}
         self._lanes: dict[str, _Lane] = {}
@@ -215,6 +233,7 @@ class Node:
         if self.state is not NodeState.CREATED:
             raise LifecycleError(f"node {self.node_id} is {self.state.value}; it starts only once")
         self.state = NodeState.RUNNING
+        self.stats.started_at = self._wall_clock()
         self._replier = asyncio.create_task(
             self._send_replies(), name=f"clstr-replier-{self.node_id}"
         )
@@ -310,7 +329,7 @@ class Node:
         try:
             env = decode_request(data, shard=shard, limits=self.limits)
         except BadRequestError as exc:
-            self.metrics.envelope_rejected("bad_request")
+            self._rejected("bad_request")
             self._log.debug("bad request", shard=shard, error=str(exc))
             self._reply(reply, error_reply_for(exc))
             return
@@ -324,7 +343,7 @@ class Node:
             self._reply(reply, encode_reply(encode_payload(info)))
             return
         if self._queued >= self.max_pending:
-            self.metrics.envelope_rejected("overloaded")
+            self._rejected("overloaded")
             self._reply(
                 reply,
                 error_reply_for(
@@ -337,8 +356,12 @@ class Node:
             return
         self._enqueue(env, reply)
 
+    def _rejected(self, reason: str) -> None:
+        self.stats.reject(reason)
+        self.metrics.envelope_rejected(reason)
+
     def _reject_expired(self, env: Envelope, reply: str | None) -> None:
-        self.metrics.envelope_rejected("expired")
+        self._rejected("expired")
         self._reply(
             reply,
             error_reply_for(
@@ -349,6 +372,7 @@ class Node:
         )
 
     def _enqueue(self, env: Envelope, reply: str | None) -> None:
+        self.stats.received += 1
         self._queued += 1
         self._quiet.clear()
         key = env.key
@@ -430,9 +454,11 @@ class Node:
             raise
         except RequestError as exc:
             # Raised on purpose by the handler (or the timeout): its code goes back.
+            self.stats.last_error = f"{exc.code}: {exc}"
             self._log.debug("handler refused", type=env.type, code=exc.code, error=str(exc))
             self._reply(reply, error_reply_for(exc))
         except Exception as exc:
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
             self._log.warning(
                 "handler raised", type=env.type, shard=env.shard, error=repr(exc), exc_info=True
             )
@@ -440,9 +466,16 @@ class Node:
                 reply, encode_error_reply(RemoteHandlerError.code, type(exc).__name__, str(exc))
             )
         finally:
+            elapsed = time.perf_counter() - started
             self._running -= 1
+            stats = self.stats
+            stats.processing_time += elapsed
+            if ok:
+                stats.handled += 1
+            else:
+                stats.errors += 1
             self.metrics.handlers_active(self.node_id, self._running)
-            self.metrics.handler_completed(env.type, ok, time.perf_counter() - started)
+            self.metrics.handler_completed(env.type, ok, elapsed)
 
     # -- replies ------------------------------------------------------------
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import MessageCallback, Subscription, Transport
+from .base import ConnectionEvent, ConnectionListener, MessageCallback, Subscription, Transport
 from .memory import MemoryNetwork, MemoryTransport
 
 if TYPE_CHECKING:
     from .nats import NatsOptions, NatsTransport
 
 __all__ = [
+    "ConnectionEvent",
+    "ConnectionListener",
     "MessageCallback",
     "Subscription",
     "Transport",

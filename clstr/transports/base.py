@@ -8,16 +8,29 @@ NATS transports cannot drift apart.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-__all__ = ["MessageCallback", "Subscription", "Transport"]
+__all__ = ["ConnectionEvent", "ConnectionListener", "MessageCallback", "Subscription", "Transport"]
 
 #: Called once per delivered message with its bytes and its reply subject
 #: (``None`` for a publish without reply). It must not block: it runs on the
 #: transport's delivery path.
 MessageCallback = Callable[[bytes, str | None], None]
+
+
+class ConnectionEvent(enum.Enum):
+    """What happened to a transport's connection to the messaging system."""
+
+    DISCONNECTED = "disconnected"
+    RECONNECTED = "reconnected"
+    CLOSED = "closed"
+
+
+#: Called (synchronously, must not block) when the connection changes state.
+ConnectionListener = Callable[[ConnectionEvent], None]
 
 
 class Subscription(abc.ABC):
@@ -74,6 +87,31 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop all subscriptions and fail pending requests. Idempotent."""
+
+    def add_listener(self, listener: ConnectionListener) -> None:
+        """Call ``listener`` on every connection state change (see :class:`ConnectionEvent`).
+
+        Nodes use it to stop handling at once when the connection drops (a
+        stale owner must not answer after reconnecting before it re-checks).
+        """
+        self._listeners().append(listener)
+
+    def remove_listener(self, listener: ConnectionListener) -> None:
+        """Stop calling ``listener``."""
+        listeners = self._listeners()
+        if listener in listeners:
+            listeners.remove(listener)
+
+    def _listeners(self) -> list[ConnectionListener]:
+        listeners: list[ConnectionListener] | None = self.__dict__.get("_connection_listeners")
+        if listeners is None:
+            listeners = self.__dict__["_connection_listeners"] = []
+        return listeners
+
+    def _notify(self, event: ConnectionEvent) -> None:
+        """Tell every listener about ``event`` (for transport implementations)."""
+        for listener in list(self._listeners()):
+            listener(event)
 
     async def __aenter__(self) -> Self:
         return self

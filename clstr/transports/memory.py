@@ -25,7 +25,7 @@ from ..errors import (
     RequestTimeoutError,
     TransportClosedError,
 )
-from .base import MessageCallback, Subscription, Transport
+from .base import ConnectionEvent, MessageCallback, Subscription, Transport
 
 __all__ = ["MemoryNetwork", "MemoryTransport", "DEFAULT_MAX_PAYLOAD"]
 
@@ -226,3 +226,4 @@ class MemoryTransport(Transport):
                     TransportClosedError(f"memory transport {self.name!r} closed during request")
                 )
         self._pending.clear()
+        self._notify(ConnectionEvent.CLOSED)

@@ -32,7 +32,7 @@ from ..errors import (
     TransportClosedError,
     TransportError,
 )
-from .base import MessageCallback, Subscription, Transport
+from .base import ConnectionEvent, MessageCallback, Subscription, Transport
 
 __all__ = ["NatsOptions", "NatsTransport"]
 
@@ -121,6 +121,7 @@ class NatsTransport(Transport):
         if not urls:
             raise ConnectionFailedError("no NATS server URL given; pass at least one")
         nc = NatsClient()
+        holder: list[NatsTransport] = []
         connecting = True
         seen: list[BaseException] = []
         auth_failed = asyncio.Event()
@@ -133,11 +134,22 @@ class NatsTransport(Transport):
                 return
             _log.warning("nats error", error=str(exc), error_type=type(exc).__name__)
 
+        def tell(event: ConnectionEvent) -> None:
+            for transport in holder:
+                transport._notify(event)
+
         async def disconnected_cb() -> None:
-            _log.warning("nats disconnected", name=opts.name)
+            if not connecting:
+                _log.warning("nats disconnected", name=opts.name)
+                tell(ConnectionEvent.DISCONNECTED)
 
         async def reconnected_cb() -> None:
             _log.info("nats reconnected", name=opts.name, url=str(nc.connected_url))
+            tell(ConnectionEvent.RECONNECTED)
+
+        async def closed_cb() -> None:
+            if not connecting:
+                tell(ConnectionEvent.CLOSED)
 
         kwargs: dict[str, Any] = {
             "servers": urls,
@@ -158,6 +170,7 @@ class NatsTransport(Transport):
             "error_cb": error_cb,
             "disconnected_cb": disconnected_cb,
             "reconnected_cb": reconnected_cb,
+            "closed_cb": closed_cb,
         }
         if opts.credentials:
             kwargs["user_credentials"] = opts.credentials
@@ -175,7 +188,9 @@ class NatsTransport(Transport):
             auth_wait.cancel()
             connecting = False
         if connect.done() and not connect.cancelled() and connect.exception() is None:
-            return cls(nc, owns_connection=True)
+            transport = cls(nc, owns_connection=True)
+            holder.append(transport)
+            return transport
         connect.cancel()
         with contextlib.suppress(BaseException):
             await connect
