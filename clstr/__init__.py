@@ -6,7 +6,7 @@ is private and may change.
 
 from __future__ import annotations
 
-from .client import DEFAULT_TIMEOUT, Client, ClientState, ScopedClient
+from .client import DEFAULT_RETRY, DEFAULT_TIMEOUT, Client, ClientState, RetryPolicy, ScopedClient
 from .codec import DEFAULT_LIMITS, Limits, decode_payload, encode_payload, message_type
 from .envelope import RESERVED_HEADER_PREFIX, Envelope, EnvelopeOption, with_header, with_ttl
 from .errors import (
@@ -56,6 +56,8 @@ __all__ = [
     "ClientState",
     "ScopedClient",
     "DEFAULT_TIMEOUT",
+    "RetryPolicy",
+    "DEFAULT_RETRY",
     # server side
     "Node",
     "NodeInfo",

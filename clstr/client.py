@@ -8,12 +8,17 @@ node's ``timeout`` error reaches the caller before the caller gives up.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import random
 import time
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
+from ._clock import monotonic
 from .codec import (
     DEFAULT_LIMITS,
     Limits,
@@ -32,6 +37,7 @@ from .errors import (
     MissingKeyError,
     NoShardOwnerError,
     PayloadError,
+    RequestError,
     ShardOutOfRangeError,
     TransportClosedError,
 )
@@ -40,7 +46,14 @@ from .metrics import NOOP_METRICS, Metrics
 from .node import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
 from .transports.base import Transport
 
-__all__ = ["Client", "ClientState", "ScopedClient", "DEFAULT_TIMEOUT"]
+__all__ = [
+    "Client",
+    "ClientState",
+    "ScopedClient",
+    "RetryPolicy",
+    "DEFAULT_RETRY",
+    "DEFAULT_TIMEOUT",
+]
 
 T = TypeVar("T")
 
@@ -51,6 +64,39 @@ DEFAULT_TIMEOUT: Final = 5.0
 # more than a tenth of the budget.
 _REPLY_RESERVE_MAX: Final = 0.05
 _REPLY_RESERVE_FRACTION: Final = 0.1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """When and how often a request is retried (see :class:`Client`).
+
+    Waits between attempts grow from ``initial_backoff`` by ``multiplier`` up
+    to ``max_backoff``, each drawn uniformly from zero to that bound ("full
+    jitter", so that clients retrying together spread out). Retries stop at
+    the request's deadline, or after ``max_attempts`` attempts when given.
+    """
+
+    initial_backoff: float = 0.01
+    max_backoff: float = 0.5
+    multiplier: float = 2.0
+    max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_backoff <= self.max_backoff or self.multiplier < 1:
+            raise ConfigurationError(
+                "RetryPolicy needs 0 < initial_backoff <= max_backoff and multiplier >= 1"
+            )
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts}")
+
+    def backoff(self, attempt: int) -> float:
+        """The pause before retry number ``attempt + 1``."""
+        bound = min(self.max_backoff, self.initial_backoff * self.multiplier**attempt)
+        return random.uniform(0, bound)
+
+
+#: A sensible retry policy for clusters whose shards move (dynamic membership).
+DEFAULT_RETRY: Final = RetryPolicy()
 
 
 class ClientState(enum.Enum):
@@ -66,7 +112,10 @@ class Client:
     ``num_shards``, ``seed`` and ``prefix`` must match the nodes'.
     ``timeout`` is the default request deadline in seconds; ``options`` are
     envelope options (:func:`~clstr.with_header`, :func:`~clstr.with_ttl`)
-    applied to every envelope before the per-call ones.
+    applied to every envelope before the per-call ones. With a ``retry``
+    policy, requests that meet a retryable error (no owner, not owner,
+    overloaded) are sent again with jittered backoff until their deadline,
+    under one request id so that the node never applies them twice.
     """
 
     def __init__(
@@ -80,6 +129,7 @@ class Client:
         options: Sequence[EnvelopeOption] = (),
         limits: Limits = DEFAULT_LIMITS,
         metrics: Metrics = NOOP_METRICS,
+        retry: RetryPolicy | None = None,
         owns_transport: bool = False,
     ) -> None:
         if not timeout > 0:
@@ -93,6 +143,7 @@ class Client:
         self.options = tuple(options)
         self.limits = limits
         self.metrics = metrics
+        self.retry = retry
         self._owns_transport = owns_transport
         self.state = ClientState.OPEN
         self._subjects = [shard_subject(prefix, s) for s in range(num_shards)]
@@ -183,6 +234,11 @@ class Client:
         :class:`~clstr.HandlerTimeoutError`) past the deadline, and the
         :class:`~clstr.RequestError` subclass for any error the node replied.
         """
+        retry = self.retry
+        if retry is not None and request_id is None:
+            # The id makes the retries one request: the node answers a retried id
+            # with the first reply instead of running the handler again.
+            request_id = uuid.uuid4().hex
         env = self._build(shard, msg_type, data, key, options, request_id)
         budget = self.timeout if timeout is None else timeout
         if not budget > 0:
@@ -190,16 +246,31 @@ class Client:
         remaining = env.remaining()
         if remaining is not None:
             budget = min(budget, remaining)
-        reserve = min(_REPLY_RESERVE_MAX, budget * _REPLY_RESERVE_FRACTION)
-        env = env.with_ttl(budget - reserve)
-        body = self._encode(env)
+        deadline = monotonic() + budget
         started = time.perf_counter()
         ok = False
         try:
-            reply = await self.transport.request(self._subjects[shard], body, budget)
-            payload = decode_reply(reply, limits=self.limits)
-            ok = True
-            return payload
+            attempt = 0
+            while True:
+                left = deadline - monotonic()
+                reserve = min(_REPLY_RESERVE_MAX, left * _REPLY_RESERVE_FRACTION)
+                body = self._encode(env.with_ttl(max(left - reserve, 0.001)))
+                try:
+                    reply = await self.transport.request(self._subjects[shard], body, left)
+                    payload = decode_reply(reply, limits=self.limits)
+                except RequestError as exc:
+                    if retry is None or not exc.retryable:
+                        raise
+                    pause = retry.backoff(attempt)
+                    attempt += 1
+                    if retry.max_attempts is not None and attempt >= retry.max_attempts:
+                        raise
+                    if monotonic() + pause >= deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    continue
+                ok = True
+                return payload
         except NoShardOwnerError:
             self.metrics.transport_error("no_subscriber")
             raise

@@ -16,11 +16,10 @@ is ready, so an idle node holds no worker task and no empty lane.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -28,6 +27,7 @@ from typing import ClassVar, Final, Self
 
 import structlog
 
+from ._clock import monotonic
 from .codec import (
     DEFAULT_LIMITS,
     Limits,
@@ -51,7 +51,8 @@ from .errors import (
     ShardOutOfRangeError,
 )
 from .handlers import Handler, start_handler, stop_handler
-from .hashing import shards_for_node, validate_num_shards
+from .hashing import validate_num_shards
+from .membership import FixedShards, Membership, StaticMembership
 from .metrics import NOOP_METRICS, Metrics
 from .transports.base import Subscription, Transport
 
@@ -116,9 +117,10 @@ _Work = tuple[Envelope, "str | None"]
 
 
 class _Lane:
-    __slots__ = ("items", "key")
+    __slots__ = ("items", "key", "shard")
 
-    def __init__(self, key: str | None) -> None:
+    def __init__(self, shard: int, key: str | None) -> None:
+        self.shard = shard
         self.key = key
         self.items: deque[_Work] = deque()
 
@@ -126,14 +128,18 @@ class _Lane:
 class Node:
     """A cluster member that serves a set of shards with one handler.
 
-    Shards: pass ``shards`` explicitly, or ``nodes`` (the static member list,
-    this node included) to compute this node's shards by HRW, or neither to
+    Which shards: pass ``membership`` (e.g. :class:`~clstr.membership.KvMembership`
+    for a dynamic cluster), or ``nodes`` (the static member list, this node
+    included; shards by HRW), or ``shards`` (exactly these), or none of them to
     serve every shard. ``max_concurrency`` bounds handlers running at once;
     ``max_pending`` bounds messages waiting for a worker (past it the node
     answers ``overloaded``). ``stop_timeout`` bounds how long :meth:`stop`
-    lets in-flight messages finish before it cancels them.
-    ``clock_skew`` is how far the sender's clock may be off before a message
-    whose age exceeds its TTL by more than that is dropped as stale.
+    lets in-flight messages finish before it cancels them. ``clock_skew`` is
+    how far the sender's clock may be off before a message whose age exceeds
+    its TTL by more than that is dropped as stale. Replies to requests that
+    carry an id are kept for ``reply_cache_ttl`` seconds (at most
+    ``reply_cache_size`` of them), so a retried request gets the first reply
+    and its effect is not applied twice.
     """
 
     def __init__(
@@ -143,8 +149,9 @@ class Node:
         *,
         num_shards: int,
         node_id: str | None = None,
-        shards: Iterable[int] | None = None,
+        membership: Membership | None = None,
         nodes: Collection[str] | None = None,
+        shards: Iterable[int] | None = None,
         weights: Mapping[str, float] | None = None,
         seed: str = "",
         prefix: str = DEFAULT_PREFIX,
@@ -152,6 +159,8 @@ class Node:
         max_pending: int = 10_000,
         stop_timeout: float = 10.0,
         clock_skew: float = 30.0,
+        reply_cache_size: int = 10_000,
+        reply_cache_ttl: float = 60.0,
         limits: Limits = DEFAULT_LIMITS,
         metrics: Metrics = NOOP_METRICS,
         wall_clock: Callable[[], float] = time.time,
@@ -162,25 +171,10 @@ class Node:
             raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_pending < 0:
             raise ConfigurationError(f"max_pending must be >= 0, got {max_pending}")
-        if shards is not None and nodes is not None:
-            raise ConfigurationError("pass either shards or nodes, not both")
-        if shards is not None:
-            wanted = sorted(set(shards))
-            for s in wanted:
-                if not 0 <= s < self.num_shards:
-                    raise ShardOutOfRangeError(
-                        f"shard {s} is out of range 0..{self.num_shards - 1}"
-                    )
-        elif nodes is not None:
-            if self.node_id not in nodes:
-                raise ConfigurationError(
-                    f"node id {self.node_id!r} is not in the node list {sorted(nodes)}; "
-                    "a static cluster lists every member, this one included"
-                )
-            wanted = shards_for_node(self.node_id, nodes, self.num_shards, seed, weights=weights)
-        else:
-            wanted = list(range(self.num_shards))
-        self._wanted = wanted
+        if reply_cache_size < 0 or not reply_cache_ttl > 0:
+            raise ConfigurationError("reply_cache_size must be >= 0 and reply_cache_ttl > 0")
+        if sum(x is not None for x in (membership, nodes, shards)) > 1:
+            raise ConfigurationError("pass at most one of membership, nodes and shards")
         self.transport = transport
         self.handler = handler
         self.seed = seed
@@ -192,14 +186,30 @@ class Node:
         self.limits = limits
         self.metrics = metrics
         self._wall_clock = wall_clock
+        if membership is None:
+            if nodes is not None:
+                membership = StaticMembership(nodes, weights=weights)
+                membership._wanted(self)  # fail now if this node is not in the list
+            else:
+                membership = FixedShards(shards)
+                for s in membership._wanted(self):
+                    if not 0 <= s < self.num_shards:
+                        raise ShardOutOfRangeError(
+                            f"shard {s} is out of range 0..{self.num_shards - 1}"
+                        )
+        self.membership = membership
         self._log = structlog.get_logger("clstr.node").bind(node_id=self.node_id)
         self.state = NodeState.CREATED
         self.stats = NodeStats()
 
         self._subs: dict[int, Subscription] = {}
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[tuple[int, str], _Lane] = {}
         self._ready: deque[_Lane] = deque()
         self._workers: set[asyncio.Task[None]] = set()
+        self._current: dict[asyncio.Task[None], int] = {}  # worker -> shard it runs
+        self._chores: set[asyncio.Task[None]] = set()  # evictions scheduled from callbacks
+        self._load: dict[int, int] = {}  # shard -> messages queued or running
+        self._idle_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._queued = 0
         self._running = 0
         self._quiet = asyncio.Event()
@@ -207,6 +217,13 @@ class Node:
         self._replies: deque[tuple[str, bytes]] = deque()
         self._reply_wakeup = asyncio.Event()
         self._replier: asyncio.Task[None] | None = None
+        # Fencing: no handling while fenced, or past the lease (loop time).
+        self._fenced: str | None = None
+        self._lease_until: float | None = None
+        self._lease_timer: asyncio.TimerHandle | None = None
+        # Idempotency: replies by request id, and ids still in flight.
+        self._reply_cache = ReplyCache(reply_cache_size, reply_cache_ttl)
+        self._in_flight: dict[str, list[str]] = {}
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -225,8 +242,16 @@ class Node:
         """Handlers running now."""
         return self._running
 
+    @property
+    def fenced(self) -> bool:
+        """Whether the node refuses to handle messages right now (see :meth:`fence`)."""
+        return self._fenced is not None or (
+            self._lease_until is not None and monotonic() >= self._lease_until
+        )
+
     async def start(self) -> None:
-        """Subscribe to the node's shards; return once the server routes them to us.
+        """Join the cluster and serve this node's shards; return once the server
+        routes them to us.
 
         Raises :class:`LifecycleError` when called twice or after stop.
         """
@@ -239,14 +264,17 @@ class Node:
         )
         try:
             await start_handler(self.handler)
-            await asyncio.gather(*(self.acquire(s) for s in self._wanted))
+            await self.membership.join(self)
         except BaseException:
             await self.stop()
             raise
         self._log.info("node started", shards=len(self._subs), num_shards=self.num_shards)
 
     async def acquire(self, shard: int) -> None:
-        """Start serving ``shard`` (subscribe with the cluster's queue group)."""
+        """Start serving ``shard`` (subscribe with the cluster's queue group).
+
+        Called by the membership; returns once the server routes the shard to us.
+        """
         if shard in self._subs:
             return
 
@@ -259,26 +287,76 @@ class Node:
         self._subs[shard] = sub
         self.metrics.shards_owned(self.node_id, len(self._subs))
 
-    async def release(self, shard: int) -> None:
-        """Stop taking ``shard``'s messages; those already received still run."""
+    async def release(self, shard: int, *, timeout: float | None = None) -> None:
+        """Stop taking ``shard``'s messages, let those already taken finish for up to
+        ``timeout`` seconds (default ``stop_timeout``; 0 = not at all), then cancel
+        what is left (callers get ``not_owner``). Called by the membership.
+        """
         sub = self._subs.pop(shard, None)
         if sub is not None:
             await sub.drain()
             self.metrics.shards_owned(self.node_id, len(self._subs))
+        bound = self.stop_timeout if timeout is None else timeout
+        if self._load.get(shard):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle_waiters.setdefault(shard, []).append(waiter)
+            try:
+                async with asyncio.timeout(bound):
+                    await waiter
+            except TimeoutError:
+                self._log.warning("handoff timeout: cancelling", shard=shard)
+                await self._evict(
+                    lambda s: s == shard, f"shard {shard} moved away from {self.node_id}"
+                )
+
+    def fence(self, reason: str) -> None:
+        """Stop handling at once: cancel running handlers, refuse queued and new
+        messages with ``not_owner`` until :meth:`unfence`. Used by memberships
+        when the node may no longer own its shards (connection or heartbeat lost).
+        """
+        if self._fenced is None:
+            self._log.warning("fenced", reason=reason)
+        self._fenced = reason
+        self._evict_soon(lambda s: True, f"node {self.node_id} is fenced: {reason}")
+
+    def unfence(self) -> None:
+        """Resume handling after :meth:`fence`."""
+        if self._fenced is not None:
+            self._log.info("unfenced")
+        self._fenced = None
+
+    def set_lease(self, until: float | None) -> None:
+        """Handle messages only until ``until`` (loop time), or always (``None``).
+
+        A membership renews the lease with each heartbeat; when it runs out
+        the node fences itself until the lease is renewed.
+        """
+        self._lease_until = until
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+            self._lease_timer = None
+        if until is not None:
+            self._lease_timer = asyncio.get_running_loop().call_at(until, self._lease_expired)
+
+    def _lease_expired(self) -> None:
+        self._lease_timer = None
+        if self._lease_until is not None and monotonic() >= self._lease_until:
+            self._log.warning("lease expired: not handling until renewed")
+            self._evict_soon(lambda s: True, f"node {self.node_id}'s lease expired")
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully: take no new messages, let queued and running ones
         finish for up to ``timeout`` seconds (default ``stop_timeout``), then
         cancel what is left (callers get ``not_owner``, which is retryable),
-        and release every shard. Idempotent.
+        and leave the cluster. Idempotent.
         """
         if self.state in (NodeState.STOPPING, NodeState.STOPPED):
             return
         self.state = NodeState.STOPPING
         bound = self.stop_timeout if timeout is None else timeout
-        await asyncio.gather(*(self.release(s) for s in list(self._subs)))
         try:
             async with asyncio.timeout(bound):
+                await self.membership.leave()
                 await self._quiet.wait()
         except TimeoutError:
             self._log.warning(
@@ -286,30 +364,20 @@ class Node:
                 running=self._running,
                 queued=self._queued,
             )
-        await self._cancel_workers()
+        # Whatever membership did, no subscription may outlive the node.
+        for shard in list(self._subs):
+            await self.release(shard, timeout=0)
+        await _cancel(list(self._chores))
+        await self._evict(lambda s: True, f"node {self.node_id} stopped")
+        await _cancel(list(self._workers))
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
         await stop_handler(self.handler)
         if self._replier is not None:
-            self._reply_wakeup.set()
-            self._replier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replier
+            await self._flush_replies()
+            await _cancel([self._replier])
         self.state = NodeState.STOPPED
         self._log.info("node stopped")
-
-    async def _cancel_workers(self) -> None:
-        for task in self._workers:
-            task.cancel()
-        if self._workers:
-            await asyncio.gather(*self._workers, return_exceptions=True)
-        stopping = NotOwnerError(f"node {self.node_id} stopped before handling the message")
-        for lane in [*self._ready, *self._lanes.values()]:
-            while lane.items:
-                _, reply = lane.items.popleft()
-                self._queued -= 1
-                self._reply(reply, error_reply_for(stopping))
-        self._ready.clear()
-        self._lanes.clear()
-        await self._flush_replies()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -342,6 +410,23 @@ class Node:
             info = NodeInfo(node_id=self.node_id, shards=self.shards)
             self._reply(reply, encode_reply(encode_payload(info)))
             return
+        if self.fenced:
+            self._rejected("not_owner")
+            self._reply(reply, error_reply_for(NotOwnerError(self._fence_reason())))
+            return
+        request_id = env.id
+        if request_id is not None:
+            cached = self._reply_cache.get(request_id)
+            if cached is not None:
+                self.stats.reject("duplicate")
+                self._reply(reply, cached)
+                return
+            waiting = self._in_flight.get(request_id)
+            if waiting is not None:
+                # A retry of a request still queued or running: answer both at once.
+                if reply is not None:
+                    waiting.append(reply)
+                return
         if self._queued >= self.max_pending:
             self._rejected("overloaded")
             self._reply(
@@ -354,7 +439,13 @@ class Node:
                 ),
             )
             return
+        if request_id is not None:
+            self._in_flight[request_id] = []
         self._enqueue(env, reply)
+
+    def _fence_reason(self) -> str:
+        reason = self._fenced or "its lease expired"
+        return f"node {self.node_id} is not handling messages ({reason}); retry"
 
     def _rejected(self, reason: str) -> None:
         self.stats.reject(reason)
@@ -374,50 +465,84 @@ class Node:
     def _enqueue(self, env: Envelope, reply: str | None) -> None:
         self.stats.received += 1
         self._queued += 1
+        shard = env.shard
+        self._load[shard] = self._load.get(shard, 0) + 1
         self._quiet.clear()
         key = env.key
         if key is None:
-            lane = _Lane(None)
+            lane = _Lane(shard, None)
         else:
-            existing = self._lanes.get(key)
+            existing = self._lanes.get((shard, key))
             if existing is not None:
                 # Busy or already ready: its worker puts it back when done.
                 existing.items.append((env, reply))
                 return
-            lane = self._lanes[key] = _Lane(key)
+            lane = self._lanes[shard, key] = _Lane(shard, key)
         lane.items.append((env, reply))
         self._ready.append(lane)
-        if len(self._workers) < self.max_concurrency:
+        self._spawn_worker()
+
+    def _spawn_worker(self) -> None:
+        if len(self._workers) < self.max_concurrency and self.state is not NodeState.STOPPED:
             task = asyncio.get_running_loop().create_task(self._work())
             self._workers.add(task)
-            task.add_done_callback(self._workers.discard)
+            task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self._workers.discard(task)
+        self._current.pop(task, None)
+        # A worker cancelled for a shard's handoff may leave other lanes behind.
+        if self._ready:
+            self._spawn_worker()
+
+    def _settled(self, shard: int) -> None:
+        """One message of ``shard`` finished (or was dropped)."""
+        left = self._load[shard] - 1
+        if left:
+            self._load[shard] = left
+        else:
+            del self._load[shard]
+            for waiter in self._idle_waiters.pop(shard, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        if not self._queued and not self._running:
+            self._quiet.set()
 
     # -- workers --------------------------------------------------------------
 
     async def _work(self) -> None:
         ready = self._ready
+        me = asyncio.current_task()
+        assert me is not None
         while ready:
             lane = ready.popleft()
             env, reply = lane.items.popleft()
             self._queued -= 1
+            self._current[me] = lane.shard
             try:
                 await self._run(env, reply)
             finally:
+                del self._current[me]
                 if lane.items:
                     ready.append(lane)
                 elif lane.key is not None:
-                    self._lanes.pop(lane.key, None)
-                if not self._queued and not self._running:
-                    self._quiet.set()
+                    self._lanes.pop((lane.shard, lane.key), None)
+                self._settled(lane.shard)
 
     async def _run(self, env: Envelope, reply: str | None) -> None:
         if env.expired():
             self._reject_expired(env, reply)
+            self._finish(env, None, None)
+            return
+        if self.fenced:
+            self._rejected("not_owner")
+            self._finish(env, reply, error_reply_for(NotOwnerError(self._fence_reason())))
             return
         self._running += 1
         self.metrics.handlers_active(self.node_id, self._running)
         started = time.perf_counter()
         ok = False
+        body: bytes | None = None
         try:
             remaining = env.remaining()
             if remaining is None:
@@ -442,29 +567,28 @@ class Node:
                     "a raw handler returns bytes (use a Router for typed replies)"
                 )
             ok = True
-            if reply is not None:
-                await self._publish(reply, encode_reply(bytes(result)))
+            body = encode_reply(bytes(result))
         except asyncio.CancelledError:
-            self._reply(
+            self._finish(
+                env,
                 reply,
                 error_reply_for(
-                    NotOwnerError(f"node {self.node_id} stopped before the handler finished")
+                    NotOwnerError(f"node {self.node_id} stopped the handler before it finished")
                 ),
+                cache=False,
             )
             raise
         except RequestError as exc:
             # Raised on purpose by the handler (or the timeout): its code goes back.
             self.stats.last_error = f"{exc.code}: {exc}"
             self._log.debug("handler refused", type=env.type, code=exc.code, error=str(exc))
-            self._reply(reply, error_reply_for(exc))
+            body = error_reply_for(exc)
         except Exception as exc:
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
             self._log.warning(
                 "handler raised", type=env.type, shard=env.shard, error=repr(exc), exc_info=True
             )
-            self._reply(
-                reply, encode_error_reply(RemoteHandlerError.code, type(exc).__name__, str(exc))
-            )
+            body = encode_error_reply(RemoteHandlerError.code, type(exc).__name__, str(exc))
         finally:
             elapsed = time.perf_counter() - started
             self._running -= 1
@@ -476,14 +600,65 @@ class Node:
                 stats.errors += 1
             self.metrics.handlers_active(self.node_id, self._running)
             self.metrics.handler_completed(env.type, ok, elapsed)
+        if reply is not None:
+            await self._publish(reply, body)
+        self._finish(env, None, body)
+
+    def _finish(
+        self, env: Envelope, reply: str | None, body: bytes | None, *, cache: bool = True
+    ) -> None:
+        """Answer ``reply`` and every retry of the same id that waited, and remember
+        the reply for later retries when the handler ran (``cache``)."""
+        self._reply(reply, body)
+        request_id = env.id
+        if request_id is None:
+            return
+        for waiting in self._in_flight.pop(request_id, ()):
+            self._reply(waiting, body)
+        if cache and body is not None:
+            self._reply_cache.put(request_id, body)
+
+    # -- eviction (stop, handoff timeout, fencing) ----------------------------
+
+    def _evict_soon(self, which: Callable[[int], bool], reason: str) -> None:
+        """Schedule :meth:`_evict` from synchronous code (callbacks)."""
+        if not self._current and not any(which(lane.shard) for lane in self._ready):
+            return
+        task = asyncio.get_running_loop().create_task(self._evict(which, reason))
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def _evict(self, which: Callable[[int], bool], reason: str) -> None:
+        """Cancel running handlers and drop queued messages of the shards ``which``
+        selects; their callers get ``not_owner``."""
+        victims = [t for t, s in self._current.items() if which(s)]
+        await _cancel(victims)
+        error = error_reply_for(NotOwnerError(reason))
+        keep: deque[_Lane] = deque()
+        for lane in self._ready:
+            if not which(lane.shard):
+                keep.append(lane)
+                continue
+            while lane.items:
+                env, reply = lane.items.popleft()
+                self._queued -= 1
+                self._finish(env, reply, error, cache=False)
+                self._settled(lane.shard)
+            if lane.key is not None:
+                self._lanes.pop((lane.shard, lane.key), None)
+        self._ready = keep
+        self._flush_soon()
 
     # -- replies ------------------------------------------------------------
 
-    def _reply(self, reply: str | None, body: bytes) -> None:
+    def _reply(self, reply: str | None, body: bytes | None) -> None:
         """Queue a reply for the replier task (callable from synchronous code)."""
-        if reply is None:
+        if reply is None or body is None:
             return
         self._replies.append((reply, body))
+        self._reply_wakeup.set()
+
+    def _flush_soon(self) -> None:
         self._reply_wakeup.set()
 
     async def _publish(self, reply: str, body: bytes) -> None:
@@ -501,3 +676,49 @@ class Node:
             await self._reply_wakeup.wait()
             self._reply_wakeup.clear()
             await self._flush_replies()
+
+
+class ReplyCache:
+    """Recent replies by request id: bounded in count, each kept for ``ttl`` seconds."""
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size = size
+        self.ttl = ttl
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, request_id: str) -> bytes | None:
+        item = self._items.get(request_id)
+        if item is None:
+            return None
+        if item[0] <= monotonic():
+            del self._items[request_id]
+            return None
+        return item[1]
+
+    def put(self, request_id: str, body: bytes) -> None:
+        if not self.size:
+            return
+        items = self._items
+        items[request_id] = (monotonic() + self.ttl, body)
+        items.move_to_end(request_id)
+        while len(items) > self.size:
+            items.popitem(last=False)
+        # Drop expired entries from the old end, a few per call.
+        now = monotonic()
+        for _ in range(2):
+            oldest = next(iter(items.values()), None)
+            if oldest is None or oldest[0] > now:
+                break
+            items.popitem(last=False)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them to end, without swallowing our own cancellation."""
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)

@@ -32,7 +32,7 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     left = {t for t in asyncio.all_tasks() - before if t is not me and not t.done()}
     if left:
         _, pending = await asyncio.wait(left, timeout=2.0)
-        assert not pending, f"tasks leaked by the test: {sorted(t.get_name() for t in pending)}"
+        assert not pending, f"tasks leaked by the test: {[repr(t.get_coro()) for t in pending]}"
 
 
 @pytest.fixture(params=["memory", "nats"])

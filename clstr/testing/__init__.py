@@ -7,7 +7,10 @@ registered automatically; see :mod:`clstr.testing.plugin` for its fixtures.
 
 from __future__ import annotations
 
+from ..transports.memory import FaultKind, FaultRule, Faults, Partition
+from ._clock import VirtualClock, VirtualClockEventLoop, current_clock, run, virtual_time
 from ._cluster import TestCluster, create_test_cluster
+from ._proxy import TcpProxy
 from ._server import NatsCluster, NatsServer, NatsServerError, find_nats_server
 
 __all__ = [
@@ -15,6 +18,18 @@ __all__ = [
     "NatsCluster",
     "NatsServerError",
     "find_nats_server",
+    "TcpProxy",
     "TestCluster",
     "create_test_cluster",
+    # virtual time
+    "VirtualClock",
+    "VirtualClockEventLoop",
+    "virtual_time",
+    "current_clock",
+    "run",
+    # faults on the memory transport (network.faults)
+    "Faults",
+    "FaultRule",
+    "FaultKind",
+    "Partition",
 ]

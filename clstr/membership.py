@@ -1,0 +1,780 @@
+"""Membership: who is alive, and which shards each node serves.
+
+Three implementations behind one interface (:class:`Membership`):
+
+* :class:`FixedShards` — the node serves a given list of shards.
+* :class:`StaticMembership` — a fixed list of node ids; each node serves the
+  shards HRW gives it (parity with the Go original).
+* :class:`KvMembership` — dynamic, on NATS JetStream KV: heartbeats with a
+  TTL in a members bucket, shard ownership as compare-and-set keys in a shards
+  bucket, handoff that drains before it releases, and a lease that fences a
+  node that lost its connection or its heartbeat. See docs/membership.md.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from .errors import ConfigurationError, LifecycleError, ShardOutOfRangeError
+from .hashing import assign_shards, shards_for_node
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = [
+    "Membership",
+    "FixedShards",
+    "StaticMembership",
+    "KvMembership",
+    "MemberInfo",
+    "ClusterState",
+    "MembershipEvent",
+    "MembershipEventKind",
+    "MembershipListener",
+    "KvSettings",
+]
+
+_log = structlog.get_logger("clstr.membership")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """What a live node announces about itself."""
+
+    node_id: str
+    weight: float = 1.0
+    started_at: float = 0.0
+    host: str = ""
+    pid: int = 0
+    cordoned: bool = False
+    incarnation: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    """A snapshot of the cluster as one node sees it.
+
+    ``owners`` maps each shard to the node that holds it now (absent: nobody);
+    ``desired`` to the node HRW places it on given the live, uncordoned members.
+    """
+
+    members: dict[str, MemberInfo]
+    owners: dict[int, str]
+    desired: dict[int, str]
+    num_shards: int
+
+    def shards_of(self, node_id: str) -> list[int]:
+        """The shards ``node_id`` holds now, sorted."""
+        return sorted(s for s, n in self.owners.items() if n == node_id)
+
+    @property
+    def unowned(self) -> list[int]:
+        """Shards nobody holds right now."""
+        return [s for s in range(self.num_shards) if s not in self.owners]
+
+    @property
+    def balanced(self) -> bool:
+        """Whether every shard is held by its desired owner."""
+        return self.owners == self.desired and len(self.owners) == self.num_shards
+
+
+class MembershipEventKind(enum.Enum):
+    """What a :class:`MembershipEvent` reports."""
+
+    NODE_JOINED = "node_joined"
+    NODE_LEFT = "node_left"
+    SHARD_ACQUIRED = "shard_acquired"
+    SHARD_RELEASED = "shard_released"
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipEvent:
+    """A node joined or left, or a shard changed hands."""
+
+    kind: MembershipEventKind
+    node_id: str
+    shard: int | None = None
+
+
+#: Called synchronously for each event; must not block.
+MembershipListener = Callable[[MembershipEvent], None]
+
+
+class Membership(abc.ABC):
+    """Decides which shards a node serves, and tells the node.
+
+    The node calls :meth:`join` from ``Node.start`` and :meth:`leave` from
+    ``Node.stop``; the membership calls ``node.acquire(shard)`` and
+    ``node.release(shard)``.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[MembershipListener] = []
+
+    @abc.abstractmethod
+    async def join(self, node: Node) -> None:
+        """Start serving the shards this node should own; return once they are served."""
+
+    @abc.abstractmethod
+    async def leave(self) -> None:
+        """Hand every shard back (draining in-flight messages first) and leave."""
+
+    @abc.abstractmethod
+    def cluster_state(self) -> ClusterState:
+        """The cluster as this node sees it now."""
+
+    def add_listener(self, listener: MembershipListener) -> None:
+        """Call ``listener`` for every :class:`MembershipEvent`."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: MembershipListener) -> None:
+        """Stop calling ``listener``."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _emit(self, kind: MembershipEventKind, node_id: str, shard: int | None = None) -> None:
+        event = MembershipEvent(kind, node_id, shard)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                _log.exception("membership listener failed", kind=kind.value)
+
+
+class _LocalMembership(Membership):
+    """Base of the memberships whose shard set is known up front."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._node: Node | None = None
+
+    def _wanted(self, node: Node) -> list[int]:
+        raise NotImplementedError
+
+    def _members(self) -> dict[str, MemberInfo]:
+        raise NotImplementedError
+
+    async def join(self, node: Node) -> None:
+        self._node = node
+        wanted = self._wanted(node)
+        for shard in wanted:
+            if not 0 <= shard < node.num_shards:
+                raise ShardOutOfRangeError(
+                    f"shard {shard} is out of range 0..{node.num_shards - 1}"
+                )
+        await asyncio.gather(*(node.acquire(s) for s in wanted))
+        self._emit(MembershipEventKind.NODE_JOINED, node.node_id)
+        for shard in wanted:
+            self._emit(MembershipEventKind.SHARD_ACQUIRED, node.node_id, shard)
+
+    async def leave(self) -> None:
+        node = self._node
+        if node is None:
+            return
+        held = node.shards
+        await asyncio.gather(*(node.release(s) for s in held))
+        for shard in held:
+            self._emit(MembershipEventKind.SHARD_RELEASED, node.node_id, shard)
+        self._emit(MembershipEventKind.NODE_LEFT, node.node_id)
+
+    def cluster_state(self) -> ClusterState:
+        node = self._node
+        if node is None:
+            raise LifecycleError("membership has not joined a node yet")
+        members = self._members()
+        desired = self._desired(node)
+        owners = dict.fromkeys(node.shards, node.node_id)
+        # Other static members are assumed to serve what HRW gives them.
+        owners.update({s: n for s, n in desired.items() if n != node.node_id})
+        return ClusterState(members, owners, desired, node.num_shards)
+
+    def _desired(self, node: Node) -> dict[int, str]:
+        return dict.fromkeys(self._wanted(node), node.node_id)
+
+
+class FixedShards(_LocalMembership):
+    """Serve exactly these shards (all of them when ``shards`` is ``None``)."""
+
+    def __init__(self, shards: Iterable[int] | None = None) -> None:
+        super().__init__()
+        self._shards = None if shards is None else sorted(set(shards))
+
+    def _wanted(self, node: Node) -> list[int]:
+        return list(range(node.num_shards)) if self._shards is None else list(self._shards)
+
+    def _members(self) -> dict[str, MemberInfo]:
+        assert self._node is not None
+        return {self._node.node_id: MemberInfo(self._node.node_id)}
+
+
+class StaticMembership(_LocalMembership):
+    """A fixed list of node ids (this one included); shards placed by HRW."""
+
+    def __init__(
+        self, node_ids: Collection[str], *, weights: Mapping[str, float] | None = None
+    ) -> None:
+        super().__init__()
+        if isinstance(node_ids, str):
+            raise ConfigurationError("node_ids must be a collection of ids, not one string")
+        self.node_ids = sorted(set(node_ids))
+        self.weights = dict(weights) if weights else None
+
+    def _wanted(self, node: Node) -> list[int]:
+        if node.node_id not in self.node_ids:
+            raise ConfigurationError(
+                f"node id {node.node_id!r} is not in the node list {self.node_ids}; "
+                "a static cluster lists every member, this one included"
+            )
+        return shards_for_node(
+            node.node_id, self.node_ids, node.num_shards, node.seed, weights=self.weights
+        )
+
+    def _desired(self, node: Node) -> dict[int, str]:
+        return assign_shards(self.node_ids, node.num_shards, node.seed, weights=self.weights)
+
+    def _members(self) -> dict[str, MemberInfo]:
+        return {n: MemberInfo(n, weight=(self.weights or {}).get(n, 1.0)) for n in self.node_ids}
+
+
+# -- dynamic membership on JetStream KV --------------------------------------
+
+# JetStream's "wrong last sequence" error codes: a compare-and-set lost.
+_CAS_CODES: Final = (10071, 10164)
+
+
+def _is_cas_failure(exc: BaseException) -> bool:
+    import nats.js.errors
+
+    if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _CAS_CODES
+
+
+def _bucket_names(prefix: str) -> tuple[str, str]:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix)
+    return f"{safe}_members", f"{safe}_shards"
+
+
+@dataclass(slots=True)
+class _Holder:
+    node_id: str
+    revision: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvSettings:
+    """Timing of :class:`KvMembership` (seconds).
+
+    A crashed node's shards move after ``heartbeat_ttl`` plus the time the
+    server takes to place the expiry marker; a node whose heartbeat has not
+    been renewed for ``lease_fraction * heartbeat_ttl`` stops handling
+    (fences itself) so that it can never overlap with the next owner.
+    """
+
+    heartbeat_interval: float = 1.0
+    heartbeat_ttl: float = 3.0
+    lease_fraction: float = 0.8
+    handoff_timeout: float = 5.0
+    reconcile_interval: float = 1.0
+    replicas: int = 1
+
+
+class KvMembership(Membership):
+    """Dynamic membership on NATS JetStream KV (no home-made consensus).
+
+    * Members: each node keeps ``<prefix>_members/<node_id>`` alive with a
+      per-key TTL, renewed every ``heartbeat_interval``; expiry shows up as a
+      purge marker in every watcher (the bucket has ``limit_marker_ttl``).
+    * Placement: HRW over the live, uncordoned members (weights honoured).
+    * Ownership: ``<prefix>_shards/<shard>`` holds the owner, taken by
+      compare-and-set on its revision. An owner that should lose a shard stops
+      taking its messages, drains the in-flight ones (bounded by
+      ``handoff_timeout``), then deletes the key (CAS again); the new owner
+      takes it only once it is deleted or its holder's heartbeat is gone.
+    * Fencing: the node may handle messages only while its lease (last
+      successful heartbeat + ``lease_fraction * heartbeat_ttl``) runs; on a
+      lost connection it stops at once, and after reconnecting it re-checks
+      its heartbeat and every shard key before it handles again.
+
+    Needs a :class:`~clstr.transports.nats.NatsTransport` (JetStream on).
+    """
+
+    def __init__(
+        self,
+        *,
+        weight: float = 1.0,
+        settings: KvSettings | None = None,
+    ) -> None:
+        super().__init__()
+        if not weight > 0:
+            raise ConfigurationError(f"weight must be > 0, got {weight!r}")
+        self.settings = s = settings or KvSettings()
+        if not 0 < s.heartbeat_interval < s.heartbeat_ttl:
+            raise ConfigurationError(
+                "heartbeat_interval must be > 0 and shorter than heartbeat_ttl "
+                f"(got {s.heartbeat_interval} and {s.heartbeat_ttl})"
+            )
+        if s.heartbeat_ttl < 1:
+            raise ConfigurationError("heartbeat_ttl must be >= 1 s (JetStream's TTL resolution)")
+        if not 0 < s.lease_fraction < 1:
+            raise ConfigurationError(f"lease_fraction must be in (0, 1), got {s.lease_fraction}")
+        self.weight = weight
+        self._node: Node | None = None
+        self._members: dict[str, MemberInfo] = {}
+        self._holders: dict[int, _Holder] = {}
+        self._held: dict[int, int] = {}  # shard -> revision of our key
+        self._releasing: set[int] = set()
+        self._cordoned = False
+        self._leaving = False
+        self._me: MemberInfo | None = None
+        self._my_revision = 0
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watchers: list[Any] = []
+        self._members_kv: Any = None
+        self._shards_kv: Any = None
+        self._connected = True
+        self._revalidate = False
+        self._lease_until: float | None = None
+        self._members_ready = asyncio.Event()
+        self._change_waiters: list[asyncio.Future[None]] = []
+        self._shards_ready = asyncio.Event()
+
+    # -- public API -----------------------------------------------------------
+
+    @property
+    def held(self) -> list[int]:
+        """The shards whose ownership key this node holds."""
+        return sorted(self._held)
+
+    def cluster_state(self) -> ClusterState:
+        node = self._require_node()
+        owners = {s: h.node_id for s, h in self._holders.items()}
+        return ClusterState(dict(self._members), owners, self._desired(), node.num_shards)
+
+    async def cordon(self, cordoned: bool = True) -> None:
+        """Mark this node as leaving (or not): no shards are placed on it any more,
+        and it hands back those it holds."""
+        self._cordoned = cordoned
+        await self._heartbeat()
+        self._dirty.set()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Cordon this node and wait until every shard it held has moved away."""
+        await self.cordon()
+        async with asyncio.timeout(timeout):
+            while self._held:
+                self._dirty.set()
+                await self._changed()
+
+    async def wait_balanced(self, timeout: float | None = None) -> ClusterState:
+        """Wait until, as far as this node sees, every shard is held by its desired owner."""
+        async with asyncio.timeout(timeout):
+            while True:
+                state = self.cluster_state()
+                if state.balanced:
+                    return state
+                await self._changed()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def join(self, node: Node) -> None:
+        from .transports.nats import NatsTransport
+
+        if not isinstance(node.transport, NatsTransport):
+            raise ConfigurationError(
+                "KvMembership needs a NatsTransport with JetStream; "
+                "use StaticMembership on other transports"
+            )
+        self._node = node
+        nc = node.transport.nc
+        js = nc.jetstream()
+        members_bucket, shards_bucket = _bucket_names(node.prefix)
+        self._members_kv = await self._bucket(js, members_bucket, marker_ttl=True)
+        self._shards_kv = await self._bucket(js, shards_bucket, marker_ttl=False)
+        self._me = MemberInfo(
+            node.node_id,
+            weight=self.weight,
+            started_at=time.time(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            incarnation=os.urandom(6).hex(),
+        )
+        await self._announce()
+        node.transport.add_listener(self._on_connection)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._watch_members(), name=f"clstr-members-{node.node_id}"),
+            loop.create_task(self._watch_shards(), name=f"clstr-shards-{node.node_id}"),
+            loop.create_task(self._heartbeat_loop(), name=f"clstr-heartbeat-{node.node_id}"),
+        ]
+        await self._members_ready.wait()
+        await self._shards_ready.wait()
+        self._tasks.append(
+            loop.create_task(self._reconcile_loop(), name=f"clstr-reconcile-{node.node_id}")
+        )
+        self._dirty.set()
+
+    async def leave(self) -> None:
+        node = self._node
+        if node is None or self._leaving:
+            return
+        self._leaving = True
+        try:
+            reconcile = [t for t in self._tasks if t.get_name().startswith("clstr-reconcile")]
+            await _cancel(reconcile)
+            # Announce that we are leaving (cordoned) but stay a live member:
+            # the others then wait for us to release each key instead of
+            # taking it while we still drain it. The heartbeat goes last.
+            self._cordoned = True
+            await self._heartbeat()
+            await asyncio.gather(*(self._release(s) for s in list(self._held)))
+            try:
+                await self._members_kv.delete(node.node_id)
+            except Exception as exc:
+                _log.warning("cannot delete heartbeat", node_id=node.node_id, error=repr(exc))
+        finally:
+            await self._close()
+        self._emit(MembershipEventKind.NODE_LEFT, node.node_id)
+
+    async def _close(self) -> None:
+        """Stop every task and watcher (also when leave was cut short)."""
+        node = self._require_node()
+        await _cancel(self._tasks)
+        self._tasks.clear()
+        for watcher in self._watchers:
+            await _stop_watcher(watcher)
+        self._watchers.clear()
+        node.transport.remove_listener(self._on_connection)
+        node.set_lease(None)
+
+    # -- internals ------------------------------------------------------------
+
+    def _require_node(self) -> Node:
+        if self._node is None:
+            raise LifecycleError("membership has not joined a node yet")
+        return self._node
+
+    async def _bucket(self, js: Any, name: str, *, marker_ttl: bool) -> Any:
+        import nats.js.errors
+
+        try:
+            return await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        kwargs: dict[str, Any] = {"bucket": name, "history": 1, "replicas": self.settings.replicas}
+        if marker_ttl:
+            kwargs["limit_marker_ttl"] = self.settings.heartbeat_ttl
+        try:
+            return await js.create_key_value(**kwargs)
+        except nats.js.errors.BadRequestError:
+            # Created by another node at the same moment.
+            return await js.key_value(name)
+
+    def _member_value(self) -> bytes:
+        assert self._me is not None
+        self._me = replace(self._me, cordoned=self._cordoned)
+        return json.dumps(asdict(self._me)).encode()
+
+    async def _announce(self) -> None:
+        """Create our heartbeat key (or take it back from our own dead incarnation)."""
+        node = self._require_node()
+        ttl = self.settings.heartbeat_ttl
+        sent = asyncio.get_running_loop().time()
+        try:
+            self._my_revision = await self._members_kv.create(
+                node.node_id, self._member_value(), msg_ttl=ttl
+            )
+        except Exception as exc:
+            if not _is_cas_failure(exc):
+                raise
+            entry = await self._members_kv.get(node.node_id)
+            self._my_revision = await self._renew(entry.revision)
+        self._renewed(sent)
+
+    def _renewed(self, sent: float) -> None:
+        node = self._require_node()
+        self._lease_until = sent + self.settings.heartbeat_ttl * self.settings.lease_fraction
+        if self._connected and not self._revalidate:
+            node.set_lease(self._lease_until)
+
+    async def _heartbeat(self) -> None:
+        node = self._require_node()
+        if not self._connected:
+            return
+        sent = asyncio.get_running_loop().time()
+        try:
+            self._my_revision = await self._renew(self._my_revision)
+        except Exception as exc:
+            if _is_cas_failure(exc) and not self._leaving:
+                # Our key expired (we were cut off or too slow): everything we
+                # held may be someone else's now. Fence, drop it all, rejoin.
+                _log.warning("heartbeat lost; rejoining", node_id=node.node_id)
+                await self._rejoin()
+            else:
+                _log.warning("heartbeat failed", node_id=node.node_id, error=repr(exc))
+            return
+        self._renewed(sent)
+
+    async def _renew(self, last: int) -> int:
+        """Rewrite our heartbeat with a fresh TTL, if its revision is still ``last``.
+
+        nats-py's ``KeyValue.update`` takes no per-message TTL, so this
+        publishes to the bucket's subject with the same expected-revision
+        header ``update`` uses.
+        """
+        node = self._require_node()
+        js = node.transport.nc.jetstream()  # type: ignore[attr-defined]
+        members_bucket, _ = _bucket_names(node.prefix)
+        ack = await js.publish(
+            f"$KV.{members_bucket}.{node.node_id}",
+            self._member_value(),
+            headers={"Nats-Expected-Last-Subject-Sequence": str(last)},
+            msg_ttl=self.settings.heartbeat_ttl,
+        )
+        return int(ack.seq)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            await self._heartbeat()
+
+    async def _rejoin(self) -> None:
+        node = self._require_node()
+        node.set_lease(None)
+        node.fence("heartbeat lost")
+        for shard in list(self._held):
+            await node.release(shard, timeout=0)
+            self._held.pop(shard, None)
+        await self._announce()
+        node.unfence()
+        self._dirty.set()
+
+    def _on_connection(self, event: Any) -> None:
+        from .transports.base import ConnectionEvent
+
+        node = self._require_node()
+        if event is ConnectionEvent.DISCONNECTED:
+            self._connected = False
+            node.fence("NATS connection lost")
+        elif event is ConnectionEvent.RECONNECTED:
+            self._connected = True
+            self._revalidate = True
+            task = asyncio.get_running_loop().create_task(self._after_reconnect())
+            task.add_done_callback(self._tasks_done)
+            self._tasks.append(task)
+
+    def _tasks_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("membership task failed", error=repr(task.exception()))
+
+    async def _after_reconnect(self) -> None:
+        """Re-check our heartbeat and every shard key before handling again."""
+        node = self._require_node()
+        try:
+            try:
+                entry = await self._members_kv.get(node.node_id)
+                mine = entry.revision == self._my_revision
+            except Exception:
+                mine = False
+            if not mine:
+                for shard in list(self._held):
+                    await node.release(shard, timeout=0)
+                    self._held.pop(shard, None)
+                await self._announce()
+            else:
+                for shard, revision in list(self._held.items()):
+                    try:
+                        current = await self._shards_kv.get(str(shard))
+                        still = current.revision == revision
+                    except Exception:
+                        still = False
+                    if not still:
+                        await node.release(shard, timeout=0)
+                        self._held.pop(shard, None)
+                await self._heartbeat()
+        finally:
+            self._revalidate = False
+            if self._lease_until is not None:
+                node.set_lease(self._lease_until)
+            node.unfence()
+            self._dirty.set()
+
+    async def _watch_members(self) -> None:
+        watcher = await self._members_kv.watchall()
+        self._watchers.append(watcher)
+        async for entry in watcher:
+            if entry is None:
+                self._members_ready.set()
+                continue
+            node_id = entry.key
+            if entry.operation in ("DEL", "PURGE"):
+                if self._members.pop(node_id, None) is not None:
+                    self._emit(MembershipEventKind.NODE_LEFT, node_id)
+            else:
+                try:
+                    info = MemberInfo(**json.loads(entry.value))
+                except Exception:
+                    _log.warning("ignoring malformed member entry", key=node_id)
+                    continue
+                if node_id not in self._members:
+                    self._emit(MembershipEventKind.NODE_JOINED, node_id)
+                self._members[node_id] = info
+            self._changed_now()
+
+    async def _watch_shards(self) -> None:
+        watcher = await self._shards_kv.watchall()
+        self._watchers.append(watcher)
+        async for entry in watcher:
+            if entry is None:
+                self._shards_ready.set()
+                continue
+            try:
+                shard = int(entry.key)
+            except ValueError:
+                continue
+            previous = self._holders.get(shard)
+            if entry.operation in ("DEL", "PURGE"):
+                self._holders.pop(shard, None)
+                if previous is not None:
+                    self._emit(MembershipEventKind.SHARD_RELEASED, previous.node_id, shard)
+            else:
+                owner = entry.value.decode(errors="replace")
+                self._holders[shard] = _Holder(owner, entry.revision)
+                if previous is None or previous.node_id != owner:
+                    if previous is not None:
+                        self._emit(MembershipEventKind.SHARD_RELEASED, previous.node_id, shard)
+                    self._emit(MembershipEventKind.SHARD_ACQUIRED, owner, shard)
+            self._changed_now()
+
+    def _changed_now(self) -> None:
+        self._dirty.set()
+        waiters, self._change_waiters = self._change_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _changed(self) -> None:
+        """Wait for the next change seen by a watcher."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._change_waiters.append(waiter)
+        await waiter
+
+    def _desired(self) -> dict[int, str]:
+        node = self._require_node()
+        live = {
+            n: m
+            for n, m in self._members.items()
+            if not m.cordoned and not (n == node.node_id and (self._cordoned or self._leaving))
+        }
+        if not live:
+            return {}
+        weights = {n: m.weight for n, m in live.items()}
+        return assign_shards(list(live), node.num_shards, node.seed, weights=weights)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.settings.reconcile_interval):
+                    await self._dirty.wait()
+            except TimeoutError:
+                pass
+            self._dirty.clear()
+            try:
+                await self._reconcile()
+            except Exception as exc:
+                _log.warning("reconcile failed", error=repr(exc))
+                self._dirty.set()
+
+    async def _reconcile(self) -> None:
+        node = self._require_node()
+        if self._leaving or not self._connected or self._revalidate:
+            return
+        if node.node_id not in self._members and not self._cordoned:
+            return  # our own heartbeat is not visible yet
+        desired = self._desired()
+        me = node.node_id
+        losing = [s for s in self._held if desired.get(s) != me and s not in self._releasing]
+        gaining = []
+        for shard, owner in desired.items():
+            if owner != me or shard in self._held:
+                continue
+            holder = self._holders.get(shard)
+            if holder is None or holder.node_id not in self._members or holder.node_id == me:
+                gaining.append((shard, holder))
+        await asyncio.gather(
+            *(self._release(s) for s in losing), *(self._acquire(s, h) for s, h in gaining)
+        )
+
+    async def _acquire(self, shard: int, holder: _Holder | None) -> None:
+        node = self._require_node()
+        key = str(shard)
+        value = node.node_id.encode()
+        try:
+            if holder is None:
+                revision = await self._shards_kv.create(key, value)
+            else:
+                revision = await self._shards_kv.update(key, value, last=holder.revision)
+        except Exception as exc:
+            _log.debug("shard taken by another node first", shard=shard, error=repr(exc))
+            self._dirty.set()
+            return
+        self._held[shard] = revision
+        await node.acquire(shard)
+
+    async def _release(self, shard: int) -> None:
+        node = self._require_node()
+        revision = self._held.get(shard)
+        if revision is None:
+            return
+        self._releasing.add(shard)
+        try:
+            await node.release(shard, timeout=self.settings.handoff_timeout)
+            try:
+                await self._shards_kv.delete(str(shard), last=revision)
+            except Exception as exc:
+                _log.warning("cannot release shard key", shard=shard, error=repr(exc))
+            self._held.pop(shard, None)
+        finally:
+            self._releasing.discard(shard)
+
+
+async def _stop_watcher(watcher: Any) -> None:
+    """Stop a KV watcher, also when its connection is already closed.
+
+    nats-py cancels the ordered consumer's heartbeat and flow-control tasks
+    only when unsubscribing succeeds; on a closed connection it raises first
+    and the tasks live on, so they are cancelled here.
+    """
+    try:
+        await watcher.stop()
+    except Exception as exc:
+        _log.debug("watcher stop failed", error=repr(exc))
+    push = getattr(watcher, "_sub", None)  # the JetStream push subscription
+    jsi = getattr(getattr(push, "_sub", None), "_jsi", None)  # on its core subscription
+    leftovers = [
+        task
+        for task in (getattr(jsi, "_hbtask", None), getattr(jsi, "_fctask", None))
+        if isinstance(task, asyncio.Task)
+    ]
+    await _cancel(leftovers)
+
+
+async def _cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them to end (without swallowing our own cancellation)."""
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)

@@ -1,0 +1,346 @@
+"""Dynamic membership on JetStream KV, with nodes in this process against a real server.
+
+Each test gets its own nats-server (fresh KV buckets). Crashes of separate
+node processes (SIGKILL) and the churn test live in test_churn.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import pytest_asyncio
+
+from clstr import (
+    ConfigurationError,
+    Envelope,
+    MemoryTransport,
+    Node,
+    NotOwnerError,
+    RetryPolicy,
+)
+from clstr.client import Client
+from clstr.membership import (
+    ClusterState,
+    KvMembership,
+    KvSettings,
+    MembershipEvent,
+    MembershipEventKind,
+    StaticMembership,
+)
+from clstr.testing import NatsServer, TcpProxy
+from clstr.transports.nats import NatsOptions, NatsTransport
+
+from _support import eventually
+
+NUM_SHARDS = 32
+FAST = KvSettings(heartbeat_interval=0.25, heartbeat_ttl=1.0, reconcile_interval=0.25)
+
+
+@dataclass
+class Record:
+    """What ran where: (shard, node, start, end) per handler call."""
+
+    calls: list[tuple[int, str, float, float]] = field(default_factory=list)
+
+    def handler(self, node_id: str) -> Callable[[Envelope], Awaitable[bytes]]:
+        async def handle(env: Envelope) -> bytes:
+            start = time.monotonic()
+            await asyncio.sleep(0)
+            self.calls.append((env.shard, node_id, start, time.monotonic()))
+            return node_id.encode()
+
+        return handle
+
+
+@dataclass
+class Harness:
+    url: str
+    record: Record
+    nodes: dict[str, Node] = field(default_factory=dict)
+    transports: list[NatsTransport] = field(default_factory=list)
+
+    async def connect(self, name: str, url: str | None = None) -> NatsTransport:
+        transport = await NatsTransport.connect(
+            url or self.url, NatsOptions(name=name, reconnect_time_wait=0.1)
+        )
+        self.transports.append(transport)
+        return transport
+
+    async def start(self, node_id: str, *, url: str | None = None, weight: float = 1.0) -> Node:
+        node = Node(
+            await self.connect(node_id, url),
+            self.record.handler(node_id),
+            node_id=node_id,
+            num_shards=NUM_SHARDS,
+            membership=KvMembership(weight=weight, settings=FAST),
+            stop_timeout=5,
+        )
+        await node.start()
+        self.nodes[node_id] = node
+        return node
+
+    def kv(self, node_id: str) -> KvMembership:
+        membership = self.nodes[node_id].membership
+        assert isinstance(membership, KvMembership)
+        return membership
+
+    async def settled(self, viewer: str, members: set[str], timeout: float = 15) -> ClusterState:
+        """Wait until ``viewer`` sees exactly ``members`` and every shard at its desired owner."""
+        kv = self.kv(viewer)
+        async with asyncio.timeout(timeout):
+            while True:
+                state = kv.cluster_state()
+                if set(state.members) == members and state.balanced:
+                    served = {s for n in members for s in self.nodes[n].shards}
+                    if served == set(range(NUM_SHARDS)):
+                        return state
+                await kv._changed()
+
+
+@pytest_asyncio.fixture
+async def harness() -> AsyncIterator[Harness]:
+    async with NatsServer() as server:
+        h = Harness(server.url, Record())
+        try:
+            yield h
+        finally:
+            for node in h.nodes.values():
+                await node.stop()
+            for transport in h.transports:
+                await transport.close()
+
+
+def assert_single_owner(calls: list[tuple[int, str, float, float]]) -> None:
+    """No two nodes ever ran handlers of one shard at overlapping times."""
+    by_shard: dict[int, list[tuple[float, float, str]]] = {}
+    for shard, node, start, end in calls:
+        by_shard.setdefault(shard, []).append((start, end, node))
+    for shard, runs in by_shard.items():
+        runs.sort()
+        for (_s1, e1, n1), (s2, _e2, n2) in itertools.pairwise(runs):
+            assert n1 == n2 or e1 <= s2, f"shard {shard}: {n1} and {n2} overlap"
+
+
+class TestPlacement:
+    async def test_two_nodes_split_every_shard_exactly_once(self, harness: Harness) -> None:
+        """Two nodes end up serving disjoint shard sets that cover every shard, by HRW."""
+        await harness.start("a")
+        await harness.start("b")
+        state = await harness.settled("a", {"a", "b"})
+        assert sorted(state.shards_of("a") + state.shards_of("b")) == list(range(NUM_SHARDS))
+        assert set(harness.nodes["a"].shards).isdisjoint(harness.nodes["b"].shards)
+
+    async def test_join_moves_only_the_shards_the_new_node_wins(self, harness: Harness) -> None:
+        """A node joining under load takes exactly the shards HRW gives it; no request fails."""
+        await harness.start("a")
+        await harness.start("b")
+        before = (await harness.settled("a", {"a", "b"})).owners
+        client = Client(
+            await harness.connect("client"), num_shards=NUM_SHARDS, retry=RetryPolicy(), timeout=5
+        )
+        stop = asyncio.Event()
+        failures: list[BaseException] = []
+        sent = 0
+
+        async def load() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                try:
+                    await client.request_key(f"k{sent % 97}", "x")
+                except Exception as exc:
+                    failures.append(exc)
+                sent += 1
+
+        driver = asyncio.create_task(load())
+        await harness.start("c")
+        after = await harness.settled("a", {"a", "b", "c"})
+        await harness.settled("c", {"a", "b", "c"})
+        stop.set()
+        await driver
+        moved = {s for s in before if after.owners[s] != before[s]}
+        assert moved == set(after.shards_of("c"))
+        assert failures == []
+        assert sent > 0
+        assert_single_owner(harness.record.calls)
+
+    async def test_weights_are_honoured(self, harness: Harness) -> None:
+        """A node with weight 3 gets clearly more shards than one with weight 1."""
+        await harness.start("light", weight=1)
+        await harness.start("heavy", weight=3)
+        state = await harness.settled("light", {"light", "heavy"})
+        assert len(state.shards_of("heavy")) > len(state.shards_of("light"))
+
+    async def test_kv_membership_needs_nats(self) -> None:
+        """KvMembership on a memory transport is refused with a clear error."""
+        node = Node(
+            MemoryTransport(),
+            Record().handler("x"),
+            num_shards=4,
+            membership=KvMembership(),
+        )
+        with pytest.raises(ConfigurationError, match="NatsTransport"):
+            await node.start()
+
+
+class TestLeaving:
+    async def test_graceful_leave_hands_shards_over(self, harness: Harness) -> None:
+        """A node that stops hands its shards to the survivors, who serve all of them."""
+        await harness.start("a")
+        await harness.start("b")
+        await harness.settled("a", {"a", "b"})
+        leaver = harness.nodes.pop("b")
+        started = time.monotonic()
+        await leaver.stop()
+        await harness.settled("a", {"a"})
+        assert time.monotonic() - started < 5
+        assert harness.nodes["a"].shards == list(range(NUM_SHARDS))
+
+    async def test_crashed_node_shards_move_after_heartbeat_ttl(self, harness: Harness) -> None:
+        """When a node's connection dies without a goodbye, survivors take its shards
+        within the heartbeat TTL plus a small bound."""
+        await harness.start("a")
+        await harness.start("b")
+        await harness.settled("a", {"a", "b"})
+        crashed = harness.nodes.pop("b")
+        started = time.monotonic()
+        await crashed.transport.nc.close()  # type: ignore[attr-defined]
+        await harness.settled("a", {"a"})
+        took = time.monotonic() - started
+        assert took < FAST.heartbeat_ttl + 3, f"took {took:.2f}s"
+        await crashed.stop(timeout=1)
+
+    async def test_drain_moves_shards_away_before_stop(self, harness: Harness) -> None:
+        """drain() cordons the node and returns once every shard it held has moved."""
+        await harness.start("a")
+        await harness.start("b")
+        await harness.settled("a", {"a", "b"})
+        await harness.kv("b").drain(timeout=10)
+        assert harness.nodes["b"].shards == []
+        state = harness.kv("a").cluster_state()
+        assert state.members["b"].cordoned
+        await harness.settled("a", {"a", "b"})  # b is still a member, just owns nothing
+        assert harness.nodes["a"].shards == list(range(NUM_SHARDS))
+
+
+class TestEvents:
+    async def test_events_report_joins_leaves_and_handoffs(self, harness: Harness) -> None:
+        """Listeners hear node joined/left and shard acquired/released."""
+        await harness.start("a")
+        await harness.settled("a", {"a"})
+        events: list[MembershipEvent] = []
+        harness.kv("a").add_listener(events.append)
+        await harness.start("b")
+        await harness.settled("a", {"a", "b"})
+        await harness.nodes.pop("b").stop()
+        await harness.settled("a", {"a"})
+        kinds = {(e.kind, e.node_id) for e in events}
+        assert (MembershipEventKind.NODE_JOINED, "b") in kinds
+        assert (MembershipEventKind.NODE_LEFT, "b") in kinds
+        assert (MembershipEventKind.SHARD_ACQUIRED, "b") in kinds
+        assert (MembershipEventKind.SHARD_RELEASED, "b") in kinds
+
+
+class TestFencing:
+    async def test_partitioned_node_does_not_answer_for_lost_shards(self, harness: Harness) -> None:
+        """A node cut off from NATS stops handling at once; after it reconnects it serves
+        only the shards it holds again, never overlapping with the new owner."""
+        await harness.start("a")
+        server_host, server_port = "127.0.0.1", int(harness.url.rsplit(":", 1)[1])
+        async with TcpProxy(server_host, server_port) as proxy:
+            await harness.start("b", url=proxy.url)
+            await harness.settled("a", {"a", "b"})
+            b = harness.nodes["b"]
+            lost = set(b.shards)
+            client = Client(
+                await harness.connect("client"),
+                num_shards=NUM_SHARDS,
+                retry=RetryPolicy(),
+                timeout=8,
+            )
+            await proxy.cut()
+            await eventually(lambda: b.fenced)
+            kv_a = harness.kv("a")
+            async with asyncio.timeout(15):
+                while set(harness.nodes["a"].shards) != set(range(NUM_SHARDS)):
+                    await kv_a._changed()
+            # Every shard is answered by a while b is cut off.
+            for shard in sorted(lost):
+                assert await client.request_shard(shard, "x") == b"a"
+            cut_over = time.monotonic()
+            await proxy.heal()
+            await harness.settled("a", {"a", "b"})
+            assert not b.fenced
+            for shard in range(NUM_SHARDS):
+                await client.request_shard(shard, "x")
+            late_b = [c for c in harness.record.calls if c[1] == "b" and c[2] >= cut_over]
+            assert all(shard in b.shards for shard, *_ in late_b)
+            assert_single_owner(harness.record.calls)
+            await harness.nodes.pop("b").stop()
+
+    async def test_fenced_node_refuses_with_not_owner(self) -> None:
+        """A fenced node answers not_owner (retryable) instead of running the handler."""
+        record = Record()
+        async with NatsServer() as server:
+            transport = await NatsTransport.connect(server.url)
+            node = Node(transport, record.handler("a"), num_shards=4)
+            await node.start()
+            client = Client(transport, num_shards=4)
+            try:
+                node.fence("test")
+                with pytest.raises(NotOwnerError, match="test"):
+                    await client.request_shard(0, "x")
+                node.unfence()
+                assert await client.request_shard(0, "x") == b"a"
+                assert len(record.calls) == 1
+            finally:
+                await node.stop()
+                await transport.close()
+
+    async def test_expired_lease_fences_the_node(self) -> None:
+        """Past its lease a node refuses work; a renewed lease lets it serve again."""
+        record = Record()
+        transport = MemoryTransport()
+        node = Node(transport, record.handler("a"), num_shards=4)
+        await node.start()
+        client = Client(transport.connect("client"), num_shards=4)
+        try:
+            loop = asyncio.get_running_loop()
+            node.set_lease(loop.time() - 1)
+            assert node.fenced
+            with pytest.raises(NotOwnerError, match="lease"):
+                await client.request_shard(1, "x")
+            node.set_lease(loop.time() + 60)
+            assert await client.request_shard(1, "x") == b"a"
+        finally:
+            await node.stop()
+
+
+class TestStatic:
+    def test_static_membership_refuses_a_stranger(self) -> None:
+        """A node whose id is not in the static list is refused at construction."""
+        with pytest.raises(ConfigurationError, match="not in the node list"):
+            Node(
+                MemoryTransport(),
+                Record().handler("x"),
+                node_id="z",
+                nodes=["a", "b"],
+                num_shards=4,
+            )
+
+    async def test_static_cluster_state(self) -> None:
+        """A static membership's cluster view places every shard by HRW over the list."""
+        transport = MemoryTransport()
+        membership = StaticMembership(["a", "b"])
+        node = Node(
+            transport, Record().handler("a"), node_id="a", num_shards=8, membership=membership
+        )
+        async with node:
+            state = membership.cluster_state()
+            assert set(state.members) == {"a", "b"}
+            assert len(state.owners) == 8
+            assert state.shards_of("a") == node.shards
