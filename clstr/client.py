@@ -38,6 +38,7 @@ from .errors import (
     NoShardOwnerError,
     PayloadError,
     RequestError,
+    RequestTimeoutError,
     ShardOutOfRangeError,
     TransportClosedError,
 )
@@ -74,12 +75,17 @@ class RetryPolicy:
     to ``max_backoff``, each drawn uniformly from zero to that bound ("full
     jitter", so that clients retrying together spread out). Retries stop at
     the request's deadline, or after ``max_attempts`` attempts when given.
+
+    ``attempt_timeout`` bounds each attempt: an attempt without a reply by
+    then (its node died with the request, say) is sent again, under the same
+    request id. Without it an attempt may use the whole deadline.
     """
 
     initial_backoff: float = 0.01
     max_backoff: float = 0.5
     multiplier: float = 2.0
     max_attempts: int | None = None
+    attempt_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.initial_backoff <= self.max_backoff or self.multiplier < 1:
@@ -88,6 +94,8 @@ class RetryPolicy:
             )
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.attempt_timeout is not None and not self.attempt_timeout > 0:
+            raise ConfigurationError(f"attempt_timeout must be > 0, got {self.attempt_timeout}")
 
     def backoff(self, attempt: int) -> float:
         """The pause before retry number ``attempt + 1``."""
@@ -253,13 +261,21 @@ class Client:
             attempt = 0
             while True:
                 left = deadline - monotonic()
+                wait = left
+                if retry is not None and retry.attempt_timeout is not None:
+                    wait = min(left, retry.attempt_timeout)
+                # The handler may use the whole deadline even when the client
+                # re-sends sooner: the TTL is what is left, not the attempt's wait.
                 reserve = min(_REPLY_RESERVE_MAX, left * _REPLY_RESERVE_FRACTION)
                 body = self._encode(env.with_ttl(max(left - reserve, 0.001)))
                 try:
-                    reply = await self.transport.request(self._subjects[shard], body, left)
+                    reply = await self.transport.request(self._subjects[shard], body, wait)
                     payload = decode_reply(reply, limits=self.limits)
                 except RequestError as exc:
-                    if retry is None or not exc.retryable:
+                    if retry is None:
+                        raise
+                    lost = isinstance(exc, RequestTimeoutError) and wait < left
+                    if not (exc.retryable or lost):
                         raise
                     pause = retry.backoff(attempt)
                     attempt += 1
@@ -267,6 +283,7 @@ class Client:
                         raise
                     if monotonic() + pause >= deadline:
                         raise
+                    self.metrics.request_retried(msg_type, exc.code)
                     await asyncio.sleep(pause)
                     continue
                 ok = True

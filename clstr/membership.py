@@ -421,6 +421,8 @@ class KvMembership(Membership):
         ]
         await self._members_ready.wait()
         await self._shards_ready.wait()
+        # One pass now, so that start() returns with the free shards served.
+        await self._reconcile()
         self._tasks.append(
             loop.create_task(self._reconcile_loop(), name=f"clstr-reconcile-{node.node_id}")
         )

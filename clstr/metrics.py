@@ -1,7 +1,8 @@
 """Metrics: a small protocol, a no-op default and a Prometheus implementation.
 
 Metric names and labels follow the Go original (``clstr_cluster_*``) so that
-dashboards carry over; clstr adds ``clstr_cluster_envelopes_rejected_total``
+dashboards carry over; clstr adds ``clstr_cluster_request_retries_total``,
+``clstr_cluster_envelopes_rejected_total``
 (by reason: ``expired``, ``overloaded``, ``bad_request``) and
 ``clstr_cluster_pending_messages``.
 """
@@ -23,6 +24,9 @@ class Metrics(Protocol):
 
     def notify_completed(self, message_type: str, success: bool) -> None:
         """A client notify was sent (or failed to be)."""
+
+    def request_retried(self, message_type: str, reason: str) -> None:
+        """A client request is sent again after a retryable error (its wire code)."""
 
     def transport_error(self, error_type: str) -> None:
         """A client call failed in transport: ``no_subscriber``, ``timeout``, ``ttl_expired``..."""
@@ -50,6 +54,9 @@ class NoopMetrics:
         pass
 
     def notify_completed(self, message_type: str, success: bool) -> None:
+        pass
+
+    def request_retried(self, message_type: str, reason: str) -> None:
         pass
 
     def transport_error(self, error_type: str) -> None:
@@ -99,6 +106,12 @@ class PrometheusMetrics:
             "clstr_cluster_notifies",
             "Total number of client notifications",
             ["message_type", "success"],
+            registry=registry,
+        )
+        self._retries = Counter(
+            "clstr_cluster_request_retries",
+            "Client requests sent again after a retryable error, by reason",
+            ["message_type", "reason"],
             registry=registry,
         )
         self._transport_errors = Counter(
@@ -151,6 +164,9 @@ class PrometheusMetrics:
 
     def notify_completed(self, message_type: str, success: bool) -> None:
         self._notifies.labels(message_type, _flag(success)).inc()
+
+    def request_retried(self, message_type: str, reason: str) -> None:
+        self._retries.labels(message_type, reason).inc()
 
     def transport_error(self, error_type: str) -> None:
         self._transport_errors.labels(error_type).inc()

@@ -72,6 +72,14 @@ NODE_INFO_TYPE: Final = "clstr.node.info"
 #: The default subject prefix: shard ``s`` is served on ``clstr.shard.<s>``.
 DEFAULT_PREFIX: Final = "clstr"
 
+# How long cancelled handlers get to end before stop (or a handoff) goes on
+# without them: stop() returns within stop_timeout plus twice this.
+_CANCEL_GRACE: Final = 1.0
+
+# Message types are chosen by senders: past this many distinct ones, metrics
+# label the rest "other", so that hostile senders cannot grow them without bound.
+_MAX_TYPE_LABELS: Final = 256
+
 
 def shard_subject(prefix: str, shard: int) -> str:
     """The NATS subject of ``shard`` under ``prefix``."""
@@ -132,8 +140,8 @@ class Node:
     for a dynamic cluster), or ``nodes`` (the static member list, this node
     included; shards by HRW), or ``shards`` (exactly these), or none of them to
     serve every shard. ``max_concurrency`` bounds handlers running at once;
-    ``max_pending`` bounds messages waiting for a worker (past it the node
-    answers ``overloaded``). ``stop_timeout`` bounds how long :meth:`stop`
+    ``max_pending`` bounds messages waiting for a busy worker (past it the
+    node answers ``overloaded``). ``stop_timeout`` bounds how long :meth:`stop`
     lets in-flight messages finish before it cancels them. ``clock_skew`` is
     how far the sender's clock may be off before a message whose age exceeds
     its TTL by more than that is dropped as stale. Replies to requests that
@@ -201,6 +209,7 @@ class Node:
         self._log = structlog.get_logger("clstr.node").bind(node_id=self.node_id)
         self.state = NodeState.CREATED
         self.stats = NodeStats()
+        self._type_labels: set[str] = set()
 
         self._subs: dict[int, Subscription] = {}
         self._lanes: dict[tuple[int, str], _Lane] = {}
@@ -427,7 +436,8 @@ class Node:
                 if reply is not None:
                     waiting.append(reply)
                 return
-        if self._queued >= self.max_pending:
+        # Room: max_pending waiting messages beyond what idle workers take at once.
+        if self._queued >= self.max_pending + self.max_concurrency - self._running:
             self._rejected("overloaded")
             self._reply(
                 reply,
@@ -450,6 +460,16 @@ class Node:
     def _rejected(self, reason: str) -> None:
         self.stats.reject(reason)
         self.metrics.envelope_rejected(reason)
+
+    def _type_label(self, msg_type: str) -> str:
+        """The metric label of ``msg_type``: itself, or "other" past _MAX_TYPE_LABELS."""
+        labels = self._type_labels
+        if msg_type in labels:
+            return msg_type
+        if len(labels) < _MAX_TYPE_LABELS:
+            labels.add(msg_type)
+            return msg_type
+        return "other"
 
     def _reject_expired(self, env: Envelope, reply: str | None) -> None:
         self._rejected("expired")
@@ -599,7 +619,7 @@ class Node:
             else:
                 stats.errors += 1
             self.metrics.handlers_active(self.node_id, self._running)
-            self.metrics.handler_completed(env.type, ok, elapsed)
+            self.metrics.handler_completed(self._type_label(env.type), ok, elapsed)
         if reply is not None:
             await self._publish(reply, body)
         self._finish(env, None, body)
@@ -715,10 +735,19 @@ class ReplyCache:
             items.popitem(last=False)
 
 
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and wait for them to end, without swallowing our own cancellation."""
+async def _cancel(tasks: list[asyncio.Task[None]], grace: float = _CANCEL_GRACE) -> None:
+    """Cancel ``tasks`` and wait up to ``grace`` seconds for them to end, without
+    swallowing our own cancellation. A task still running then (a handler that
+    catches CancelledError and goes on) is logged and left to finish on its own:
+    asyncio cannot force it, and waiting for it would hang ``stop`` forever."""
     pending = [t for t in tasks if not t.done()]
     for task in pending:
         task.cancel()
     if pending:
-        await asyncio.wait(pending)
+        _, stuck = await asyncio.wait(pending, timeout=grace)
+        if stuck:
+            structlog.get_logger("clstr.node").error(
+                "tasks ignored cancellation; left running (a handler catches CancelledError?)",
+                tasks=sorted(t.get_name() for t in stuck),
+                grace=grace,
+            )
