@@ -31,6 +31,7 @@ from .hashing import assign_shards, shards_for_node
 
 if TYPE_CHECKING:
     from .node import Node
+    from .transports.base import Subscription
 
 __all__ = [
     "Membership",
@@ -43,6 +44,7 @@ __all__ = [
     "MembershipEventKind",
     "MembershipListener",
     "KvSettings",
+    "control_subject",
 ]
 
 _log = structlog.get_logger("clstr.membership")
@@ -261,6 +263,13 @@ def _is_cas_failure(exc: BaseException) -> bool:
     return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _CAS_CODES
 
 
+def control_subject(prefix: str, node_id: str) -> str:
+    """The subject on which a node with dynamic membership takes operations
+    (cordon, uncordon, drain) as JSON ``{"op": "drain"}``; it replies with
+    ``{"ok": true, ...}`` once done."""
+    return f"{prefix}.control.{node_id}"
+
+
 def _bucket_names(prefix: str) -> tuple[str, str]:
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix)
     return f"{safe}_members", f"{safe}_shards"
@@ -349,6 +358,7 @@ class KvMembership(Membership):
         self._lease_until: float | None = None
         self._members_ready = asyncio.Event()
         self._change_waiters: list[asyncio.Future[None]] = []
+        self._control: Subscription | None = None
         self._shards_ready = asyncio.Event()
 
     # -- public API -----------------------------------------------------------
@@ -413,6 +423,9 @@ class KvMembership(Membership):
         )
         await self._announce()
         node.transport.add_listener(self._on_connection)
+        self._control = await node.transport.subscribe(
+            control_subject(node.prefix, node.node_id), self._on_control
+        )
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._watch_members(), name=f"clstr-members-{node.node_id}"),
@@ -453,6 +466,9 @@ class KvMembership(Membership):
     async def _close(self) -> None:
         """Stop every task and watcher (also when leave was cut short)."""
         node = self._require_node()
+        if self._control is not None:
+            await self._control.unsubscribe()
+            self._control = None
         await _cancel(self._tasks)
         self._tasks.clear()
         for watcher in self._watchers:
@@ -563,6 +579,38 @@ class KvMembership(Membership):
         node.unfence()
         self._dirty.set()
 
+    def _on_control(self, data: bytes, reply: str | None) -> None:
+        """Operations from outside (``clstr cordon/uncordon/drain``): JSON ``{"op": ...}``."""
+        node = self._require_node()
+        try:
+            op = json.loads(data)["op"]
+            if op not in ("cordon", "uncordon", "drain"):
+                raise ValueError(f"unknown op {op!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            self._answer(reply, {"ok": False, "error": f"bad control message: {exc}"})
+            return
+
+        async def run() -> None:
+            if op == "drain":
+                await self.drain()
+            else:
+                await self.cordon(op == "cordon")
+            self._answer(reply, {"ok": True, "node_id": node.node_id, "op": op})
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"clstr-control-{op}")
+        task.add_done_callback(self._tasks_done)
+        self._tasks.append(task)
+
+    def _answer(self, reply: str | None, body: dict[str, Any]) -> None:
+        if reply is None:
+            return
+        node = self._require_node()
+        task = asyncio.get_running_loop().create_task(
+            node.transport.publish(reply, json.dumps(body).encode())
+        )
+        task.add_done_callback(self._tasks_done)
+        self._tasks.append(task)
+
     def _on_connection(self, event: Any) -> None:
         from .transports.base import ConnectionEvent
 
@@ -578,6 +626,8 @@ class KvMembership(Membership):
             self._tasks.append(task)
 
     def _tasks_done(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
         if not task.cancelled() and task.exception() is not None:
             _log.error("membership task failed", error=repr(task.exception()))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from clstr.membership import (
     MembershipEvent,
     MembershipEventKind,
     StaticMembership,
+    control_subject,
 )
 from clstr.testing import NatsServer, TcpProxy
 from clstr.transports.nats import NatsOptions, NatsTransport
@@ -225,6 +227,18 @@ class TestLeaving:
         assert state.members["b"].cordoned
         await harness.settled("a", {"a", "b"})  # b is still a member, just owns nothing
         assert harness.nodes["a"].shards == list(range(NUM_SHARDS))
+
+    async def test_drain_from_outside_over_the_control_subject(self, harness: Harness) -> None:
+        """A JSON {"op": "drain"} request on the node's control subject drains it."""
+        await harness.start("a")
+        await harness.start("b")
+        await harness.settled("a", {"a", "b"})
+        operator = await harness.connect("operator")
+        reply = await operator.request(control_subject("clstr", "b"), b'{"op": "drain"}', 10)
+        assert json.loads(reply) == {"ok": True, "node_id": "b", "op": "drain"}
+        assert harness.nodes["b"].shards == []
+        bad = await operator.request(control_subject("clstr", "b"), b'{"op": "explode"}', 10)
+        assert json.loads(bad)["ok"] is False
 
 
 class TestEvents:
