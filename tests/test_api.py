@@ -1,0 +1,148 @@
+"""The public surface: exports, typing marker, metrics, the testing kit's fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import clstr
+from clstr import (
+    Client,
+    ConnectionFailedError,
+    Envelope,
+    MemoryTransport,
+    Node,
+    PrometheusMetrics,
+    Router,
+)
+from clstr.testing import TestCluster, create_test_cluster
+from clstr.transports.nats import NatsOptions, NatsTransport
+
+
+class TestExports:
+    def test_all_is_exactly_the_public_surface(self) -> None:
+        """clstr.__all__ names exactly the package's public module-level names."""
+        public = {
+            name
+            for name, value in vars(clstr).items()
+            if not name.startswith(("_", "@"))  # "@py_builtins": pytest's assertion rewriting
+            and not getattr(value, "__name__", "").startswith("clstr.")  # submodules
+            and name not in {"annotations"}
+        }
+        assert set(clstr.__all__) == public
+        assert len(clstr.__all__) == len(set(clstr.__all__))
+
+    def test_package_is_typed(self) -> None:
+        """The package ships the py.typed marker."""
+        assert (Path(clstr.__file__).parent / "py.typed").exists()
+
+    def test_importing_does_not_import_nats_transport(self) -> None:
+        """The NATS transport loads lazily: importing clstr.transports does not need it."""
+        import clstr.transports as transports
+
+        assert "NatsTransport" in transports.__all__
+        assert transports.NatsTransport is NatsTransport
+
+
+class TestMetrics:
+    async def test_prometheus_metrics_move(self) -> None:
+        """Requests, handler runs and rejections show up under the Go original's names."""
+        registry = CollectorRegistry()
+        metrics = PrometheusMetrics(registry)
+        transport = MemoryTransport()
+
+        async def echo(env: Envelope) -> bytes:
+            return env.data
+
+        async with Node(transport, echo, num_shards=4, node_id="n1", metrics=metrics):
+            client = Client(transport.connect("c"), num_shards=4, metrics=metrics)
+            for _ in range(3):
+                await client.request_shard(1, "echo", b"x")
+            raw = await transport.connect("raw").request("clstr.shard.1", b"junk", 1)
+            assert raw  # a bad_request reply
+
+        def value(name: str, **labels: str) -> float:
+            got = registry.get_sample_value(name, labels)
+            return 0.0 if got is None else got
+
+        assert value("clstr_cluster_requests_total", message_type="echo", success="true") == 3
+        assert value("clstr_cluster_handlers_total", message_type="echo", success="true") == 3
+        assert value("clstr_cluster_handler_duration_seconds_count", message_type="echo") == 3
+        assert value("clstr_cluster_request_duration_seconds_count", message_type="echo") == 3
+        assert value("clstr_cluster_envelopes_rejected_total", reason="bad_request") == 1
+        assert value("clstr_cluster_shards_owned", node_id="n1") == 0  # released on stop
+        assert value("clstr_cluster_handlers_active", node_id="n1") == 0
+
+
+class TestNatsConnect:
+    async def test_unreachable_server_fails_fast_and_clearly(self) -> None:
+        """Connecting to a port nobody listens on raises ConnectionFailedError within the
+        connect deadline, naming the URL."""
+        started = time.monotonic()
+        with pytest.raises(ConnectionFailedError, match=r"nats://127\.0\.0\.1:1"):
+            await NatsTransport.connect(
+                "nats://127.0.0.1:1", NatsOptions(connect_deadline=1.0, connect_timeout=0.5)
+            )
+        assert time.monotonic() - started < 5
+
+    async def test_empty_server_list_is_refused(self) -> None:
+        """An empty list of URLs is refused with a message saying what to pass."""
+        with pytest.raises(ConnectionFailedError, match="at least one"):
+            await NatsTransport.connect([])
+
+    async def test_client_connect_owns_its_connection(self, clstr_nats_url: str) -> None:
+        """Client.connect builds a NATS transport that closing the client closes."""
+        client = await Client.connect(clstr_nats_url, num_shards=8)
+        transport = client.transport
+        assert isinstance(transport, NatsTransport)
+        await client.close()
+        assert transport.nc.is_closed
+
+
+class TestTestingKit:
+    async def test_memory_cluster_fixture(
+        self,
+        clstr_memory_transport: MemoryTransport,
+        clstr_cluster: Callable[..., Awaitable[TestCluster]],
+    ) -> None:
+        """The plugin's fixtures build a started memory cluster whose keys reach their owners."""
+
+        def handler_for(node_id: str) -> clstr.Handler:
+            async def handle(env: Envelope) -> bytes:
+                return node_id.encode()
+
+            return handle
+
+        cluster = await clstr_cluster(clstr_memory_transport, 3, handler_factory=handler_for)
+        for key in ("a", "b", "c", "d"):
+            assert (await cluster.client.request_key(key, "who")).decode() == cluster.owner_of_key(
+                key
+            )
+
+    async def test_nats_test_cluster(self, clstr_nats_url: str) -> None:
+        """create_test_cluster over NATS: one connection per node, every shard served."""
+        router = Router()
+
+        @router.on("ping")
+        async def ping(env: Envelope) -> bytes:
+            return b"pong"
+
+        async with create_test_cluster(
+            clstr_nats_url, ["x", "y"], num_shards=16, handler=router
+        ) as c:
+            replies = await asyncio.gather(
+                *(c.client.request_key(f"k{i}", "ping") for i in range(20))
+            )
+            assert set(replies) == {b"pong"}
+            assert {n.node_id for n in c.nodes} == {"x", "y"}
+            assert sorted(c.node("x").shards + c.node("y").shards) == list(range(16))
+
+    def test_cluster_needs_exactly_one_handler_source(self) -> None:
+        """create_test_cluster refuses both or neither of handler and handler_factory."""
+        with pytest.raises(clstr.ConfigurationError):
+            create_test_cluster(MemoryTransport())
