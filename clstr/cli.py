@@ -1,158 +1,793 @@
-"""The ``clstr`` command.
+"""The ``clstr`` command: a local cluster, requests from the shell, the shard map.
 
-``clstr demo`` starts an embedded nats-server and a 3-node cluster and sends
-real requests through it, printing which node answered each key.
-``clstr shard KEY`` prints a key's shard offline.
+::
 
-The CLI is the one place that configures logging (the library never does).
+    clstr dev up [--nodes 3]          nats-server + N node processes, until Ctrl-C
+    clstr demo                        the same, sends requests, prints who answered, exits
+    clstr request KEY TYPE [JSON]     send a request; print the reply and the node
+    clstr notify KEY TYPE [JSON]      fire and forget
+    clstr status [--json]             nodes, shard counts and the shard map
+    clstr shard KEY                   the shard of a key (offline)
+    clstr node --id ID --app M:ATTR   run one node process (production)
+    clstr bench ...                   benchmarks (clstr.bench)
+
+Options shared by every command may come before or after it; each has an
+environment variable (see :data:`ENV_VARS`) so containers configure it
+without flags. The CLI is the one place that configures logging (the library
+never does). Exit codes: 0 success, 1 the operation failed (a handler error,
+a timeout, shards without owner), 2 a usage or environment error, told in
+one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import contextlib
+import importlib
+import inspect
+import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Final
 
-import structlog
+from ._cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, configure_logging
+from .hashing import shard_for_key
 
-from . import Client, Envelope, KeyHandler, Node, Router, shard_for_key
-from .hashing import owner_of
+__all__ = [
+    "ENV_VARS",
+    "DEFAULT_NATS_URL",
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
-__all__ = ["main"]
+#: Where commands connect when neither ``--nats-url`` nor ``CLSTR_NATS_URL`` says.
+DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
+DEFAULT_SHARDS: Final = 64
+DEFAULT_APP: Final = "clstr.demo_app:app"
+DEFAULT_SERVICE_NAME: Final = "clstr"
+
+#: Environment variables the command reads, and the option each one sets.
+ENV_VARS: Final[Mapping[str, str]] = {
+    "CLSTR_NATS_URL": "--nats-url",
+    "CLSTR_SHARDS": "--shards",
+    "CLSTR_SEED": "--seed",
+    "CLSTR_PREFIX": "--prefix",
+    "CLSTR_SERVICE_NAME": "--service-name",
+    "CLSTR_LOG_LEVEL": "--log-level",
+    "CLSTR_LOG_JSON": "--log-json",
+    "CLSTR_NATS_CREDS": "--creds",
+    "CLSTR_NATS_NKEY": "--nkey-seed",
+    "CLSTR_NATS_USER": "--user",
+    "CLSTR_NATS_PASSWORD": "--password",
+    "CLSTR_NATS_TOKEN": "--token",
+    "CLSTR_TLS_CA": "--tls-ca",
+    "CLSTR_TLS_CERT": "--tls-cert",
+    "CLSTR_TLS_KEY": "--tls-key",
+    "CLSTR_NODE_ID": "node --id",
+    "CLSTR_STATIC_NODES": "node --static-nodes",
+    "CLSTR_APP": "node --app",
+    "CLSTR_METRICS_PORT": "node --metrics-port",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
 
 
-def configure_logging(level: str = "warning", json: bool = False) -> None:
-    """Configure structlog for the command line (console, or JSON when asked)."""
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+# -- argument types ----------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
+    return value
+
+
+def _urls(text: str) -> list[str]:
+    urls = [part.strip() for part in text.split(",") if part.strip()]
+    if not urls:
+        raise argparse.ArgumentTypeError("expected at least one NATS URL")
+    return urls
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"a header is NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _node_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _env_flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise CliError(f"{name}={environ[name]!r} is not a yes/no value; use 1 or 0")
+
+
+class _Explicit(argparse.Action):
+    """Store the value and remember that it was given on the command line."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_explicit", True)
+
+
+# -- the parser --------------------------------------------------------------------
+
+
+def _add_common(parser: argparse.ArgumentParser, env: Mapping[str, str], *, top: bool) -> None:
+    """The options every command takes. On subcommands they default to SUPPRESS,
+    so ``clstr --shards 8 status`` and ``clstr status --shards 8`` both work."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("cluster options (any command, env in brackets)")
+    group.add_argument(
+        "--nats-url",
+        metavar="URL[,URL...]",
+        type=_urls,
+        action=_Explicit,
+        default=default(env.get("CLSTR_NATS_URL", DEFAULT_NATS_URL)),
+        help=f"NATS server(s) to connect to [CLSTR_NATS_URL] (default {DEFAULT_NATS_URL})",
     )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    group.add_argument(
+        "--shards",
+        metavar="N",
+        type=_positive_int,
+        action=_Explicit,
+        default=default(env.get("CLSTR_SHARDS", str(DEFAULT_SHARDS))),
+        help=f"number of shards; must match the nodes' [CLSTR_SHARDS] (default {DEFAULT_SHARDS})",
+    )
+    group.add_argument(
+        "--seed",
+        default=default(env.get("CLSTR_SEED", "")),
+        help="hash seed; must match the nodes' [CLSTR_SEED] (default none)",
+    )
+    group.add_argument(
+        "--prefix",
+        default=default(env.get("CLSTR_PREFIX", "clstr")),
+        help="subject prefix; must match the nodes' [CLSTR_PREFIX] (default clstr)",
+    )
+    group.add_argument(
+        "--service-name",
+        default=default(env.get("CLSTR_SERVICE_NAME", DEFAULT_SERVICE_NAME)),
+        help="NATS service discovery name [CLSTR_SERVICE_NAME] (default clstr)",
+    )
+    group.add_argument(
+        "--connect-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=default(3.0),
+        help="give up connecting to NATS after this long (default 3)",
+    )
+    auth = parser.add_argument_group("NATS credentials and TLS (prefer the variables for secrets)")
+    for flag, var, text in (
+        ("--creds", "CLSTR_NATS_CREDS", "a .creds file (JWT and NKey)"),
+        ("--nkey-seed", "CLSTR_NATS_NKEY", "an NKey seed file"),
+        ("--user", "CLSTR_NATS_USER", "user name"),
+        ("--password", "CLSTR_NATS_PASSWORD", "password"),
+        ("--token", "CLSTR_NATS_TOKEN", "authentication token"),
+        ("--tls-ca", "CLSTR_TLS_CA", "CA bundle to verify the server with (turns TLS on)"),
+        ("--tls-cert", "CLSTR_TLS_CERT", "client certificate, for mutual TLS"),
+        ("--tls-key", "CLSTR_TLS_KEY", "the client certificate's key"),
+    ):
+        auth.add_argument(
+            flag,
+            metavar="FILE" if var.endswith(("CREDS", "NKEY", "CA", "CERT", "KEY")) else "VALUE",
+            default=default(env.get(var) or None),
+            help=f"{text} [{var}]",
+        )
+    group.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=default(env.get("CLSTR_LOG_LEVEL") or None),
+        help="log level [CLSTR_LOG_LEVEL] (default info for node and dev, else warning)",
+    )
+    group.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default(_env_flag(env, "CLSTR_LOG_JSON")),
+        help="log one JSON object per line [CLSTR_LOG_JSON=1]",
     )
 
 
-@dataclass
-class Greet:
-    """Demo request: greet a user."""
-
-    name: str
-
-
-@dataclass
-class Greeting:
-    """Demo reply: the greeting, the node that made it, and the user's visit count."""
-
-    text: str
-    node: str
-    visits: int
+def _subcommand(
+    sub: Any, env: Mapping[str, str], name: str, help_text: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, **kwargs
+    )
+    _add_common(parser, env, top=False)
+    return parser
 
 
-def demo_handler(node_id: str) -> KeyHandler:
-    """The demo service: one entity per user key that counts the user's visits."""
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The ``clstr`` argument parser, its defaults read from ``environ`` (default
+    ``os.environ``; see :data:`ENV_VARS`).
 
-    def user(key: str) -> Router:
-        visits = 0
-        router = Router()
+    Raises :class:`CliError` when an environment variable holds a value no
+    option accepts in a way argparse cannot report (a yes/no flag).
+    """
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="clstr",
+        description="clstr: route keyed requests to the node that owns the key, over NATS.",
+        epilog="Run 'clstr COMMAND --help' for a command's options.",
+    )
+    _add_common(parser, env, top=True)
+    parser.set_defaults(
+        nats_url_explicit=False,
+        shards_explicit="CLSTR_SHARDS" in env,
+        handler=None,
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
 
-        @router.on(Greet)
-        async def greet(msg: Greet) -> Greeting:
-            nonlocal visits
-            visits += 1
-            return Greeting(f"hello {msg.name}", node_id, visits)
+    # dev up
+    dev = _subcommand(sub, env, "dev", "a local cluster for development")
+    dev_sub = dev.add_subparsers(
+        dest="dev_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    up = _subcommand(
+        dev_sub,
+        env,
+        "up",
+        "start nats-server and N node processes of the demo app (or --app); Ctrl-C stops all",
+    )
+    up.add_argument("--nodes", type=_positive_int, default=3, help="node processes (default 3)")
+    up.add_argument(
+        "--port",
+        type=_port,
+        default=None,
+        help="client port of the embedded nats-server (default 4222 when free; 0: any)",
+    )
+    up.add_argument("--app", default=DEFAULT_APP, help=f"module:attr (default {DEFAULT_APP})")
+    up.add_argument(
+        "--metrics-port-base",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve node i's Prometheus metrics on PORT+i (default off)",
+    )
+    up.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        default=10.0,
+        help="seconds nodes get to finish in-flight work on stop (default 10)",
+    )
+    up.set_defaults(handler=_run_dev_up)
 
-        @router.on("echo")
-        async def echo(env: Envelope) -> bytes:
-            return env.data
+    # demo
+    demo = _subcommand(
+        sub, env, "demo", "run a 3-node local cluster, send requests, show who answered, exit"
+    )
+    demo.add_argument("--nodes", type=_positive_int, default=3)
+    demo.add_argument("--keys", type=_positive_int, default=12, help="distinct keys (default 12)")
+    demo.add_argument("--rounds", type=_positive_int, default=3, help="requests per key")
+    demo.set_defaults(handler=_run_demo)
 
-        return router
+    # request / notify
+    for name, help_text in (
+        ("request", "send a request to the owner of KEY; print the reply and who answered"),
+        ("notify", "send a notification to the owner of KEY (no reply)"),
+    ):
+        cmd = _subcommand(sub, env, name, help_text)
+        cmd.add_argument("key", metavar="KEY", help="the routing key (non-empty)")
+        cmd.add_argument("type", metavar="TYPE", help="the message type, e.g. Greet")
+        cmd.add_argument(
+            "payload",
+            metavar="JSON",
+            nargs="?",
+            default=None,
+            help="payload as JSON, sent as msgpack; '-' reads it from stdin (default empty)",
+        )
+        cmd.add_argument(
+            "-H",
+            "--header",
+            type=_header,
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="a user header (repeatable)",
+        )
+        if name == "request":
+            cmd.add_argument(
+                "--timeout",
+                type=_seconds,
+                default=5.0,
+                help="deadline in seconds (default 5)",
+            )
+            cmd.add_argument(
+                "--json",
+                action="store_true",
+                help="print one JSON object: key, shard, node, ms, reply",
+            )
+            cmd.set_defaults(handler=_run_request)
+        else:
+            cmd.set_defaults(handler=_run_notify)
 
-    return KeyHandler(user)
+    # status
+    status = _subcommand(sub, env, "status", "the cluster: nodes, shard counts, shard map")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--wait",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="wait up to SECONDS until every shard has an owner",
+    )
+    status.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=2.0,
+        help="seconds to wait for each node's answer (default 2)",
+    )
+    status.set_defaults(handler=_run_status)
+
+    # shard
+    shard = _subcommand(sub, env, "shard", "print the shard of KEY (offline)")
+    shard.add_argument("key", metavar="KEY")
+    shard.set_defaults(handler=_run_shard)
+
+    # node
+    node = _subcommand(
+        sub, env, "node", "run one node process of a handler (the way production runs it)"
+    )
+    node.add_argument(
+        "--id",
+        dest="node_id",
+        default=env.get("CLSTR_NODE_ID"),
+        required=not env.get("CLSTR_NODE_ID"),
+        help="this node's id [CLSTR_NODE_ID]",
+    )
+    node.add_argument(
+        "--app",
+        default=env.get("CLSTR_APP"),
+        required=not env.get("CLSTR_APP"),
+        metavar="MODULE:ATTR",
+        help="the handler, or a factory of one [CLSTR_APP], e.g. clstr.demo_app:app",
+    )
+    node.add_argument(
+        "--app-dir",
+        default=".",
+        help="directory put first on sys.path to import --app from (default .)",
+    )
+    node.add_argument(
+        "--static-nodes",
+        type=_node_list,
+        default=env.get("CLSTR_STATIC_NODES", ""),
+        metavar="A,B,C",
+        help="every member's id, this one included [CLSTR_STATIC_NODES]; "
+        "without it the node serves every shard",
+    )
+    node.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=env.get("CLSTR_METRICS_PORT") or None,
+        help="serve Prometheus metrics over HTTP on this port [CLSTR_METRICS_PORT] "
+        "(0: any free port)",
+    )
+    node.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="interface of the metrics server (default 0.0.0.0)",
+    )
+    node.add_argument(
+        "--no-discovery",
+        dest="discovery",
+        action="store_false",
+        help="do not answer NATS service discovery ($SRV.PING/INFO/STATS)",
+    )
+    node.add_argument("--max-concurrency", type=_positive_int, default=100)
+    node.add_argument("--max-pending", type=_positive_int, default=10_000)
+    node.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        default=10.0,
+        help="seconds in-flight handlers get on SIGTERM before they are cancelled",
+    )
+    node.add_argument(
+        "--watch-stdin",
+        action="store_true",
+        help="stop when stdin closes (for a supervising parent process)",
+    )
+    node.set_defaults(handler=_run_node)
+
+    # bench (lazily loaded from clstr.bench)
+    bench = sub.add_parser("bench", help="benchmarks (clstr.bench)")
+    bench.lazy = _load_bench
+    bench.set_defaults(handler=_run_bench)
+
+    return parser
 
 
-async def run_demo(nodes: int, shards: int, keys: int, rounds: int) -> int:
-    """Start nats-server + ``nodes`` nodes, send requests, print who answered."""
-    from .testing import NatsServer
-    from .transports.nats import NatsOptions, NatsTransport
+class _Parser(argparse.ArgumentParser):
+    """A subcommand parser whose arguments may be added on first use (``bench``:
+    its options come from ``clstr.bench``, imported only when asked for)."""
 
-    ids = [f"node-{i + 1}" for i in range(nodes)]
-    with NatsServer() as server:
-        print(f"nats-server {server.url} (embedded, JetStream on)")
-        started: list[Node] = []
-        transports = []
-        try:
-            for node_id in ids:
-                transport = await NatsTransport.connect(server.url, NatsOptions(name=node_id))
-                transports.append(transport)
-                node = Node(
-                    transport, demo_handler(node_id), node_id=node_id, nodes=ids, num_shards=shards
-                )
-                await node.start()
-                started.append(node)
-                print(f"{node_id}: serving {len(node.shards)} of {shards} shards")
-            client = await Client.connect(server.url, num_shards=shards)
-            async with client:
-                answered: dict[str, int] = {}
-                for round_ in range(rounds):
-                    for k in range(keys):
-                        key = f"user-{k}"
-                        reply = await client.key(key).call(Greet(name=key), Greeting)
-                        expected = owner_of(client.shard_for(key), ids)
-                        assert reply.node == expected, "HRW owner mismatch"
-                        answered[reply.node] = answered.get(reply.node, 0) + 1
-                        if round_ == rounds - 1:
-                            print(
-                                f"  {key:<10} shard {client.shard_for(key):>3} -> {reply.node}"
-                                f"  ({reply.text}, visit {reply.visits})"
-                            )
-                print("requests answered per node:", dict(sorted(answered.items())))
-        finally:
-            for node in started:
-                await node.stop()
-            for transport in transports:
-                await transport.close()
-    return 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy: Callable[[_Parser], None] | None = None
+        #: Take no arguments at all (a command that can only report it is unavailable).
+        self.ignore_args = False
+
+    def _load(self) -> None:
+        lazy, self.lazy = self.lazy, None
+        if lazy is not None:
+            lazy(self)
+
+    # typeshed overloads parse_known_args on the namespace type; one signature suffices here.
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._load()
+        if self.ignore_args:
+            return super().parse_known_args([], namespace)[0], []
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
+
+
+def _load_bench(parser: _Parser) -> None:
+    """Fill the ``bench`` parser from ``clstr.bench``, or make it report why it cannot."""
+    try:
+        bench = importlib.import_module("clstr.bench")
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("clstr.bench", None):
+            problem = "clstr bench is not available in this build (no clstr.bench module)"
+        else:
+            problem = f"clstr bench cannot load: {exc}"
+        parser.ignore_args = True
+        parser.set_defaults(bench_problem=problem)
+        return
+    bench.add_arguments(parser)
+    parser.set_defaults(bench_module=bench)
+
+
+# -- main ---------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``clstr`` command."""
-    parser = argparse.ArgumentParser(prog="clstr", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
-    parser.add_argument("--log-json", action="store_true", help="log JSON lines")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """Entry point of the ``clstr`` command; returns the exit code."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        level = args.log_level or ("info" if args.command in ("node", "dev") else "warning")
+        configure_logging(level, json_lines=args.log_json)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except CliError as exc:
+        print(f"clstr: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("clstr: interrupted", file=sys.stderr)
+        return 130
 
-    demo = sub.add_parser("demo", help="run a local cluster on an embedded nats-server")
-    demo.add_argument("--nodes", type=int, default=3)
-    demo.add_argument("--shards", type=int, default=64)
-    demo.add_argument("--keys", type=int, default=12)
-    demo.add_argument("--rounds", type=int, default=3)
 
-    shard = sub.add_parser("shard", help="print the shard of a key (offline)")
-    shard.add_argument("key")
-    shard.add_argument("--shards", type=int, default=64)
-    shard.add_argument("--seed", default="")
+# -- commands -------------------------------------------------------------------------
 
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level, args.log_json)
-    if args.command == "demo":
-        return asyncio.run(run_demo(args.nodes, args.shards, args.keys, args.rounds))
-    if args.command == "shard":
-        print(shard_for_key(args.key, args.shards, args.seed))
-        return 0
-    parser.error(f"unknown command {args.command}")
-    return 2
+
+def _run_shard(args: argparse.Namespace) -> int:
+    print(shard_for_key(args.key, args.shards, args.seed))
+    return EXIT_OK
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from ._cli_node import NodeOptions, run_node
+
+    app_dir = os.path.abspath(args.app_dir)
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    options = NodeOptions(
+        node_id=args.node_id,
+        servers=args.nats_url,
+        num_shards=args.shards,
+        seed=args.seed,
+        prefix=args.prefix,
+        static_nodes=args.static_nodes,
+        app=args.app,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        service_name=args.service_name,
+        discovery=args.discovery,
+        max_concurrency=args.max_concurrency,
+        max_pending=args.max_pending,
+        stop_timeout=args.stop_timeout,
+        nats_options=_nats_options(args, f"clstr-node-{args.node_id}"),
+        watch_stdin=args.watch_stdin,
+    )
+    return asyncio.run(run_node(options))
+
+
+def _run_dev_up(args: argparse.Namespace) -> int:
+    from ._cli_dev import dev_up
+
+    return asyncio.run(dev_up(args))
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ._cli_dev import demo
+
+    return asyncio.run(demo(args))
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    problem = getattr(args, "bench_problem", None)
+    if problem is not None:
+        raise CliError(f"{problem}; update clstr, or run the benchmarks in benchmarks/")
+    result = args.bench_module.run(args)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_await(result))
+    return int(result or 0)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+# -- talking to a cluster ----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _transport(args: argparse.Namespace) -> AsyncIterator[Any]:
+    from .errors import ConnectionFailedError
+    from .transports.nats import NatsTransport
+
+    try:
+        transport = await NatsTransport.connect(args.nats_url, _nats_options(args, "clstr-cli"))
+    except ConnectionFailedError as exc:
+        raise CliError(
+            f"{exc} (start a local cluster with 'clstr dev up', or set --nats-url / CLSTR_NATS_URL)"
+        ) from None
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+def _nats_options(args: argparse.Namespace, name: str) -> Any:
+    """The connection settings of the command line (credentials, TLS, deadline)."""
+    from .transports.nats import NatsOptions
+
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        import ssl
+
+        try:
+            tls = ssl.create_default_context(cafile=args.tls_ca)
+            if args.tls_cert:
+                tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"cannot load the TLS files: {exc}") from None
+    for path, option in ((args.creds, "--creds"), (args.nkey_seed, "--nkey-seed")):
+        if path and not os.path.isfile(path):
+            raise CliError(f"{option} {path!r} is not a file")
+    return NatsOptions(
+        name=name,
+        user=args.user,
+        password=args.password,
+        token=args.token,
+        credentials=args.creds,
+        nkeys_seed=args.nkey_seed,
+        tls=tls,
+        connect_deadline=args.connect_timeout,
+    )
+
+
+def _read_payload(text: str | None) -> bytes:
+    from ._cli_common import json_to_msgpack
+
+    if text == "-":
+        text = sys.stdin.read()
+    return json_to_msgpack(text)
+
+
+def _check_key(key: str) -> None:
+    if not key:
+        raise CliError("the key is empty: every request is routed by its key; pass a non-empty KEY")
+
+
+def _request_error(exc: Exception, args: argparse.Namespace, shard: int | None) -> CliError:
+    """The one-line error of a failed request, with the exit code it deserves."""
+    from . import errors
+
+    where = f"shard {shard} of key {args.key!r}" if shard is not None else f"key {args.key!r}"
+    if isinstance(exc, errors.NoShardOwnerError):
+        return CliError(
+            f"no node serves {where} (prefix {args.prefix!r}, {args.shards} shards): start "
+            "nodes ('clstr dev up'), or make --shards/--prefix/--seed match the nodes' "
+            "('clstr status' shows them)"
+        )
+    if isinstance(exc, errors.NoHandlerError):
+        return CliError(f"unknown message type {args.type!r}: {exc}")
+    if isinstance(exc, errors.BadRequestError):
+        return CliError(f"the node refused the message: {exc}; check TYPE and the JSON payload")
+    if isinstance(
+        exc,
+        errors.MissingKeyError
+        | errors.LimitExceededError
+        | errors.ReservedHeaderError
+        | errors.ConfigurationError
+        | errors.PayloadError,
+    ):
+        return CliError(str(exc))
+    if isinstance(exc, errors.DeadlineExceededError):
+        return CliError(
+            f"no reply from {where} within the deadline: {exc}; raise --timeout",
+            code=EXIT_FAILED,
+        )
+    if isinstance(exc, errors.RemoteHandlerError):
+        return CliError(f"the handler failed: {exc}", code=EXIT_FAILED)
+    return CliError(f"{type(exc).__name__}: {exc}", code=EXIT_FAILED)
+
+
+def _options(args: argparse.Namespace) -> list[Any]:
+    from .envelope import with_header
+    from .errors import ReservedHeaderError
+
+    try:
+        return [with_header(name, value) for name, value in args.header]
+    except ReservedHeaderError as exc:
+        raise CliError(str(exc)) from None
+
+
+async def _owner(client: Any, shard: int) -> str:
+    """The node that answers ``shard`` now."""
+    info = await client.shard(shard).node_info(timeout=2.0)
+    return str(info.node_id)
+
+
+def _run_request(args: argparse.Namespace) -> int:
+    return asyncio.run(_request(args))
+
+
+async def _request(args: argparse.Namespace) -> int:
+    import json
+
+    from ._cli_common import msgpack_to_json
+    from .client import Client
+    from .errors import ClstrError
+
+    _check_key(args.key)
+    data = _read_payload(args.payload)
+    options = _options(args)
+    async with _transport(args) as transport:
+        client = Client(transport, num_shards=args.shards, seed=args.seed, prefix=args.prefix)
+        shard = client.shard_for(args.key)
+        started = time.perf_counter()
+        try:
+            reply = await client.request_key(
+                args.key, args.type, data, timeout=args.timeout, options=options
+            )
+        except ClstrError as exc:
+            raise _request_error(exc, args, shard) from None
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        try:
+            node: str | None = await _owner(client, shard)
+        except ClstrError:
+            node = None  # it answered, then left: the reply stands
+    rendered = msgpack_to_json(reply)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "key": args.key,
+                    "shard": shard,
+                    "node": node,
+                    "ms": round(elapsed_ms, 3),
+                    "reply": json.loads(rendered),
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print(rendered)
+        print(
+            f"shard {shard} -> {node or '(owner unknown)'} ({elapsed_ms:.1f} ms)",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _run_notify(args: argparse.Namespace) -> int:
+    return asyncio.run(_notify(args))
+
+
+async def _notify(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .errors import ClstrError
+
+    _check_key(args.key)
+    data = _read_payload(args.payload)
+    options = _options(args)
+    async with _transport(args) as transport:
+        client = Client(transport, num_shards=args.shards, seed=args.seed, prefix=args.prefix)
+        shard = client.shard_for(args.key)
+        try:
+            # A notification to nobody vanishes without a trace: check first.
+            node = await _owner(client, shard)
+            await client.notify_key(args.key, args.type, data, options=options)
+        except ClstrError as exc:
+            raise _request_error(exc, args, shard) from None
+    print(f"notified shard {shard} -> {node}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    return asyncio.run(_status(args))
+
+
+async def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from ._status import gather_view, render_table
+
+    loop = asyncio.get_running_loop()
+    async with _transport(args) as transport:
+        deadline = loop.time() + args.wait if args.wait is not None else None
+        while True:
+            view = await gather_view(
+                transport,
+                num_shards=args.shards,
+                prefix=args.prefix,
+                seed=args.seed,
+                service_name=args.service_name,
+                probe_timeout=args.timeout,
+                shards_given=args.shards_explicit,
+            )
+            if view.complete or deadline is None or loop.time() >= deadline:
+                break
+            # No event announces a node's arrival to a bystander: poll until the deadline.
+            await asyncio.sleep(0.25)
+    if args.json:
+        print(json.dumps(view.to_json(), indent=2))
+    else:
+        print(render_table(view))
+    return EXIT_OK if view.complete else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from .errors import ConfigurationError, LifecycleError, ShardOutOfRangeError
+from .errors import ConfigurationError, LifecycleError, ShardOutOfRangeError, TransportError
 from .hashing import assign_shards, shards_for_node
 
 if TYPE_CHECKING:
@@ -423,9 +423,13 @@ class KvMembership(Membership):
         )
         await self._announce()
         node.transport.add_listener(self._on_connection)
-        self._control = await node.transport.subscribe(
-            control_subject(node.prefix, node.node_id), self._on_control
-        )
+        try:
+            self._control = await node.transport.subscribe(
+                control_subject(node.prefix, node.node_id), self._on_control
+            )
+        except TransportError as exc:
+            # Permissions may forbid it; the node works, only remote drain does not.
+            _log.warning("no control subject: remote cordon/drain disabled", error=str(exc))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._watch_members(), name=f"clstr-members-{node.node_id}"),

@@ -44,6 +44,7 @@ from .errors import (
     EnvelopeExpiredError,
     HandlerTimeoutError,
     LifecycleError,
+    NoHandlerError,
     NotOwnerError,
     OverloadedError,
     RemoteHandlerError,
@@ -472,15 +473,10 @@ class Node:
         return "other"
 
     def _reject_expired(self, env: Envelope, reply: str | None) -> None:
+        """Answer ``reply`` (and any retry waiting on the same id) with ``expired``."""
         self._rejected("expired")
-        self._reply(
-            reply,
-            error_reply_for(
-                EnvelopeExpiredError(
-                    f"envelope {env.type!r} for shard {env.shard} expired before its handler ran"
-                )
-            ),
-        )
+        message = f"envelope {env.type!r} for shard {env.shard} expired before its handler ran"
+        self._finish(env, reply, error_reply_for(EnvelopeExpiredError(message)), cache=False)
 
     def _enqueue(self, env: Envelope, reply: str | None) -> None:
         self.stats.received += 1
@@ -552,7 +548,6 @@ class Node:
     async def _run(self, env: Envelope, reply: str | None) -> None:
         if env.expired():
             self._reject_expired(env, reply)
-            self._finish(env, None, None)
             return
         if self.fenced:
             self._rejected("not_owner")
@@ -562,6 +557,7 @@ class Node:
         self.metrics.handlers_active(self.node_id, self._running)
         started = time.perf_counter()
         ok = False
+        failure: BaseException | None = None
         body: bytes | None = None
         try:
             remaining = env.remaining()
@@ -600,6 +596,7 @@ class Node:
             raise
         except RequestError as exc:
             # Raised on purpose by the handler (or the timeout): its code goes back.
+            failure = exc
             self.stats.last_error = f"{exc.code}: {exc}"
             self._log.debug("handler refused", type=env.type, code=exc.code, error=str(exc))
             body = error_reply_for(exc)
@@ -619,7 +616,10 @@ class Node:
             else:
                 stats.errors += 1
             self.metrics.handlers_active(self.node_id, self._running)
-            self.metrics.handler_completed(self._type_label(env.type), ok, elapsed)
+            # Types nobody handles do not take one of the few label slots.
+            unknown = isinstance(failure, NoHandlerError)
+            label = "_unknown" if unknown else self._type_label(env.type)
+            self.metrics.handler_completed(label, ok, elapsed)
         if reply is not None:
             await self._publish(reply, body)
         self._finish(env, None, body)

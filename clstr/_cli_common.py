@@ -1,0 +1,130 @@
+"""What the ``clstr`` subcommands share: the error they exit with, logging setup,
+and the JSON <-> msgpack conversions of the shell-facing commands."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sys
+from typing import Any, TextIO
+
+import msgpack
+import structlog
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "CliError",
+    "configure_logging",
+    "json_to_msgpack",
+    "msgpack_to_json",
+]
+
+EXIT_OK = 0
+#: The command ran, and what it did failed (a handler error, a timeout).
+EXIT_FAILED = 1
+#: The command could not run as given: fix the input or the environment.
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """An error the command reports as one line on stderr, with an exit code.
+
+    The message says what went wrong and what to do about it; no traceback.
+    """
+
+    def __init__(self, message: str, *, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def configure_logging(
+    level: str = "warning", *, json_lines: bool = False, stream: TextIO | None = None
+) -> None:
+    """Configure structlog for the command line: a console renderer (coloured on a
+    terminal), or one JSON object per line when ``json_lines``. Logs go to stderr.
+
+    The library never configures logging; only the command does.
+    """
+    out = stream if stream is not None else sys.stderr
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=_isatty(out))
+    )
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if json_lines:
+        processors.append(structlog.processors.format_exc_info)
+    processors.append(renderer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _level_number(level: str) -> int:
+    number = logging.getLevelNamesMapping().get(level.upper())
+    if number is None:
+        raise CliError(f"unknown log level {level!r}; use debug, info, warning or error")
+    return number
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def json_to_msgpack(text: str | None) -> bytes:
+    """The msgpack encoding of the JSON document ``text`` (empty bytes for ``None``).
+
+    Raises :class:`CliError` naming the position of a JSON syntax error.
+    """
+    if text is None:
+        return b""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(
+            f"the payload is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            """quote it for the shell, e.g. '{"name": "ann"}'"""
+        ) from None
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def msgpack_to_json(data: bytes) -> str:
+    """Render a reply payload for a terminal: its msgpack value as JSON.
+
+    An empty payload is ``null``. Binary values inside it become text when
+    they are UTF-8, else ``{"$base64": ...}``; a payload that is not msgpack
+    at all is shown the same way.
+    """
+    if not data:
+        return "null"
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:  # not msgpack: show the bytes themselves
+        value = data
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"$base64": base64.b64encode(raw).decode("ascii")}
+    if isinstance(value, msgpack.ExtType):
+        return {"$ext": value.code, "$base64": base64.b64encode(value.data).decode("ascii")}
+    return repr(value)

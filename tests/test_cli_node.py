@@ -1,0 +1,164 @@
+"""`clstr node` as a process: readiness in its JSON log, serving, graceful stops,
+and the errors it exits with before serving anything."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+import structlog
+
+from clstr import Client
+from clstr._devcluster import NodeProcess, node_command
+from clstr.cli import main
+from clstr.demo_app import Greet, Greeting
+from clstr.testing import NatsServer
+
+NUM_SHARDS = 8
+
+
+@pytest.fixture(autouse=True)
+def restore_structlog() -> Iterator[None]:
+    """main() configures structlog globally; put the previous configuration back."""
+    saved = structlog.get_config()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
+@pytest_asyncio.fixture
+async def node(clstr_nats_server: NatsServer) -> AsyncIterator[tuple[NodeProcess, str]]:
+    """One `clstr node` child (id `solo`, every shard) under a prefix of its own; killed
+    if a test leaves it running."""
+    prefix = f"node{uuid.uuid4().hex[:8]}"
+    argv = node_command(
+        "solo", clstr_nats_server.url, num_shards=NUM_SHARDS, prefix=prefix, static_nodes=["solo"]
+    )
+    process = NodeProcess("solo", argv)
+    await process.start()
+    try:
+        yield process, prefix
+    finally:
+        if process.returncode is None:
+            await process.kill()
+        else:
+            await process.wait()
+
+
+def events(process: NodeProcess) -> list[str]:
+    return [r["event"] for r in process.records if isinstance(r, dict)]
+
+
+def record(process: NodeProcess, event: str) -> dict[str, object]:
+    return next(r for r in process.records if isinstance(r, dict) and r["event"] == event)
+
+
+class TestServing:
+    async def test_node_logs_ready_serves_and_stops_on_sigterm(
+        self, node: tuple[NodeProcess, str], clstr_nats_server: NatsServer
+    ) -> None:
+        """The node says `node ready` in JSON, answers requests, and exits 0 on SIGTERM."""
+        process, prefix = node
+        ready = await process.wait_ready(30)
+        assert ready["shards"] == NUM_SHARDS
+        assert ready["pid"] == process.pid
+        assert ready["level"] == "info"
+        assert "timestamp" in ready
+        client = await Client.connect(clstr_nats_server.url, num_shards=NUM_SHARDS, prefix=prefix)
+        async with client:
+            reply = await client.key("u1").call(Greet(name="x"), Greeting)
+        assert reply.node == "solo"
+        assert await process.stop(timeout=15) == 0
+        seen = events(process)
+        assert seen.index("node ready") < seen.index("node stopping") < seen.index("node exit")
+        stopping = next(
+            r for r in process.records if isinstance(r, dict) and r["event"] == "node stopping"
+        )
+        assert stopping["reason"] == "SIGTERM"
+        # Every line the node wrote was a JSON log record.
+        assert all(isinstance(r, dict) for r in process.records)
+
+    async def test_node_stops_when_its_parent_goes_away(
+        self, node: tuple[NodeProcess, str]
+    ) -> None:
+        """With --watch-stdin, EOF on stdin (the parent died) stops the node cleanly."""
+        process, _ = node
+        await process.wait_ready(30)
+        process.close_stdin()
+        assert await process.wait() == 0
+        stopping = next(
+            r for r in process.records if isinstance(r, dict) and r["event"] == "node stopping"
+        )
+        assert stopping["reason"] == "stdin closed"
+
+
+class TestStartupErrors:
+    def run(self, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        return code, capsys.readouterr().err
+
+    def test_unreachable_server(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A node that cannot reach NATS exits 2 with one line naming the URL."""
+        code, err = self.run(
+            capsys,
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--connect-timeout",
+            "0.5",
+            "node",
+            "--id",
+            "n1",
+            "--app",
+            "clstr.demo_app:app",
+        )
+        assert code == 2
+        errors = [line for line in err.splitlines() if line.startswith("clstr: error:")]
+        assert len(errors) == 1
+        assert "nats://127.0.0.1:1" in errors[0]
+        assert "Traceback" not in err
+
+    def test_metrics_port_in_use(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A metrics port already taken exits 2 and says to choose another."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            code, err = self.run(
+                capsys,
+                "node",
+                "--id",
+                "n1",
+                "--app",
+                "clstr.demo_app:app",
+                "--metrics-port",
+                str(port),
+                "--metrics-host",
+                "127.0.0.1",
+            )
+        assert code == 2
+        assert "choose another --metrics-port" in err
+
+    def test_node_missing_from_its_static_list(
+        self, capsys: pytest.CaptureFixture[str], clstr_nats_server: NatsServer
+    ) -> None:
+        """An id that is not in --static-nodes exits 2 with the node's own explanation."""
+        code, err = self.run(
+            capsys,
+            "--nats-url",
+            clstr_nats_server.url,
+            "node",
+            "--id",
+            "n9",
+            "--app",
+            "clstr.demo_app:app",
+            "--static-nodes",
+            "n1,n2",
+        )
+        assert code == 2
+        assert "n9" in err
+        assert "Traceback" not in err
