@@ -27,6 +27,7 @@ from .errors import ClstrError, ConnectionFailedError
 from .handlers import Handler, KeyHandler, Router
 from .metrics import NOOP_METRICS, Metrics, PrometheusMetrics
 from .node import Node
+from .membership import KvMembership
 from .transports.nats import NatsOptions, NatsTransport
 
 __all__ = ["NodeOptions", "load_app", "parse_node_list", "run_node"]
@@ -44,6 +45,8 @@ class NodeOptions:
     seed: str = ""
     prefix: str = "clstr"
     static_nodes: Sequence[str] = ()
+    membership: str = "static"
+    weight: float = 1.0
     app: str = "clstr.demo_app:app"
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
@@ -260,7 +263,7 @@ async def _serve(
             transport,
             shard_stats.wrap(handler) if options.discovery else handler,
             node_id=options.node_id,
-            nodes=list(options.static_nodes) or None,
+            **_membership(options),
             num_shards=options.num_shards,
             seed=options.seed,
             prefix=options.prefix,
@@ -276,7 +279,7 @@ async def _serve(
         )
     except ClstrError as exc:
         raise CliError(str(exc)) from None
-    if not options.static_nodes:
+    if not options.static_nodes and options.membership == "static":
         log.warning(
             "no --static-nodes: this node serves every shard; list every member "
             "with --static-nodes to share the shards between nodes"
@@ -307,6 +310,15 @@ async def _serve(
             await discovery.stop()
         await node.stop()
     log.info("node exit", handled=node.stats.handled, errors=node.stats.errors)
+
+
+def _membership(options: NodeOptions) -> dict[str, Any]:
+    """The Node keyword that places this node's shards, from the command line."""
+    if options.membership == "kv":
+        if options.static_nodes:
+            raise CliError("--static-nodes and --membership kv exclude each other")
+        return {"membership": KvMembership(weight=options.weight)}
+    return {"nodes": list(options.static_nodes) or None}
 
 
 def parse_node_list(text: str) -> list[str]:

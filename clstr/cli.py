@@ -70,6 +70,7 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "CLSTR_TLS_KEY": "--tls-key",
     "CLSTR_NODE_ID": "node --id",
     "CLSTR_STATIC_NODES": "node --static-nodes",
+    "CLSTR_MEMBERSHIP": "node --membership",
     "CLSTR_APP": "node --app",
     "CLSTR_METRICS_PORT": "node --metrics-port",
 }
@@ -403,6 +404,19 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "without it the node serves every shard",
     )
     node.add_argument(
+        "--membership",
+        choices=("static", "kv"),
+        default=env.get("CLSTR_MEMBERSHIP", "static"),
+        help="static: --static-nodes (or every shard); kv: dynamic membership on "
+        "JetStream KV, nodes join and leave freely [CLSTR_MEMBERSHIP]",
+    )
+    node.add_argument(
+        "--weight",
+        type=_seconds,
+        default=1.0,
+        help="capacity weight of this node under --membership kv (default 1)",
+    )
+    node.add_argument(
         "--metrics-port",
         type=_port,
         default=env.get("CLSTR_METRICS_PORT") or None,
@@ -434,6 +448,17 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="stop when stdin closes (for a supervising parent process)",
     )
     node.set_defaults(handler=_run_node)
+
+    # operations on a node with dynamic membership
+    for op, text in (
+        ("cordon", "place no new shards on a node (kv membership); it hands back its shards"),
+        ("uncordon", "let a cordoned node take shards again"),
+        ("drain", "move every shard away from a node, then return (before stopping it)"),
+    ):
+        cmd = _subcommand(sub, env, op, text)
+        cmd.add_argument("node_id", metavar="NODE_ID")
+        cmd.add_argument("--timeout", type=_seconds, default=60.0, help="seconds (default 60)")
+        cmd.set_defaults(handler=_run_control, op=op)
 
     # bench (lazily loaded from clstr.bench)
     bench = sub.add_parser("bench", help="benchmarks (clstr.bench)")
@@ -529,6 +554,8 @@ def _run_node(args: argparse.Namespace) -> int:
         seed=args.seed,
         prefix=args.prefix,
         static_nodes=args.static_nodes,
+        membership=args.membership,
+        weight=args.weight,
         app=args.app,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
@@ -754,6 +781,39 @@ async def _notify(args: argparse.Namespace) -> int:
         except ClstrError as exc:
             raise _request_error(exc, args, shard) from None
     print(f"notified shard {shard} -> {node}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _run_control(args: argparse.Namespace) -> int:
+    return asyncio.run(_control(args))
+
+
+async def _control(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import NoShardOwnerError, RequestTimeoutError
+    from .membership import control_subject
+
+    async with _transport(args) as transport:
+        subject = control_subject(args.prefix, args.node_id)
+        try:
+            reply = await transport.request(
+                subject, json.dumps({"op": args.op}).encode(), args.timeout
+            )
+        except NoShardOwnerError:
+            raise CliError(
+                f"no node {args.node_id!r} with dynamic membership answers on {subject}; "
+                "check the id (clstr status) and that it runs with --membership kv"
+            ) from None
+        except RequestTimeoutError:
+            raise CliError(
+                f"node {args.node_id!r} did not finish {args.op} within "
+                f"{args.timeout}s; retry with a longer --timeout"
+            ) from None
+    answer = json.loads(reply)
+    if not answer.get("ok"):
+        raise CliError(f"{args.node_id}: {answer.get('error', 'refused')}")
+    print(f"{args.node_id}: {args.op} done")
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@ and the errors it exits with before serving anything."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -162,3 +163,56 @@ class TestStartupErrors:
         assert code == 2
         assert "n9" in err
         assert "Traceback" not in err
+
+
+class TestDynamicMembership:
+    async def test_kv_nodes_share_shards_and_drain_from_the_shell(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Two `clstr node --membership kv` processes split the shards; `clstr drain`
+        moves every shard of one to the other."""
+        async with NatsServer() as server:
+            prefix = f"kv{uuid.uuid4().hex[:8]}"
+            procs = [
+                NodeProcess(
+                    name,
+                    [
+                        *node_command(name, server.url, num_shards=NUM_SHARDS, prefix=prefix),
+                        "--membership",
+                        "kv",
+                    ],
+                )
+                for name in ("kv-a", "kv-b")
+            ]
+            try:
+                for proc in procs:
+                    await proc.start()
+                    await proc.wait_ready(30)
+                client = await Client.connect(server.url, num_shards=NUM_SHARDS, prefix=prefix)
+                async with client:
+                    owners = {
+                        (await client.shard(s).node_info()).node_id for s in range(NUM_SHARDS)
+                    }
+                    assert owners == {"kv-a", "kv-b"}
+                    argv = ["--nats-url", server.url, "--prefix", prefix, "drain", "kv-b"]
+                    code = await asyncio.to_thread(main, argv)
+                    assert code == 0
+                    assert "kv-b: drain done" in capsys.readouterr().out
+                    owners = {
+                        (await client.shard(s).node_info()).node_id for s in range(NUM_SHARDS)
+                    }
+                    assert owners == {"kv-a"}
+                for proc in procs:
+                    assert await proc.stop(timeout=15) == 0
+            finally:
+                for proc in procs:
+                    if proc.returncode is None:
+                        await proc.kill()
+
+    def test_drain_of_an_unknown_node_says_so(
+        self, capsys: pytest.CaptureFixture[str], clstr_nats_server: NatsServer
+    ) -> None:
+        """Draining a node id nobody answers for exits 2 with a hint."""
+        code = main(["--nats-url", clstr_nats_server.url, "drain", "ghost", "--timeout", "2"])
+        assert code == 2
+        assert "no node 'ghost'" in capsys.readouterr().err
