@@ -18,7 +18,13 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   exit 1
 fi
 if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
+  # Debian/Ubuntu ship venv separately (python3-venv); fall back to virtualenv.
+  if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    "$PYTHON" -m pip install --quiet --user virtualenv \
+      || { echo "cannot create a virtualenv: install python3-venv (apt) or virtualenv (pip)" >&2; exit 1; }
+    "$PYTHON" -m virtualenv --quiet "$VENV"
+  fi
 fi
 # Reinstall only when the package metadata changed.
 stamp="$VENV/.clstr-installed"

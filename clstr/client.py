@@ -172,7 +172,9 @@ class Client:
         """
         from .transports.nats import NatsTransport
 
-        transport = await NatsTransport.connect(servers, nats_options)
+        transport = await NatsTransport.connect(
+            servers, nats_options, metrics=kwargs.get("metrics", NOOP_METRICS)
+        )
         return cls(transport, num_shards=num_shards, owns_transport=True, **kwargs)
 
     # -- routing ------------------------------------------------------------

@@ -8,9 +8,12 @@ building blocks:
 * :class:`KeyHandler` keeps one handler per key (an actor-like entity with
   its own state), bounded by an LRU and evicted when idle.
 
-A handler object may also define ``async on_start()`` and ``async on_stop()``;
-the node calls them when it starts and stops (:class:`KeyHandler` uses them
-to run its idle sweeper and to evict, and so persist, every entity on stop).
+A handler object may also define ``async on_start()``, ``async on_stop()`` and
+``async on_shard_released(shard)``; the node calls them when it starts, stops,
+and hands a shard to another node (:class:`KeyHandler` uses them to run its
+idle sweeper, and to evict, and so persist, the entities it must no longer
+hold: all of them on stop, a shard's on handoff, so that a shard coming back
+never finds stale state).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .errors import (
     PayloadError,
 )
 
-__all__ = ["Handler", "Router", "KeyHandler", "start_handler", "stop_handler"]
+__all__ = ["Handler", "Router", "KeyHandler", "start_handler", "stop_handler", "shard_released"]
 
 #: The shape of every handler a node runs.
 Handler = Callable[[Envelope], Awaitable[bytes | None]]
@@ -57,6 +60,16 @@ async def start_handler(handler: object) -> None:
     hook = getattr(handler, "on_start", None)
     if hook is not None:
         await hook()
+
+
+async def shard_released(handler: object, shard: int) -> None:
+    """Call ``handler.on_shard_released(shard)`` when it has one; log, never raise."""
+    hook = getattr(handler, "on_shard_released", None)
+    if hook is not None:
+        try:
+            await hook(shard)
+        except Exception:
+            _log.exception("handler on_shard_released failed", shard=shard)
 
 
 async def stop_handler(handler: object) -> None:
@@ -110,15 +123,26 @@ class Router:
 
         Raises :class:`ConfigurationError` when the type already has a route.
         """
+        if isinstance(message, str):
+            self.mount(message, handler)
+        else:
+            self._add(message_type(message), _typed(message, handler), handler)
+
+    def mount(self, message: type[Any] | str, handler: Handler) -> None:
+        """Route ``message`` to a handler of the plain :data:`Handler` shape, which
+        gets the envelope itself (e.g. a :class:`KeyHandler` of entities).
+
+        Raises :class:`ConfigurationError` when the type already has a route.
+        """
         name = message if isinstance(message, str) else message_type(message)
+        self._add(name, handler, handler)
+
+    def _add(self, name: str, route: Handler, target: object) -> None:
         if name in self._routes:
             raise ConfigurationError(f"message type {name!r} already has a handler")
-        if isinstance(message, str):
-            self._routes[name] = handler
-        else:
-            self._routes[name] = _typed(message, handler)
-        if hasattr(handler, "on_start") or hasattr(handler, "on_stop"):
-            self._objects.append(handler)
+        self._routes[name] = route
+        if any(hasattr(target, hook) for hook in _HOOKS) and target not in self._objects:
+            self._objects.append(target)
 
     @overload
     def on(
@@ -153,15 +177,29 @@ class Router:
         for obj in self._objects:
             await stop_handler(obj)
 
+    async def on_shard_released(self, shard: int) -> None:
+        for obj in self._objects:
+            await shard_released(obj, shard)
+
+
+_HOOKS = ("on_start", "on_stop", "on_shard_released")
+
 
 def _typed(cls: type[Any], fn: Callable[..., Awaitable[Any]]) -> Handler:
     pass_env = _wants_envelope(fn)
 
+    validates = callable(getattr(cls, "validate", None))
+
     async def typed(env: Envelope) -> bytes:
         try:
             msg = decode_payload(env.data, cls)
+            if validates:
+                # Peers in other languages may skip the sender-side check.
+                msg.validate()
         except PayloadError as exc:
             raise BadRequestError(f"payload of {env.type!r} does not decode: {exc}") from exc
+        except Exception as exc:
+            raise BadRequestError(f"invalid {env.type!r} payload: {exc}") from exc
         result = await (fn(msg, env) if pass_env else fn(msg))
         return b"" if result is None else encode_payload(result)
 
@@ -169,12 +207,13 @@ def _typed(cls: type[Any], fn: Callable[..., Awaitable[Any]]) -> Handler:
 
 
 class _Entry:
-    __slots__ = ("busy", "handler", "last_used")
+    __slots__ = ("busy", "handler", "last_used", "shard")
 
-    def __init__(self, handler: Handler, now: float) -> None:
+    def __init__(self, handler: Handler, now: float, shard: int) -> None:
         self.handler = handler
         self.busy = 0
         self.last_used = now
+        self.shard = shard
 
 
 EvictHook = Callable[[str, Handler], Awaitable[None] | None]
@@ -232,7 +271,7 @@ class KeyHandler:
         if entry is None:
             made = self._factory(key)
             handler = await made if inspect.isawaitable(made) else made
-            entry = self._entries[key] = _Entry(handler, self._clock())
+            entry = self._entries[key] = _Entry(handler, self._clock(), env.shard)
         else:
             self._entries.move_to_end(key)
         entry.busy += 1
@@ -272,6 +311,11 @@ class KeyHandler:
         for key in idle:
             await self._evict(key)
         return len(idle)
+
+    async def on_shard_released(self, shard: int) -> None:
+        """Evict the entities of ``shard``: this node no longer owns them."""
+        for key in [k for k, e in self._entries.items() if e.shard == shard and not e.busy]:
+            await self._evict(key)
 
     async def evict_all(self) -> None:
         """Evict every key that is not busy (calling ``on_evict`` for each)."""

@@ -51,7 +51,7 @@ from .errors import (
     RequestError,
     ShardOutOfRangeError,
 )
-from .handlers import Handler, start_handler, stop_handler
+from .handlers import Handler, shard_released, start_handler, stop_handler
 from .hashing import validate_num_shards
 from .membership import FixedShards, Membership, StaticMembership
 from .metrics import NOOP_METRICS, Metrics
@@ -318,6 +318,9 @@ class Node:
                 await self._evict(
                     lambda s: s == shard, f"shard {shard} moved away from {self.node_id}"
                 )
+        if sub is not None and self.state is NodeState.RUNNING:
+            # A handoff (on stop, on_stop cleans up everything at once).
+            await shard_released(self.handler, shard)
 
     def fence(self, reason: str) -> None:
         """Stop handling at once: cancel running handlers, refuse queued and new
@@ -481,6 +484,7 @@ class Node:
     def _enqueue(self, env: Envelope, reply: str | None) -> None:
         self.stats.received += 1
         self._queued += 1
+        self.metrics.pending_messages(self.node_id, self._queued)
         shard = env.shard
         self._load[shard] = self._load.get(shard, 0) + 1
         self._quiet.clear()
@@ -534,6 +538,7 @@ class Node:
             lane = ready.popleft()
             env, reply = lane.items.popleft()
             self._queued -= 1
+            self.metrics.pending_messages(self.node_id, self._queued)
             self._current[me] = lane.shard
             try:
                 await self._run(env, reply)

@@ -89,6 +89,37 @@ class TestRouter:
         with pytest.raises(BadRequestError, match="Ping"):
             await router(Envelope("Ping", encode_payload({"wrong": 1})))
 
+    async def test_mount_passes_the_envelope(self) -> None:
+        """mount() routes a payload class's type to a plain handler that gets the envelope."""
+        router = Router()
+        router.mount(Ping, _echo)
+        data = encode_payload(Ping(3))
+        assert await router(Envelope("Ping", data)) == data
+
+    async def test_node_side_validate_refuses_bad_payloads(self) -> None:
+        """A payload class's validate() also runs on the node: failing it is bad_request."""
+
+        @dataclass
+        class Positive:
+            n: int
+
+            def validate(self) -> None:
+                if self.n <= 0:
+                    raise ValueError("n must be > 0")
+
+        router = Router()
+
+        @router.on(Positive)
+        async def handle(msg: Positive) -> int:
+            return msg.n
+
+        assert (
+            decode_payload(await router(Envelope("Positive", encode_payload({"n": 2}))) or b"", int)
+            == 2
+        )
+        with pytest.raises(BadRequestError, match="n must be > 0"):
+            await router(Envelope("Positive", encode_payload({"n": -1})))
+
     def test_duplicate_route_refused(self) -> None:
         """Registering the same message type twice is a configuration error."""
         router = Router()
@@ -207,6 +238,17 @@ class TestKeyHandler:
         assert evicted == ["old"]
         assert "new" in keys
 
+    async def test_shard_handoff_evicts_that_shards_entities(self) -> None:
+        """on_shard_released evicts (through on_evict) exactly the entities of that shard."""
+        evicted: list[str] = []
+        keys = KeyHandler(lambda key: _echo, on_evict=lambda key, h: evicted.append(key))
+        await keys(Envelope("e", key="on-3", shard=3))
+        await keys(Envelope("e", key="also-3", shard=3))
+        await keys(Envelope("e", key="on-5", shard=5))
+        await keys.on_shard_released(3)
+        assert sorted(evicted) == ["also-3", "on-3"]
+        assert "on-5" in keys
+
     async def test_on_stop_evicts_everything(self) -> None:
         """on_stop evicts every entity so each can persist its state."""
         evicted: list[str] = []
@@ -236,3 +278,21 @@ class TestKeyHandler:
         """Out-of-range settings raise ConfigurationError."""
         with pytest.raises(ConfigurationError):
             KeyHandler(lambda key: _echo, **kwargs)  # type: ignore[arg-type]
+
+
+class TestNodeHooks:
+    async def test_node_tells_handlers_when_a_shard_moves_away(self) -> None:
+        """Releasing a shard on a running node evicts that shard's KeyHandler entities."""
+        from clstr import Client, MemoryTransport, Node
+
+        evicted: list[str] = []
+        keys = KeyHandler(lambda key: _echo, on_evict=lambda key, h: evicted.append(key))
+        transport = MemoryTransport()
+        async with Node(transport, keys, num_shards=4) as node:
+            client = Client(transport.connect("c"), num_shards=4)
+            key = "k"
+            shard = client.shard_for(key)
+            await client.request_key(key, "e")
+            await node.release(shard)
+            assert evicted == [key]
+            assert shard not in node.shards
