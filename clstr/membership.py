@@ -20,9 +20,9 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
 
@@ -411,8 +411,10 @@ class KvMembership(Membership):
         nc = node.transport.nc
         js = nc.jetstream()
         members_bucket, shards_bucket = _bucket_names(node.prefix)
-        self._members_kv = await self._bucket(js, members_bucket, marker_ttl=True)
-        self._shards_kv = await self._bucket(js, shards_bucket, marker_ttl=False)
+        self._members_kv = await _settling(
+            lambda: self._bucket(js, members_bucket, marker_ttl=True)
+        )
+        self._shards_kv = await _settling(lambda: self._bucket(js, shards_bucket, marker_ttl=False))
         self._me = MemberInfo(
             node.node_id,
             weight=self.weight,
@@ -421,7 +423,7 @@ class KvMembership(Membership):
             pid=os.getpid(),
             incarnation=os.urandom(6).hex(),
         )
-        await self._announce()
+        await _settling(self._announce)
         node.transport.add_listener(self._on_connection)
         try:
             self._control = await node.transport.subscribe(
@@ -804,6 +806,32 @@ class KvMembership(Membership):
             self._held.pop(shard, None)
         finally:
             self._releasing.discard(shard)
+
+
+T = TypeVar("T")
+
+
+async def _settling(op: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
+    """Run ``op``, retrying while JetStream settles (a fresh replicated stream
+    may have no leader yet and answer "no responders" for a moment)."""
+    import nats.errors
+    import nats.js.errors
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    pause = 0.05
+    while True:
+        try:
+            return await op()
+        except (
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.js.errors.NoStreamResponseError,
+        ):
+            if loop.time() + pause >= deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 async def _stop_watcher(watcher: Any) -> None:

@@ -34,7 +34,7 @@ from clstr.membership import (
     StaticMembership,
     control_subject,
 )
-from clstr.testing import NatsServer, TcpProxy
+from clstr.testing import NatsCluster, NatsServer, TcpProxy
 from clstr.transports.nats import NatsOptions, NatsTransport
 
 from _support import eventually
@@ -358,3 +358,66 @@ class TestStatic:
             assert set(state.members) == {"a", "b"}
             assert len(state.owners) == 8
             assert state.shards_of("a") == node.shards
+
+
+class TestNatsCluster:
+    async def test_membership_survives_losing_a_server(self) -> None:
+        """On a 3-server JetStream cluster (replicated buckets), killing the server a
+        node is connected to moves the node to another server; it re-checks its keys
+        and the cluster ends balanced again."""
+        settings = KvSettings(
+            heartbeat_interval=0.5, heartbeat_ttl=3.0, reconcile_interval=0.25, replicas=3
+        )
+        async with NatsCluster(size=3) as cluster:
+            record = Record()
+            nodes: list[Node] = []
+            transports: list[NatsTransport] = []
+            try:
+                for i, node_id in enumerate(("a", "b")):
+                    # Each node prefers a different server, and knows all of them.
+                    urls = cluster.urls[i:] + cluster.urls[:i]
+                    transport = await NatsTransport.connect(
+                        urls, NatsOptions(name=node_id, reconnect_time_wait=0.1)
+                    )
+                    transports.append(transport)
+                    node = Node(
+                        transport,
+                        record.handler(node_id),
+                        node_id=node_id,
+                        num_shards=NUM_SHARDS,
+                        membership=KvMembership(settings=settings),
+                    )
+                    await node.start()
+                    nodes.append(node)
+                kv_a = nodes[0].membership
+                assert isinstance(kv_a, KvMembership)
+                await kv_a.wait_balanced(30)
+                served_by = transports[1].nc.connected_url
+                assert served_by is not None
+                victim = next(i for i, s in enumerate(cluster.servers) if s.port == served_by.port)
+                await asyncio.to_thread(cluster.kill, victim)
+                await eventually(
+                    lambda: (
+                        transports[1].nc.is_connected
+                        and transports[1].nc.connected_url is not None
+                        and transports[1].nc.connected_url.port != served_by.port
+                    ),
+                    timeout=30,
+                )
+                async with asyncio.timeout(30):
+                    while True:
+                        state = kv_a.cluster_state()
+                        shards = sorted(nodes[0].shards + nodes[1].shards)
+                        if state.balanced and shards == list(range(NUM_SHARDS)):
+                            break
+                        await kv_a._changed()
+                await eventually(lambda: not nodes[1].fenced, timeout=30)
+                client = Client(transports[0], num_shards=NUM_SHARDS, retry=RetryPolicy())
+                for shard in nodes[1].shards:
+                    assert await client.request_shard(shard, "x") == b"b"
+                assert_single_owner(record.calls)
+            finally:
+                for node in nodes:
+                    await node.stop()
+                for transport in transports:
+                    await transport.close()
