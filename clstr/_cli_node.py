@@ -25,9 +25,9 @@ from ._cli_common import CliError
 from .discovery import ServiceDiscovery, ShardStats
 from .errors import ClstrError, ConnectionFailedError
 from .handlers import Handler, KeyHandler, Router
+from .membership import KvMembership
 from .metrics import NOOP_METRICS, Metrics, PrometheusMetrics
 from .node import Node
-from .membership import KvMembership
 from .transports.nats import NatsOptions, NatsTransport
 
 __all__ = ["NodeOptions", "load_app", "parse_node_list", "run_node"]

@@ -359,6 +359,7 @@ class KvMembership(Membership):
         self._members_ready = asyncio.Event()
         self._change_waiters: list[asyncio.Future[None]] = []
         self._control: Subscription | None = None
+        self._heartbeat_lock = asyncio.Lock()
         self._shards_ready = asyncio.Event()
 
     # -- public API -----------------------------------------------------------
@@ -381,10 +382,22 @@ class KvMembership(Membership):
         self._dirty.set()
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Cordon this node and wait until every shard it held has moved away."""
+        """Cordon this node and wait until every shard it held is held by another node.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (e.g. when no other
+        node is there to take the shards).
+        """
+        moving = set(self._held)
         await self.cordon()
+        me = self._require_node().node_id
+
+        def moved() -> bool:
+            return not self._held and all(
+                (h := self._holders.get(s)) is not None and h.node_id != me for s in moving
+            )
+
         async with asyncio.timeout(timeout):
-            while self._held:
+            while not moved():
                 self._dirty.set()
                 await self._changed()
 
@@ -534,6 +547,12 @@ class KvMembership(Membership):
             node.set_lease(self._lease_until)
 
     async def _heartbeat(self) -> None:
+        # One renewal at a time: two at once (the loop and a cordon) would race
+        # on the revision, and the loser would take its own key for lost.
+        async with self._heartbeat_lock:
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
         node = self._require_node()
         if not self._connected:
             return
@@ -547,7 +566,12 @@ class KvMembership(Membership):
                 _log.warning("heartbeat lost; rejoining", node_id=node.node_id)
                 await self._rejoin()
             else:
-                _log.warning("heartbeat failed", node_id=node.node_id, error=repr(exc))
+                _log.warning(
+                    "heartbeat failed",
+                    node_id=node.node_id,
+                    error=repr(exc),
+                    detail=getattr(exc, "description", None),
+                )
             return
         self._renewed(sent)
 

@@ -671,7 +671,9 @@ class Node:
                 self._settled(lane.shard)
             if lane.key is not None:
                 self._lanes.pop((lane.shard, lane.key), None)
-        self._ready = keep
+        # In place: workers hold a reference to this deque.
+        self._ready.clear()
+        self._ready.extend(keep)
         self._flush_soon()
 
     # -- replies ------------------------------------------------------------

@@ -90,6 +90,26 @@ class TestNatsConnect:
             )
         assert time.monotonic() - started < 5
 
+    async def test_cancelled_flush_does_not_kill_the_connection(self, clstr_nats_url: str) -> None:
+        """A flush cancelled before its PONG arrives leaves the connection working
+        (plain nats-py 2.16 stops reading for good: nats-io/nats.py#914)."""
+        transport = await NatsTransport.connect(clstr_nats_url)
+        try:
+            flush = asyncio.ensure_future(transport.nc.flush())
+            await asyncio.sleep(0)  # the PING is out
+            flush.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await flush
+
+            async def echo(env: Envelope) -> bytes:
+                return env.data
+
+            async with Node(transport, echo, num_shards=2, prefix="pong"):
+                client = Client(transport, num_shards=2, prefix="pong", timeout=2)
+                assert await client.request_shard(0, "e", b"alive") == b"alive"
+        finally:
+            await transport.close()
+
     async def test_empty_server_list_is_refused(self) -> None:
         """An empty list of URLs is refused with a message saying what to pass."""
         with pytest.raises(ConnectionFailedError, match="at least one"):

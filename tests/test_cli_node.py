@@ -190,18 +190,20 @@ class TestDynamicMembership:
                     await proc.wait_ready(30)
                 client = await Client.connect(server.url, num_shards=NUM_SHARDS, prefix=prefix)
                 async with client:
-                    owners = {
-                        (await client.shard(s).node_info()).node_id for s in range(NUM_SHARDS)
-                    }
-                    assert owners == {"kv-a", "kv-b"}
+
+                    async def owners() -> set[str]:
+                        infos = [await client.shard(s).node_info() for s in range(NUM_SHARDS)]
+                        return {info.node_id for info in infos}
+
+                    # kv-b's shards move over from kv-a right after kv-b is ready.
+                    async with asyncio.timeout(15):
+                        while await owners() != {"kv-a", "kv-b"}:  # noqa: ASYNC110
+                            await asyncio.sleep(0.05)
                     argv = ["--nats-url", server.url, "--prefix", prefix, "drain", "kv-b"]
                     code = await asyncio.to_thread(main, argv)
                     assert code == 0
                     assert "kv-b: drain done" in capsys.readouterr().out
-                    owners = {
-                        (await client.shard(s).node_info()).node_id for s in range(NUM_SHARDS)
-                    }
-                    assert owners == {"kv-a"}
+                    assert await owners() == {"kv-a"}
                 for proc in procs:
                     assert await proc.stop(timeout=15) == 0
             finally:

@@ -19,7 +19,8 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NoStreamResponseError
+from nats.js.kv import KeyValue
 
 from clstr.testing import NatsCluster, NatsServer, NatsServerError, find_nats_server
 
@@ -88,6 +89,24 @@ def _meta_leader(server: NatsServer) -> str:
     with urllib.request.urlopen(server.monitor_url + "/jsz", timeout=2) as response:
         leader: str = json.load(response)["meta_cluster"]["leader"]
     return leader
+
+
+async def _first_put(kv: KeyValue, key: str, value: bytes) -> None:
+    """Put into a just-created replicated bucket, once its stream can take writes.
+
+    Creating a replicated stream is acknowledged before its leader is elected
+    and before the leader's interest has crossed the routes, so the first
+    publish may find no responder; retrying it is the wait.
+    """
+
+    async def put() -> bool:
+        try:
+            await kv.put(key, value)
+        except (NoStreamResponseError, nats.errors.TimeoutError):
+            return False
+        return True
+
+    await _eventually(put, what="a writable stream leader")
 
 
 async def _quiet_error_cb(exc: Exception) -> None:
@@ -364,7 +383,7 @@ class TestNatsCluster:
         bucket = f"b{uuid.uuid4().hex[:8]}"
         async with _client(cluster.urls[0]) as nc0, _client(cluster.urls[2]) as nc2:
             kv = await nc0.jetstream().create_key_value(bucket=bucket, replicas=3)
-            await kv.put("key", b"value")
+            await _first_put(kv, "key", b"value")
             status = await kv.status()
             assert status.stream_info.config.num_replicas == 3
             kv2 = await nc2.jetstream().key_value(bucket)
@@ -391,8 +410,10 @@ class TestNatsCluster:
         """With a follower killed, a three-replica bucket still reads and writes."""
         async with _client(cluster.urls) as nc:
             kv = await nc.jetstream().create_key_value(bucket="survive", replicas=3)
-            await kv.put("key", b"before")
-            stream_leader = (await kv.status()).stream_info.cluster.leader
+            await _first_put(kv, "key", b"before")
+            placement = (await kv.status()).stream_info.cluster
+            assert placement is not None
+            stream_leader = placement.leader
         meta_leader = await asyncio.to_thread(_meta_leader, cluster.servers[0])
         # Losing a leader means a Raft election, which takes seconds; losing
         # a follower must not interrupt service at all.

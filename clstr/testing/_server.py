@@ -703,7 +703,9 @@ class NatsCluster:
 
         Raises:
             NatsServerError: a server failed to start, or the cluster did not
-                form within ``timeout`` seconds; all servers are then stopped.
+                form within ``timeout`` seconds. On a first start all servers
+                are then stopped; a route port someone else took in the
+                meantime is retried on fresh ports.
         """
         deadline = time.monotonic() + timeout
         with self._lock:

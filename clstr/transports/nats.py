@@ -4,18 +4,27 @@ Requests use nats-py's shared reply inbox (one wildcard subscription per
 connection, not one per request). NATS "no responders" becomes
 :class:`~clstr.NoShardOwnerError` at once. Subscriptions are flushed before
 :meth:`NatsTransport.subscribe` returns, so a node only reports a shard as
-served once the server routes its messages. Replies are plain publishes: no
-request headers are echoed back.
+served once the server routes its messages, and a subscription the server
+refuses (a permissions violation) raises instead of staying silent. Replies
+are plain publishes: no request headers are echoed back.
+
+What nats-py reports asynchronously is logged and counted: a slow consumer
+(messages dropped because the subscriber fell behind) as the
+``slow_consumer`` transport error, a permissions violation as
+``permission_denied``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import nats
 import nats.errors
@@ -32,11 +41,19 @@ from ..errors import (
     TransportClosedError,
     TransportError,
 )
+from ..metrics import NOOP_METRICS, Metrics
 from .base import ConnectionEvent, MessageCallback, Subscription, Transport
 
 __all__ = ["NatsOptions", "NatsTransport"]
 
 _log = structlog.get_logger("clstr.transport.nats")
+
+#: nats-py's own defaults for a subscription's client-side buffer.
+DEFAULT_SUB_PENDING_MSGS: Final = 512 * 1024
+DEFAULT_SUB_PENDING_BYTES: Final = 128 * 1024 * 1024
+# A slow consumer drops many messages in a burst: log it at most this often.
+_SLOW_CONSUMER_LOG_INTERVAL: Final = 1.0
+_PERMISSIONS_VIOLATION: Final = "permissions violation"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,9 +61,25 @@ class NatsOptions:
     """Connection settings for :meth:`NatsTransport.connect`.
 
     ``connect_deadline`` bounds the initial connection over all servers:
-    past it (or at once on an authorization error) ``connect`` raises
-    :class:`~clstr.ConnectionFailedError` instead of retrying for minutes.
-    Once connected, nats-py reconnects by itself with the reconnect settings.
+    past it (or at once on refused credentials or a TLS certificate that
+    does not verify) ``connect`` raises :class:`~clstr.ConnectionFailedError`
+    instead of retrying for minutes. Once connected, nats-py reconnects by
+    itself: a lost server is detected when its socket closes (or after
+    ``max_outstanding_pings`` unanswered pings ``ping_interval`` apart), and
+    the next server in the list is tried, each one at most once per
+    ``reconnect_time_wait`` seconds; meanwhile up to ``pending_size`` bytes of
+    outgoing messages are buffered. See docs/reliability.md.
+
+    Authentication: ``user``/``password``, ``token``, ``nkeys_seed`` (an
+    nkey seed, ``SU...``, or the path of a file holding one) or
+    ``credentials`` (the path of a ``.creds`` file: user JWT and seed). TLS:
+    ``tls`` (an :class:`ssl.SSLContext`; use ``tls://`` URLs or a server that
+    requires TLS). ``inbox_prefix`` sets the subjects replies come back on
+    (``_INBOX`` by default); give each client user its own to restrict its
+    permissions further (docs/security.md). ``sub_pending_msgs`` and
+    ``sub_pending_bytes`` bound what a subscription buffers before nats-py
+    drops messages as a slow consumer. With ``randomize_servers`` off, the
+    servers are tried in the order given (a preferred server first).
     """
 
     name: str | None = None
@@ -66,15 +99,36 @@ class NatsOptions:
     max_outstanding_pings: int = 2
     drain_timeout: float = 10.0
     pending_size: int = 2 * 1024 * 1024
+    inbox_prefix: str = "_INBOX"
+    sub_pending_msgs: int = DEFAULT_SUB_PENDING_MSGS
+    sub_pending_bytes: int = DEFAULT_SUB_PENDING_BYTES
+    randomize_servers: bool = True
 
 
 def _is_auth_error(exc: BaseException) -> bool:
+    """Whether the server refused the credentials (nats-py 2.16 reports the
+    server's ``-ERR 'Authorization Violation'`` as a plain ``nats.errors.Error``)."""
     text = str(exc).lower()
     return (
         isinstance(exc, nats.errors.AuthorizationError)
-        or "authorization" in text
-        or ("authentication" in text)
+        or "authorization violation" in text
+        or "authentication" in text  # "Authentication Timeout", "... Authentication Expired"
     )
+
+
+def _is_tls_error(exc: BaseException) -> bool:
+    """Whether the TLS handshake failed for good (a certificate that does not
+    verify, or TLS required by one side only): retrying cannot help."""
+    return isinstance(exc, ssl.SSLCertVerificationError | ssl.SSLError) or (
+        "tls" in str(exc).lower() and "required" in str(exc).lower()
+    )
+
+
+def _seed_options(seed: str) -> dict[str, str]:
+    """nats-py takes an nkey seed as a file path or as the seed itself."""
+    if os.path.isfile(seed):
+        return {"nkeys_seed": seed}
+    return {"nkeys_seed_str": seed}
 
 
 class _NatsSubscription(Subscription):
@@ -83,12 +137,37 @@ class _NatsSubscription(Subscription):
         self._sub = sub
 
     async def drain(self) -> None:
+        if not self._sub._conn.is_connected:
+            # Nothing more can arrive, and a drain would wait for a PONG that
+            # cannot come until the connection is back.
+            await self.unsubscribe()
+            return
         with contextlib.suppress(nats.errors.Error):
             await self._sub.drain()  # type: ignore[no-untyped-call]
 
     async def unsubscribe(self) -> None:
         with contextlib.suppress(nats.errors.Error):
             await self._sub.unsubscribe()
+
+
+class _Connection(NatsClient):
+    """nats-py's client with one defect mended.
+
+    nats-py answers each PONG by setting the result of the oldest flush
+    future, without checking whether that flush was cancelled or timed out.
+    The InvalidStateError then ends its read loop silently: the connection
+    still says "connected" but never reads again (nats-io/nats.py#914). A
+    flush can be cancelled in ordinary use (a caller's timeout), so the PONG
+    handling here skips futures that are already done.
+    """
+
+    async def _process_pong(self) -> None:
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
 
 
 class NatsTransport(Transport):
@@ -98,53 +177,145 @@ class NatsTransport(Transport):
     drains it on :meth:`close`) or wrap a connection you manage yourself.
     """
 
-    def __init__(self, nc: NatsClient, *, owns_connection: bool = False) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        owns_connection: bool = False,
+        metrics: Metrics = NOOP_METRICS,
+        options: NatsOptions | None = None,
+    ) -> None:
         self.nc = nc
+        self.metrics = metrics
         self._owns = owns_connection
+        self._opts = options or NatsOptions()
         self._subs: list[_NatsSubscription] = []
         self._closed = False
+        #: Messages nats-py dropped because a subscription fell behind.
+        self.slow_consumer_drops = 0
+        self._slow_logged_at = -_SLOW_CONSUMER_LOG_INTERVAL
+        self._slow_since_log = 0
+        # Recent permissions violations the server reported (its own words),
+        # numbered so that a subscription looks only at those that came after it.
+        self._denied: deque[str] = deque(maxlen=64)
+        self._denied_seen = 0
+
+    @property
+    def connected_url(self) -> str | None:
+        """The URL of the server the connection uses now, or ``None`` while disconnected."""
+        url = self.nc.connected_url
+        if url is None or not self.nc.is_connected:
+            return None
+        return f"{url.scheme}://{url.netloc}"
+
+    def _on_error(self, exc: Exception) -> None:
+        """Log and count what nats-py reports once connected (its error callback)."""
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self.slow_consumer_drops += 1
+            self._slow_since_log += 1
+            self.metrics.transport_error("slow_consumer")
+            now = time.monotonic()
+            if now - self._slow_logged_at >= _SLOW_CONSUMER_LOG_INTERVAL:
+                _log.warning(
+                    "slow consumer: nats-py dropped messages of a subscription that fell "
+                    "behind; their requesters time out",
+                    subject=exc.subject,
+                    dropped=self._slow_since_log,
+                    dropped_total=self.slow_consumer_drops,
+                )
+                self._slow_logged_at = now
+                self._slow_since_log = 0
+            return
+        text = str(exc)
+        if _PERMISSIONS_VIOLATION in text.lower():
+            self._denied.append(text)
+            self._denied_seen += 1
+            self.metrics.transport_error("permission_denied")
+            _log.warning("nats permissions violation", error=text)
+            return
+        _log.warning("nats error", error=text, error_type=type(exc).__name__)
+
+    def _denied_subscription(self, subject: str, since: int) -> str | None:
+        """The server's refusal of a subscription to ``subject`` among the violations
+        reported after the ``since``-th one, if it sent one."""
+        recent = list(self._denied)[max(0, len(self._denied) - (self._denied_seen - since)) :]
+        for text in recent:
+            if "subscription" in text.lower() and f'"{subject}"' in text:
+                return text
+        return None
 
     @classmethod
     async def connect(
         cls,
         servers: str | Sequence[str] = "nats://127.0.0.1:4222",
         options: NatsOptions | None = None,
+        *,
+        metrics: Metrics = NOOP_METRICS,
     ) -> NatsTransport:
         """Connect to NATS; ``servers`` may list several URLs to fail over between.
 
         Raises :class:`~clstr.ConnectionFailedError` naming the servers and the
         last error when no server accepts the connection within
-        ``options.connect_deadline``, and at once on bad credentials.
+        ``options.connect_deadline``, and at once on refused credentials or a
+        TLS certificate that does not verify. ``metrics`` counts what nats-py
+        reports later (``slow_consumer``, ``permission_denied`` transport errors).
         """
         opts = options or NatsOptions()
         urls = [servers] if isinstance(servers, str) else list(servers)
         if not urls:
             raise ConnectionFailedError("no NATS server URL given; pass at least one")
-        nc = NatsClient()
+        nc = _Connection()
         holder: list[NatsTransport] = []
         connecting = True
         seen: list[BaseException] = []
-        auth_failed = asyncio.Event()
+        # Why retrying cannot help (refused credentials, TLS), what to check, the error.
+        fatal: list[tuple[str, str, BaseException]] = []
+        gave_up = asyncio.Event()
 
         async def error_cb(exc: Exception) -> None:
             if connecting:
                 seen.append(exc)
                 if _is_auth_error(exc):
-                    auth_failed.set()
+                    fatal.append(
+                        (
+                            "the server refused the credentials (authorization violation)",
+                            "check the user and password, token, nkey seed or credentials file",
+                            exc,
+                        )
+                    )
+                    gave_up.set()
+                elif _is_tls_error(exc):
+                    fatal.append(
+                        (
+                            "the TLS handshake failed",
+                            "check the CA the client trusts, its client certificate, "
+                            "and the server's certificate and TLS settings",
+                            exc,
+                        )
+                    )
+                    gave_up.set()
                 return
-            _log.warning("nats error", error=str(exc), error_type=type(exc).__name__)
+            if holder:
+                holder[0]._on_error(exc)
+            else:  # pragma: no cover - between connect and the transport's creation
+                _log.warning("nats error", error=str(exc), error_type=type(exc).__name__)
 
         def tell(event: ConnectionEvent) -> None:
             for transport in holder:
                 transport._notify(event)
 
         async def disconnected_cb() -> None:
-            if not connecting:
+            if not connecting and not (holder and holder[0]._closed):
                 _log.warning("nats disconnected", name=opts.name)
                 tell(ConnectionEvent.DISCONNECTED)
 
         async def reconnected_cb() -> None:
-            _log.info("nats reconnected", name=opts.name, url=str(nc.connected_url))
+            url = nc.connected_url
+            _log.info(
+                "nats reconnected",
+                name=opts.name,
+                url=f"{url.scheme}://{url.netloc}" if url is not None else None,
+            )
             tell(ConnectionEvent.RECONNECTED)
 
         async def closed_cb() -> None:
@@ -167,6 +338,8 @@ class NatsTransport(Transport):
             "max_outstanding_pings": opts.max_outstanding_pings,
             "drain_timeout": opts.drain_timeout,
             "pending_size": opts.pending_size,
+            "inbox_prefix": opts.inbox_prefix,
+            "dont_randomize": not opts.randomize_servers,
             "error_cb": error_cb,
             "disconnected_cb": disconnected_cb,
             "reconnected_cb": reconnected_cb,
@@ -175,20 +348,20 @@ class NatsTransport(Transport):
         if opts.credentials:
             kwargs["user_credentials"] = opts.credentials
         if opts.nkeys_seed:
-            kwargs["nkeys_seed"] = opts.nkeys_seed
+            kwargs.update(_seed_options(opts.nkeys_seed))
         connect = asyncio.ensure_future(nc.connect(**kwargs))
-        auth_wait = asyncio.ensure_future(auth_failed.wait())
+        fatal_wait = asyncio.ensure_future(gave_up.wait())
         try:
             await asyncio.wait(
-                {connect, auth_wait},
+                {connect, fatal_wait},
                 timeout=opts.connect_deadline,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
-            auth_wait.cancel()
+            fatal_wait.cancel()
             connecting = False
         if connect.done() and not connect.cancelled() and connect.exception() is None:
-            transport = cls(nc, owns_connection=True)
+            transport = cls(nc, owns_connection=True, metrics=metrics, options=opts)
             holder.append(transport)
             return transport
         connect.cancel()
@@ -196,16 +369,17 @@ class NatsTransport(Transport):
             await connect
         with contextlib.suppress(Exception):
             await nc.close()
-        last = seen[-1] if seen else (connect.exception() if not connect.cancelled() else None)
-        reason = (
-            "the server refused the credentials (authorization violation)"
-            if auth_failed.is_set()
-            else f"no server answered within {opts.connect_deadline}s"
-        )
+        last: BaseException | None
+        if fatal:
+            reason, advice, last = fatal[0]
+        else:
+            reason = f"no server answered within {opts.connect_deadline}s"
+            advice = "check the URLs and that nats-server runs there"
+            last = seen[-1] if seen else (connect.exception() if not connect.cancelled() else None)
         raise ConnectionFailedError(
             f"cannot connect to NATS at {', '.join(urls)}: {reason}"
-            + (f" (last error: {type(last).__name__}: {last})" if last else "")
-            + "; check the URLs, that nats-server runs, and the credentials"
+            + (f" ({type(last).__name__}: {last})" if last else "")
+            + f"; {advice}"
         ) from last
 
     @property
@@ -235,10 +409,12 @@ class NatsTransport(Transport):
             raise TransportError(f"NATS request on {subject!r} failed: {exc}") from exc
         return bytes(msg.data)
 
-    async def publish(self, subject: str, data: bytes) -> None:
+    async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+        """Send ``data`` without waiting; ``reply`` sets a reply subject, as
+        ``nats pub --reply`` does (for tests that play a raw peer)."""
         self._check_open()
         try:
-            await self.nc.publish(subject, data)
+            await self.nc.publish(subject, data, reply=reply or "")
         except nats.errors.MaxPayloadError as exc:
             raise LimitExceededError(
                 f"message of {len(data)} bytes is over the server's max_payload "
@@ -257,12 +433,30 @@ class NatsTransport(Transport):
         async def deliver(msg: Msg) -> None:
             callback(msg.data, msg.reply or None)
 
+        since = self._denied_seen
         try:
-            sub = await self.nc.subscribe(subject, queue=queue or "", cb=deliver)
-            # A round trip to the server: once it answers, it routes to us.
+            sub = await self.nc.subscribe(
+                subject,
+                queue=queue or "",
+                cb=deliver,
+                pending_msgs_limit=self._opts.sub_pending_msgs,
+                pending_bytes_limit=self._opts.sub_pending_bytes,
+            )
+            # A round trip to the server: once it answers, it routes to us. A
+            # refusal (-ERR permissions violation) is not ordered before that
+            # PONG, so a second round trip gives it time to arrive.
+            await self.nc.flush()
             await self.nc.flush()
         except nats.errors.Error as exc:
             raise TransportError(f"cannot subscribe to {subject!r}: {exc}") from exc
+        denied = self._denied_subscription(subject, since)
+        if denied is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            raise TransportError(
+                f"the NATS server refused the subscription to {subject!r} ({denied}); "
+                "the connection's user lacks subscribe permission on it (see docs/security.md)"
+            )
         wrapped = _NatsSubscription(sub)
         self._subs.append(wrapped)
         return wrapped
