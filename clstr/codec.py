@@ -60,6 +60,7 @@ class Limits:
     max_type_bytes: int = 256
     max_header_count: int = 64
     max_headers_bytes: int = 16 * 1024
+    max_id_bytes: int = 128
     max_message_bytes: int = 64 * 1024 * 1024
 
 
@@ -72,6 +73,13 @@ def check_limits(env: Envelope, limits: Limits) -> None:
         raise LimitExceededError(
             f"message type is {len(env.type.encode())} bytes, over the limit of "
             f"{limits.max_type_bytes}; use a shorter type name"
+        )
+    if env.id is not None and len(env.id.encode()) > limits.max_id_bytes:
+        # Ids are kept in every node's reply cache: unbounded ones would let a
+        # peer fill its memory.
+        raise LimitExceededError(
+            f"request id is {len(env.id.encode())} bytes, over the limit of "
+            f"{limits.max_id_bytes}; use a short unique id (a UUID is 32 hex digits)"
         )
     if env.key is not None and len(env.key.encode()) > limits.max_key_bytes:
         raise LimitExceededError(

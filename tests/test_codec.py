@@ -274,6 +274,14 @@ class TestLimits:
         with pytest.raises(LimitExceededError, match="key is 1025 bytes"):
             check_limits(Envelope("t", key="k" * 1025), DEFAULT_LIMITS)
 
+    def test_long_request_id_refused(self) -> None:
+        """A request id over max_id_bytes is refused (ids fill the nodes' reply caches)."""
+        with pytest.raises(LimitExceededError, match="request id is 129 bytes"):
+            check_limits(Envelope("t", id="i" * 129), DEFAULT_LIMITS)
+        body = msgpack.packb({"v": 1, "t": "x", "id": "i" * 129})
+        with pytest.raises(BadRequestError, match="request id"):
+            decode_request(body)
+
     def test_too_many_headers_refused(self) -> None:
         """More headers than max_header_count raises LimitExceededError."""
         headers = {f"h{i}": "v" for i in range(65)}
