@@ -22,7 +22,7 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -390,40 +390,39 @@ class NatsTransport(Transport):
         if self._closed or self.nc.is_closed:
             raise TransportClosedError("NATS transport is closed; create a new one")
 
-    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
-        self._check_open()
+    @contextlib.contextmanager
+    def _mapped_errors(
+        self, what: str, subject: str, size: int, timeout: float = 0.0
+    ) -> Iterator[None]:
+        """Translate nats-py's exceptions into clstr's, most specific first."""
         try:
-            msg = await self.nc.request(subject, data, timeout=timeout)
+            yield
         except nats.errors.NoRespondersError:
             raise NoShardOwnerError(f"no responders on {subject!r}") from None
         except nats.errors.TimeoutError:
             raise RequestTimeoutError(f"no reply on {subject!r} within {timeout:.3f}s") from None
         except nats.errors.MaxPayloadError as exc:
             raise LimitExceededError(
-                f"message of {len(data)} bytes is over the server's max_payload "
+                f"message of {size} bytes is over the server's max_payload "
                 f"of {self.max_payload} bytes"
             ) from exc
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
             raise TransportClosedError("NATS connection is closed or draining") from exc
         except nats.errors.Error as exc:
-            raise TransportError(f"NATS request on {subject!r} failed: {exc}") from exc
+            raise TransportError(f"NATS {what} on {subject!r} failed: {exc}") from exc
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        self._check_open()
+        with self._mapped_errors("request", subject, len(data), timeout):
+            msg = await self.nc.request(subject, data, timeout=timeout)
         return bytes(msg.data)
 
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
         """Send ``data`` without waiting; ``reply`` sets a reply subject, as
         ``nats pub --reply`` does (for tests that play a raw peer)."""
         self._check_open()
-        try:
+        with self._mapped_errors("publish", subject, len(data)):
             await self.nc.publish(subject, data, reply=reply or "")
-        except nats.errors.MaxPayloadError as exc:
-            raise LimitExceededError(
-                f"message of {len(data)} bytes is over the server's max_payload "
-                f"of {self.max_payload} bytes"
-            ) from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
-            raise TransportClosedError("NATS connection is closed or draining") from exc
-        except nats.errors.Error as exc:
-            raise TransportError(f"NATS publish on {subject!r} failed: {exc}") from exc
 
     async def subscribe(
         self, subject: str, callback: MessageCallback, *, queue: str | None = None
