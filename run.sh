@@ -42,7 +42,7 @@ case "$job" in
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
   lint)
     "$VENV/bin/ruff" check .
-    "$VENV/bin/ruff" format --check .
+    "$VENV/bin/ruff" format --check clstr tests examples benchmarks
     exec "$VENV/bin/mypy" --strict clstr
     ;;
   clstr) exec "$VENV/bin/clstr" "$@" ;;
