@@ -29,7 +29,7 @@ from .codec import (
     encode_request,
     message_type,
 )
-from .envelope import Envelope, EnvelopeOption
+from .envelope import _NO_HEADERS, Envelope, EnvelopeOption, _envelope
 from .errors import (
     ConfigurationError,
     DeadlineExceededError,
@@ -153,6 +153,7 @@ class Client:
         self.metrics = metrics
         self.retry = retry
         self._owns_transport = owns_transport
+        self._metered = metrics is not NOOP_METRICS
         self.state = ClientState.OPEN
         self._subjects = [shard_subject(prefix, s) for s in range(num_shards)]
 
@@ -209,14 +210,24 @@ class Client:
                 f"data must be bytes, got {type(data).__name__}; "
                 "use client.key(k).request(obj) for typed payloads"
             )
-        env = Envelope(type=msg_type, data=bytes(data), shard=shard, key=key, id=request_id)
-        for option in (*self.options, *options):
+        env = _envelope(
+            msg_type,
+            data if data.__class__ is bytes else bytes(data),
+            shard,
+            key,
+            _NO_HEADERS,
+            None,
+            time.time(),
+            request_id,
+            None,
+        )
+        for option in (*self.options, *options) if self.options or options else ():
             env = option(env)
         check_limits(env, self.limits)
         return env
 
-    def _encode(self, env: Envelope) -> bytes:
-        body = encode_request(env)
+    def _encode(self, env: Envelope, ttl: float | None = None) -> bytes:
+        body = encode_request(env, ttl=ttl)
         if len(body) > self.transport.max_payload:
             raise LimitExceededError(
                 f"message of {len(body)} bytes is over the transport's max_payload of "
@@ -257,7 +268,7 @@ class Client:
         if remaining is not None:
             budget = min(budget, remaining)
         deadline = monotonic() + budget
-        started = time.perf_counter()
+        started = time.perf_counter() if self._metered else 0.0
         ok = False
         try:
             attempt = 0
@@ -269,7 +280,8 @@ class Client:
                 # The handler may use the whole deadline even when the client
                 # re-sends sooner: the TTL is what is left, not the attempt's wait.
                 reserve = min(_REPLY_RESERVE_MAX, left * _REPLY_RESERVE_FRACTION)
-                body = self._encode(env.with_ttl(max(left - reserve, 0.001)))
+                # The TTL goes on the wire as given: no copy of the envelope per attempt.
+                body = self._encode(env, ttl=max(left - reserve, 0.001))
                 try:
                     reply = await self.transport.request(self._subjects[shard], body, wait)
                     payload = decode_reply(reply, limits=self.limits)
@@ -287,6 +299,7 @@ class Client:
                         raise
                     self.metrics.request_retried(msg_type, exc.code)
                     await asyncio.sleep(pause)
+                    left = deadline - monotonic()
                     continue
                 ok = True
                 return payload
@@ -297,7 +310,8 @@ class Client:
             self.metrics.transport_error("timeout")
             raise
         finally:
-            self.metrics.request_completed(msg_type, ok, time.perf_counter() - started)
+            if self._metered:
+                self.metrics.request_completed(msg_type, ok, time.perf_counter() - started)
 
     async def request_key(
         self,

@@ -82,6 +82,38 @@ class Envelope:
         return self.headers.get(name, default)
 
 
+# The slots' own setters: frozen=True makes __init__ go through
+# object.__setattr__ once per field (about 1.1 µs an envelope, 0.4 µs this way).
+_SETTERS = tuple(
+    Envelope.__dict__[name].__set__
+    for name in ("type", "data", "shard", "key", "headers", "ttl", "created_at", "id", "deadline")
+)
+
+
+def _envelope(
+    type: str,
+    data: bytes,
+    shard: int,
+    key: str | None,
+    headers: Mapping[str, str],
+    ttl: float | None,
+    created_at: float,
+    id: str | None,
+    deadline: float | None,
+) -> Envelope:
+    """An envelope from fields the caller has already checked (codec, client).
+
+    Skips ``__init__`` and ``__post_init__``: ``ttl`` must be None or > 0, and
+    ``deadline`` must be set whenever ``ttl`` is.
+    """
+    env = object.__new__(Envelope)
+    for setter, value in zip(
+        _SETTERS, (type, data, shard, key, headers, ttl, created_at, id, deadline), strict=True
+    ):
+        setter(env, value)
+    return env
+
+
 def check_header_name(name: str) -> None:
     """Refuse header names that are not str or that use the reserved prefix."""
     if not isinstance(name, str):

@@ -227,6 +227,9 @@ class Node:
         self._replies: deque[tuple[str, bytes]] = deque()
         self._reply_wakeup = asyncio.Event()
         self._replier: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Workers whose handler ran past its deadline and were cancelled for it.
+        self._overdue: set[asyncio.Task[None]] = set()
         # Fencing: no handling while fenced, or past the lease (loop time).
         self._fenced: str | None = None
         self._lease_until: float | None = None
@@ -236,6 +239,16 @@ class Node:
         self._in_flight: dict[str, list[str]] = {}
 
     # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def metrics(self) -> Metrics:
+        """Where the node reports (the no-op default skips the calls altogether)."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._metered = metrics is not NOOP_METRICS
 
     @property
     def shards(self) -> list[int]:
@@ -268,6 +281,7 @@ class Node:
         if self.state is not NodeState.CREATED:
             raise LifecycleError(f"node {self.node_id} is {self.state.value}; it starts only once")
         self.state = NodeState.RUNNING
+        self._loop = asyncio.get_running_loop()
         self.stats.started_at = self._wall_clock()
         self._replier = asyncio.create_task(
             self._send_replies(), name=f"clstr-replier-{self.node_id}"
@@ -484,7 +498,8 @@ class Node:
     def _enqueue(self, env: Envelope, reply: str | None) -> None:
         self.stats.received += 1
         self._queued += 1
-        self.metrics.pending_messages(self.node_id, self._queued)
+        if self._metered:
+            self.metrics.pending_messages(self.node_id, self._queued)
         shard = env.shard
         self._load[shard] = self._load.get(shard, 0) + 1
         self._quiet.clear()
@@ -504,7 +519,8 @@ class Node:
 
     def _spawn_worker(self) -> None:
         if len(self._workers) < self.max_concurrency and self.state is not NodeState.STOPPED:
-            task = asyncio.get_running_loop().create_task(self._work())
+            loop = self._loop or asyncio.get_running_loop()
+            task = loop.create_task(self._work())
             self._workers.add(task)
             task.add_done_callback(self._worker_done)
 
@@ -538,10 +554,11 @@ class Node:
             lane = ready.popleft()
             env, reply = lane.items.popleft()
             self._queued -= 1
-            self.metrics.pending_messages(self.node_id, self._queued)
+            if self._metered:
+                self.metrics.pending_messages(self.node_id, self._queued)
             self._current[me] = lane.shard
             try:
-                await self._run(env, reply)
+                await self._run(env, reply, me)
             finally:
                 del self._current[me]
                 if lane.items:
@@ -550,7 +567,12 @@ class Node:
                     self._lanes.pop((lane.shard, lane.key), None)
                 self._settled(lane.shard)
 
-    async def _run(self, env: Envelope, reply: str | None) -> None:
+    def _overrun(self, task: asyncio.Task[None]) -> None:
+        """A handler's deadline passed: cancel its worker (see :meth:`_run`)."""
+        self._overdue.add(task)
+        task.cancel()
+
+    async def _run(self, env: Envelope, reply: str | None, me: asyncio.Task[None]) -> None:
         if env.expired():
             self._reject_expired(env, reply)
             return
@@ -559,27 +581,37 @@ class Node:
             self._finish(env, reply, error_reply_for(NotOwnerError(self._fence_reason())))
             return
         self._running += 1
-        self.metrics.handlers_active(self.node_id, self._running)
+        if self._metered:
+            self.metrics.handlers_active(self.node_id, self._running)
         started = time.perf_counter()
         ok = False
         failure: BaseException | None = None
         body: bytes | None = None
         try:
-            remaining = env.remaining()
-            if remaining is None:
+            deadline = env.deadline
+            if deadline is None:
                 result = await self.handler(env)
             else:
-                timeout = asyncio.timeout(remaining)
+                # One timer handle, not an asyncio.timeout (a context manager,
+                # a current_task() and two loop look-ups per message).
+                loop = self._loop or asyncio.get_running_loop()
+                timer = loop.call_at(deadline, self._overrun, me)
                 try:
-                    async with timeout:
-                        result = await self.handler(env)
-                except TimeoutError:
-                    if not timeout.expired():
+                    result = await self.handler(env)
+                except asyncio.CancelledError:
+                    if me not in self._overdue:
                         raise
+                    self._overdue.discard(me)
+                    me.uncancel()
                     raise HandlerTimeoutError(
                         f"handler for {env.type!r} ran past the deadline "
                         f"({env.ttl:.3f}s TTL) and was cancelled"
                     ) from None
+                finally:
+                    timer.cancel()
+                    if me in self._overdue:  # the handler swallowed the cancellation
+                        self._overdue.discard(me)
+                        me.uncancel()
             if result is None:
                 result = b""
             elif not isinstance(result, bytes | bytearray | memoryview):
@@ -588,7 +620,8 @@ class Node:
                     "a raw handler returns bytes (use a Router for typed replies)"
                 )
             ok = True
-            body = encode_reply(bytes(result))
+            if reply is not None or env.id is not None:
+                body = encode_reply(bytes(result))
         except asyncio.CancelledError:
             self._finish(
                 env,
@@ -620,12 +653,13 @@ class Node:
                 stats.handled += 1
             else:
                 stats.errors += 1
-            self.metrics.handlers_active(self.node_id, self._running)
-            # Types nobody handles do not take one of the few label slots.
-            unknown = isinstance(failure, NoHandlerError)
-            label = "_unknown" if unknown else self._type_label(env.type)
-            self.metrics.handler_completed(label, ok, elapsed)
-        if reply is not None:
+            if self._metered:
+                self.metrics.handlers_active(self.node_id, self._running)
+                # Types nobody handles do not take one of the few label slots.
+                unknown = isinstance(failure, NoHandlerError)
+                label = "_unknown" if unknown else self._type_label(env.type)
+                self.metrics.handler_completed(label, ok, elapsed)
+        if reply is not None and body is not None:
             await self._publish(reply, body)
         self._finish(env, None, body)
 

@@ -34,6 +34,7 @@ import selectors
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from .. import _clock
 from ..errors import ConfigurationError
 
 __all__ = [
@@ -136,6 +137,14 @@ class VirtualClockEventLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self.clock.time()
 
+    def run_forever(self) -> None:
+        # clstr's deadlines read loop.time() only while a virtual loop runs.
+        _clock._virtual_loops += 1
+        try:
+            super().run_forever()
+        finally:
+            _clock._virtual_loops -= 1
+
 
 # Loops switched to virtual time by `virtual_time()`, and their clocks.
 _SWITCHED: dict[int, VirtualClock] = {}
@@ -189,9 +198,11 @@ async def virtual_time(*, autojump: bool = True) -> AsyncIterator[VirtualClock]:
     _SWITCHED[id(loop)] = clock
     loop._selector = _AutojumpSelector(selector, clock)  # type: ignore[attr-defined]
     loop.time = clock.time  # type: ignore[method-assign]
+    _clock._virtual_loops += 1
     try:
         yield clock
     finally:
+        _clock._virtual_loops -= 1
         del loop.time
         loop._selector = selector  # type: ignore[attr-defined]
         del _SWITCHED[id(loop)]

@@ -522,6 +522,11 @@ class _MemorySubscription(Subscription):
         self._owner.forget(self)
 
 
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 class MemoryTransport(Transport):
     """A transport on an in-process :class:`MemoryNetwork`.
 
@@ -563,16 +568,19 @@ class MemoryTransport(Transport):
         if not network.has_interest(subject, self.name):
             raise NoShardOwnerError(f"no subscriber on {subject!r}")
         inbox = f"{_INBOX_PREFIX}{self.name}.{network.next_id()}"
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         self._pending[inbox] = future
         network.open_inbox(inbox, self.name, future)
+        # A timer on the future, not asyncio.timeout(): a third of the cost.
+        timer = loop.call_later(timeout, _expire, future)
         try:
             network.route(subject, data, inbox, self.name)
-            async with asyncio.timeout(timeout):
-                return await future
+            return await future
         except TimeoutError:
             raise RequestTimeoutError(f"no reply on {subject!r} within {timeout:.3f}s") from None
         finally:
+            timer.cancel()
             network.close_inbox(inbox)
             self._pending.pop(inbox, None)
 

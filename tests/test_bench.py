@@ -1,0 +1,144 @@
+"""``clstr bench`` works: every measurement runs and reports a numeric ratio.
+
+A benchmark is never a timed unit test: these tests run the suite once with
+tiny counts (``--quick``) and check the shape of its output, never a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clstr import bench
+
+# The workers are separate processes: bound the whole run, never wait forever.
+_RUN_TIMEOUT = 120
+
+
+def _run_bench(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    # From tmp_path, so that the working directory cannot shadow the package.
+    return subprocess.run(
+        [sys.executable, "-m", "clstr.bench", "--quick", "--no-progress", *options],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=_RUN_TIMEOUT,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One quick run of every benchmark, with JSON and Markdown output."""
+    tmp_path = tmp_path_factory.mktemp("bench")
+    markdown = tmp_path / "benchmarks.md"
+    markdown.write_text("# Benchmarks\n\nintro kept\n", encoding="utf-8")
+    done = _run_bench(tmp_path, "--json", str(tmp_path / "out.json"), "--markdown", str(markdown))
+    assert done.returncode == 0, done.stderr
+    return {
+        "stdout": done.stdout,
+        "json": json.loads((tmp_path / "out.json").read_text(encoding="utf-8")),
+        "markdown": markdown.read_text(encoding="utf-8"),
+    }
+
+
+class TestQuickRun:
+    def test_every_measurement_has_a_numeric_ratio(self, quick_run: dict[str, Any]) -> None:
+        """The JSON output holds every row of SPECS, each with finite figures and ratio."""
+        results = {r["name"]: r for r in quick_run["json"]["results"]}
+        assert set(results) == {spec.name for spec in bench.SPECS}
+        for name, row in results.items():
+            for field in ("clstr", "baseline", "ratio"):
+                value = row[field]
+                assert isinstance(value, int | float), (name, field)
+                assert math.isfinite(value), (name, field, value)
+                assert value > 0, (name, field, value)
+            assert row["runs"], name
+
+    def test_verdicts_follow_the_targets(self, quick_run: dict[str, Any]) -> None:
+        """A row with a target has a pass/fail verdict; a report-only row has none."""
+        for row in quick_run["json"]["results"]:
+            if row["target"] is None:
+                assert row["passed"] is None
+            else:
+                assert isinstance(row["passed"], bool)
+
+    def test_table_and_metadata(self, quick_run: dict[str, Any]) -> None:
+        """The run prints the table and records how it was measured."""
+        assert "nats_rr_throughput" in quick_run["stdout"]
+        meta = quick_run["json"]["meta"]
+        assert meta["quick"] is True
+        assert meta["loop"] == "asyncio"
+        assert meta["runs"] == 1
+
+    def test_markdown_section_is_written(self, quick_run: dict[str, Any]) -> None:
+        """--markdown adds the table between its markers and keeps the rest of the file."""
+        text = quick_run["markdown"]
+        assert "intro kept" in text
+        assert "<!-- clstr-bench:asyncio:start -->" in text
+        assert "| request/reply throughput over NATS" in text
+
+
+def test_uvloop_and_plot(tmp_path: Path) -> None:
+    """--uvloop runs the workers on uvloop, and --plot writes a PNG (when installed)."""
+    missing = [m for m in ("uvloop", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the bench extra is not installed ({', '.join(missing)})")
+    plot = tmp_path / "ratios.png"
+    done = _run_bench(
+        tmp_path,
+        "--uvloop",
+        "--only",
+        "memory_rr,hrw_assign",
+        "--plot",
+        str(plot),
+        "--json",
+        str(tmp_path / "out.json"),
+    )
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))["meta"]
+    assert meta["loop"].startswith("uvloop")
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_unknown_measurement_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--only with an unknown name fails at once, naming the valid ones."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--quick", "--only", "nope"])) == 1
+    assert "nats_rr" in capsys.readouterr().err
+
+
+def test_update_markdown_replaces_only_its_section() -> None:
+    """A second update replaces the section's body and leaves other sections alone."""
+    text = bench.update_markdown("# B\n", "asyncio", "first")
+    text = bench.update_markdown(text, "uvloop", "other")
+    text = bench.update_markdown(text, "asyncio", "second")
+    assert "second" in text
+    assert "first" not in text
+    assert "other" in text
+    assert text.count("clstr-bench:asyncio:start") == 1
+
+
+def test_summarise_profile_leaves_out_idle_and_imports() -> None:
+    """Profile summaries count busy time only: I/O waits and imports are left out."""
+    collapsed = "\n".join(
+        [
+            "main (x.py);work (clstr/node.py) 30",
+            "main (x.py);EpollSelector.select (selectors.py);epoll.poll (<built-in>) 500",
+            "main (x.py);_find_and_load (<frozen importlib._bootstrap>) 70",
+            "main (x.py);send (nats/aio/client.py) 10",
+        ]
+    )
+    summary = bench.summarise_profile(collapsed)
+    assert "busy: 40" in summary
+    assert "75.0%  work (clstr/node.py)" in summary
