@@ -226,8 +226,10 @@ class Client:
         check_limits(env, self.limits)
         return env
 
-    def _encode(self, env: Envelope, ttl: float | None = None) -> bytes:
-        body = encode_request(env, ttl=ttl)
+    def _encode(
+        self, env: Envelope, ttl: float | None = None, created_at: float | None = None
+    ) -> bytes:
+        body = encode_request(env, ttl=ttl, created_at=created_at)
         if len(body) > self.transport.max_payload:
             raise LimitExceededError(
                 f"message of {len(body)} bytes is over the transport's max_payload of "
@@ -272,8 +274,11 @@ class Client:
         ok = False
         try:
             attempt = 0
+            last: RequestError | None = None
             while True:
                 left = deadline - monotonic()
+                if left <= 0 and last is not None:
+                    raise last  # the backoff overslept the deadline: the last answer stands
                 wait = left
                 if retry is not None and retry.attempt_timeout is not None:
                     wait = min(left, retry.attempt_timeout)
@@ -281,7 +286,11 @@ class Client:
                 # re-sends sooner: the TTL is what is left, not the attempt's wait.
                 reserve = min(_REPLY_RESERVE_MAX, left * _REPLY_RESERVE_FRACTION)
                 # The TTL goes on the wire as given: no copy of the envelope per attempt.
-                body = self._encode(env, ttl=max(left - reserve, 0.001))
+                # A retry is a new message: stamped now, or a node would judge the
+                # shrinking TTL against the first attempt's time and call it stale.
+                body = self._encode(
+                    env, ttl=max(left - reserve, 0.001), created_at=time.time() if attempt else None
+                )
                 try:
                     reply = await self.transport.request(self._subjects[shard], body, wait)
                     payload = decode_reply(reply, limits=self.limits)
@@ -298,8 +307,8 @@ class Client:
                     if monotonic() + pause >= deadline:
                         raise
                     self.metrics.request_retried(msg_type, exc.code)
+                    last = exc
                     await asyncio.sleep(pause)
-                    left = deadline - monotonic()
                     continue
                 ok = True
                 return payload

@@ -107,12 +107,15 @@ def check_limits(env: Envelope, limits: Limits) -> None:
             )
 
 
-def encode_request(env: Envelope, *, ttl: float | None = None) -> bytes:
+def encode_request(
+    env: Envelope, *, ttl: float | None = None, created_at: float | None = None
+) -> bytes:
     """Encode ``env`` as a v1 request body.
 
     The TTL on the wire is the time *left* now, so the sender's deadline and
     the receiver's are one and the same (less the time in flight). ``ttl``
-    (seconds) overrides it without building a copy of the envelope.
+    (seconds) overrides it without building a copy of the envelope, and so
+    does ``created_at`` (epoch seconds) for the ``ts`` field.
     """
     body: dict[str, Any] = {"v": WIRE_VERSION, "t": env.type, "d": env.data}
     if env.key is not None:
@@ -123,7 +126,7 @@ def encode_request(env: Envelope, *, ttl: float | None = None) -> bytes:
     if remaining is not None:
         # At least 1 ms: 0 means "no TTL" on the wire.
         body["ttl"] = max(1, int(remaining * 1000))
-    body["ts"] = int(env.created_at * 1000)
+    body["ts"] = int((env.created_at if created_at is None else created_at) * 1000)
     if env.id is not None:
         body["id"] = env.id
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
@@ -141,7 +144,7 @@ def _unpack_map(data: bytes, limits: Limits, what: str) -> dict[Any, Any]:
     if not isinstance(body, dict):
         raise BadRequestError(f"{what} must be a msgpack map, got {type(body).__name__}")
     version = body.get("v")
-    if version != WIRE_VERSION:
+    if type(version) is not int or version != WIRE_VERSION:
         raise BadRequestError(f"{what}: unsupported wire version {version!r}, expected 1")
     return body
 
@@ -387,7 +390,7 @@ def _converter(tp: Any) -> Converter:
             }
             try:
                 return cls(**kwargs)
-            except (TypeError, ValueError) as exc:
+            except Exception as exc:  # __post_init__ checks may raise anything
                 raise PayloadError(f"{path}: {exc}") from exc
 
         return record

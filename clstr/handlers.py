@@ -284,7 +284,11 @@ class KeyHandler:
             entry.last_used = self._clock()
 
     async def _evict(self, key: str) -> None:
-        entry = self._entries.pop(key)
+        # Victims are chosen before the awaits of earlier evictions: re-check.
+        entry = self._entries.get(key)
+        if entry is None or entry.busy:
+            return
+        del self._entries[key]
         if self._on_evict is None:
             return
         try:

@@ -20,7 +20,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -360,6 +360,7 @@ class KvMembership(Membership):
         self._change_waiters: list[asyncio.Future[None]] = []
         self._control: Subscription | None = None
         self._heartbeat_lock = asyncio.Lock()
+        self._lost = False  # heartbeat expired; rejoining
         self._shards_ready = asyncio.Event()
 
     # -- public API -----------------------------------------------------------
@@ -556,6 +557,9 @@ class KvMembership(Membership):
         node = self._require_node()
         if not self._connected:
             return
+        if self._lost:
+            await self._rejoin()
+            return
         sent = asyncio.get_running_loop().time()
         try:
             self._my_revision = await self._renew(self._my_revision)
@@ -596,18 +600,33 @@ class KvMembership(Membership):
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            await self._heartbeat()
+            try:
+                await self._heartbeat()
+            except Exception as exc:
+                # Never let the heartbeat die: the next tick tries again (a
+                # failed rejoin included: the node stays fenced until then).
+                _log.warning("heartbeat round failed", error=repr(exc))
 
     async def _rejoin(self) -> None:
+        """Our heartbeat expired: drop every shard and join again (called under the
+        heartbeat lock). Until it succeeds the node stays fenced."""
         node = self._require_node()
+        self._lost = True
         node.set_lease(None)
         node.fence("heartbeat lost")
+        await self._drop_all()
+        await self._announce()
+        self._lost = False
+        node.unfence()
+        self._dirty.set()
+
+    async def _drop_all(self) -> None:
+        """Stop serving every shard we hold, without touching the keys (they may
+        be someone else's by now; reconcile cleans up those still ours)."""
+        node = self._require_node()
         for shard in list(self._held):
             await node.release(shard, timeout=0)
             self._held.pop(shard, None)
-        await self._announce()
-        node.unfence()
-        self._dirty.set()
 
     def _on_control(self, data: bytes, reply: str | None) -> None:
         """Operations from outside (``clstr cordon/uncordon/drain``): JSON ``{"op": ...}``."""
@@ -662,20 +681,24 @@ class KvMembership(Membership):
             _log.error("membership task failed", error=repr(task.exception()))
 
     async def _after_reconnect(self) -> None:
-        """Re-check our heartbeat and every shard key before handling again."""
+        """Re-check our heartbeat and every shard key before handling again.
+
+        Under the heartbeat lock, so that no renewal moves our revision while
+        it is compared, and one re-check at a time.
+        """
         node = self._require_node()
-        try:
+        async with self._heartbeat_lock:
+            if not self._connected:
+                return  # dropped again: the next reconnect re-checks
             try:
-                entry = await self._members_kv.get(node.node_id)
-                mine = entry.revision == self._my_revision
-            except Exception:
-                mine = False
-            if not mine:
-                for shard in list(self._held):
-                    await node.release(shard, timeout=0)
-                    self._held.pop(shard, None)
-                await self._announce()
-            else:
+                try:
+                    entry = await self._members_kv.get(node.node_id)
+                    mine = entry.revision == self._my_revision
+                except Exception:
+                    mine = False
+                if not mine:
+                    await self._rejoin()
+                    return
                 for shard, revision in list(self._held.items()):
                     try:
                         current = await self._shards_kv.get(str(shard))
@@ -685,13 +708,14 @@ class KvMembership(Membership):
                     if not still:
                         await node.release(shard, timeout=0)
                         self._held.pop(shard, None)
-                await self._heartbeat()
-        finally:
-            self._revalidate = False
-            if self._lease_until is not None:
-                node.set_lease(self._lease_until)
-            node.unfence()
-            self._dirty.set()
+                await self._heartbeat_once()
+            finally:
+                if self._connected:
+                    self._revalidate = False
+                    if self._lease_until is not None and not self._lost:
+                        node.set_lease(self._lease_until)
+                        node.unfence()
+                self._dirty.set()
 
     async def _watch_members(self) -> None:
         watcher = await self._members_kv.watchall()
@@ -734,11 +758,26 @@ class KvMembership(Membership):
             else:
                 owner = entry.value.decode(errors="replace")
                 self._holders[shard] = _Holder(owner, entry.revision)
+                mine = self._held.get(shard)
+                if mine is not None and entry.revision != mine and owner != self._node_id():
+                    # Taken from us (we were believed dead): stop serving it at once.
+                    _log.warning("shard taken over by another node", shard=shard, by=owner)
+                    self._held.pop(shard, None)
+                    self._spawn(self._require_node().release(shard, timeout=0))
                 if previous is None or previous.node_id != owner:
                     if previous is not None:
                         self._emit(MembershipEventKind.SHARD_RELEASED, previous.node_id, shard)
                     self._emit(MembershipEventKind.SHARD_ACQUIRED, owner, shard)
             self._changed_now()
+
+    def _node_id(self) -> str:
+        return self._require_node().node_id
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a membership task (cancelled by leave)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self._tasks_done)
+        self._tasks.append(task)
 
     def _changed_now(self) -> None:
         self._dirty.set()
@@ -795,9 +834,37 @@ class KvMembership(Membership):
             holder = self._holders.get(shard)
             if holder is None or holder.node_id not in self._members or holder.node_id == me:
                 gaining.append((shard, holder))
+        # Keys still in our name that we do not serve (left by a rejoin) and
+        # that belong elsewhere now: give them back, or nobody may take them.
+        stale = [
+            (s, h)
+            for s, h in self._holders.items()
+            if h.node_id == me and s not in self._held and desired.get(s) != me
+        ]
         await asyncio.gather(
-            *(self._release(s) for s in losing), *(self._acquire(s, h) for s, h in gaining)
+            *(self._release(s) for s in losing),
+            *(self._acquire(s, h) for s, h in gaining),
+            *(self._delete_key(s, h.revision) for s, h in stale),
         )
+
+    async def _holder_gone(self, holder: _Holder) -> bool:
+        """Whether ``holder``'s heartbeat is really gone. The members watch and the
+        shards watch are separate streams: a newcomer's shard key can arrive
+        before its heartbeat does, so absence from our view is checked once more
+        against the bucket before a key is taken from its holder."""
+        import nats.js.errors
+
+        try:
+            await self._members_kv.get(holder.node_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return True
+        return False
+
+    async def _delete_key(self, shard: int, revision: int) -> None:
+        try:
+            await self._shards_kv.delete(str(shard), last=revision)
+        except Exception as exc:
+            _log.debug("stale shard key not deleted", shard=shard, error=repr(exc))
 
     async def _acquire(self, shard: int, holder: _Holder | None) -> None:
         node = self._require_node()
@@ -806,6 +873,8 @@ class KvMembership(Membership):
         try:
             if holder is None:
                 revision = await self._shards_kv.create(key, value)
+            elif holder.node_id != node.node_id and not await self._holder_gone(holder):
+                return  # alive after all: it will release the key itself
             else:
                 revision = await self._shards_kv.update(key, value, last=holder.revision)
         except Exception as exc:
@@ -813,7 +882,13 @@ class KvMembership(Membership):
             self._dirty.set()
             return
         self._held[shard] = revision
-        await node.acquire(shard)
+        try:
+            await node.acquire(shard)
+        except BaseException:
+            # Not served: give the key back rather than hold it unserved.
+            self._held.pop(shard, None)
+            await self._delete_key(shard, revision)
+            raise
 
     async def _release(self, shard: int) -> None:
         node = self._require_node()

@@ -218,6 +218,7 @@ class Node:
         self._workers: set[asyncio.Task[None]] = set()
         self._current: dict[asyncio.Task[None], int] = {}  # worker -> shard it runs
         self._chores: set[asyncio.Task[None]] = set()  # evictions scheduled from callbacks
+        self._evicting: list[Callable[[int], bool]] = []  # shards being evicted now
         self._load: dict[int, int] = {}  # shard -> messages queued or running
         self._idle_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._queued = 0
@@ -316,9 +317,11 @@ class Node:
         ``timeout`` seconds (default ``stop_timeout``; 0 = not at all), then cancel
         what is left (callers get ``not_owner``). Called by the membership.
         """
-        sub = self._subs.pop(shard, None)
+        sub = self._subs.get(shard)
         if sub is not None:
+            # Served until drained: what the server sends meanwhile is handled.
             await sub.drain()
+            self._subs.pop(shard, None)
             self.metrics.shards_owned(self.node_id, len(self._subs))
         bound = self.stop_timeout if timeout is None else timeout
         if self._load.get(shard):
@@ -431,15 +434,18 @@ class Node:
         if env.ttl is not None and (
             env.expired() or self._wall_clock() - env.created_at > env.ttl + self.clock_skew
         ):
-            self._reject_expired(env, reply)
+            # Only this copy's reply: a copy of the same id may be running.
+            self._rejected("expired")
+            self._reply(reply, self._expired_reply(env))
             return
         if env.type == NODE_INFO_TYPE:
             info = NodeInfo(node_id=self.node_id, shards=self.shards)
             self._reply(reply, encode_reply(encode_payload(info)))
             return
-        if self.fenced:
+        if self.fenced or shard not in self._subs or self.state is NodeState.STOPPED:
+            # Fenced, or a late delivery for a shard it no longer serves.
             self._rejected("not_owner")
-            self._reply(reply, error_reply_for(NotOwnerError(self._fence_reason())))
+            self._reply(reply, error_reply_for(NotOwnerError(self._fence_reason(shard))))
             return
         request_id = env.id
         if request_id is not None:
@@ -471,7 +477,9 @@ class Node:
             self._in_flight[request_id] = []
         self._enqueue(env, reply)
 
-    def _fence_reason(self) -> str:
+    def _fence_reason(self, shard: int) -> str:
+        if self._fenced is None and not self.fenced:
+            return f"node {self.node_id} does not serve shard {shard} (any more); retry"
         reason = self._fenced or "its lease expired"
         return f"node {self.node_id} is not handling messages ({reason}); retry"
 
@@ -489,11 +497,9 @@ class Node:
             return msg_type
         return "other"
 
-    def _reject_expired(self, env: Envelope, reply: str | None) -> None:
-        """Answer ``reply`` (and any retry waiting on the same id) with ``expired``."""
-        self._rejected("expired")
+    def _expired_reply(self, env: Envelope) -> bytes:
         message = f"envelope {env.type!r} for shard {env.shard} expired before its handler ran"
-        self._finish(env, reply, error_reply_for(EnvelopeExpiredError(message)), cache=False)
+        return error_reply_for(EnvelopeExpiredError(message))
 
     def _enqueue(self, env: Envelope, reply: str | None) -> None:
         self.stats.received += 1
@@ -574,11 +580,14 @@ class Node:
 
     async def _run(self, env: Envelope, reply: str | None, me: asyncio.Task[None]) -> None:
         if env.expired():
-            self._reject_expired(env, reply)
+            self._rejected("expired")
+            self._finish(env, reply, self._expired_reply(env), cache=False)
             return
-        if self.fenced:
+        if self.fenced or self._refusing(env.shard):
+            # Not cached: a retry after unfencing must run the handler.
             self._rejected("not_owner")
-            self._finish(env, reply, error_reply_for(NotOwnerError(self._fence_reason())))
+            refusal = error_reply_for(NotOwnerError(self._fence_reason(env.shard)))
+            self._finish(env, reply, refusal, cache=False)
             return
         self._running += 1
         if self._metered:
@@ -659,9 +668,13 @@ class Node:
                 unknown = isinstance(failure, NoHandlerError)
                 label = "_unknown" if unknown else self._type_label(env.type)
                 self.metrics.handler_completed(label, ok, elapsed)
-        if reply is not None and body is not None:
-            await self._publish(reply, body)
-        self._finish(env, None, body)
+        try:
+            if reply is not None and body is not None:
+                await self._publish(reply, body)
+        finally:
+            # Also when cancelled while publishing: waiting retries get the
+            # reply and the cache keeps it.
+            self._finish(env, None, body)
 
     def _finish(
         self, env: Envelope, reply: str | None, body: bytes | None, *, cache: bool = True
@@ -690,6 +703,18 @@ class Node:
     async def _evict(self, which: Callable[[int], bool], reason: str) -> None:
         """Cancel running handlers and drop queued messages of the shards ``which``
         selects; their callers get ``not_owner``."""
+        # Until the shards' lanes are emptied, a worker that picks one up (a
+        # replacement for a cancelled one, say) refuses it rather than run it.
+        self._evicting.append(which)
+        try:
+            await self._evict_now(which, reason)
+        finally:
+            self._evicting.remove(which)
+
+    def _refusing(self, shard: int) -> bool:
+        return any(which(shard) for which in self._evicting)
+
+    async def _evict_now(self, which: Callable[[int], bool], reason: str) -> None:
         victims = [t for t, s in self._current.items() if which(s)]
         await _cancel(victims)
         error = error_reply_for(NotOwnerError(reason))

@@ -516,6 +516,9 @@ class _MemorySubscription(Subscription):
         # network, everything already routed to us has been delivered.
         self._owner.forget(self)
         await asyncio.sleep(0)
+        # Like a drained NATS subscription: nothing arrives any more (a delayed
+        # or duplicated delivery from the fault injector included).
+        self.active = False
 
     async def unsubscribe(self) -> None:
         self.active = False

@@ -23,7 +23,7 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -143,11 +143,13 @@ def _seed_options(seed: str) -> dict[str, str]:
 
 
 class _NatsSubscription(Subscription):
-    def __init__(self, sub: NatsSubscription) -> None:
+    def __init__(self, sub: NatsSubscription, forget: Callable[[_NatsSubscription], None]) -> None:
         self.subject = sub.subject
         self._sub = sub
+        self._forget = forget
 
     async def drain(self) -> None:
+        self._forget(self)
         if not self._sub._conn.is_connected:
             # Nothing more can arrive, and a drain would wait for a PONG that
             # cannot come until the connection is back.
@@ -157,6 +159,7 @@ class _NatsSubscription(Subscription):
             await self._sub.drain()  # type: ignore[no-untyped-call]
 
     async def unsubscribe(self) -> None:
+        self._forget(self)
         with contextlib.suppress(nats.errors.Error):
             await self._sub.unsubscribe()
 
@@ -200,7 +203,7 @@ class NatsTransport(Transport):
         self.metrics = metrics
         self._owns = owns_connection
         self._opts = options or NatsOptions()
-        self._subs: list[_NatsSubscription] = []
+        self._subs: set[_NatsSubscription] = set()
         self._closed = False
         # Replies to our requests: one wildcard subscription, a future per token.
         self._mux_prefix: str | None = None
@@ -502,13 +505,22 @@ class NatsTransport(Transport):
                 pending_msgs_limit=self._opts.sub_pending_msgs,
                 pending_bytes_limit=self._opts.sub_pending_bytes,
             )
+        except nats.errors.Error as exc:
+            raise TransportError(f"cannot subscribe to {subject!r}: {exc}") from exc
+        try:
             # A round trip to the server: once it answers, it routes to us. A
             # refusal (-ERR permissions violation) is not ordered before that
             # PONG, so a second round trip gives it time to arrive.
             await self.nc.flush()
             await self.nc.flush()
-        except nats.errors.Error as exc:
-            raise TransportError(f"cannot subscribe to {subject!r}: {exc}") from exc
+        except BaseException as exc:
+            # Not confirmed (failed or cancelled): take the interest back, or
+            # nats-py would keep it, and resubscribe it after reconnects.
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            if isinstance(exc, nats.errors.Error):
+                raise TransportError(f"cannot subscribe to {subject!r}: {exc}") from exc
+            raise
         denied = self._denied_subscription(subject, since)
         if denied is not None:
             with contextlib.suppress(nats.errors.Error):
@@ -517,8 +529,8 @@ class NatsTransport(Transport):
                 f"the NATS server refused the subscription to {subject!r} ({denied}); "
                 "the connection's user lacks subscribe permission on it (see docs/security.md)"
             )
-        wrapped = _NatsSubscription(sub)
-        self._subs.append(wrapped)
+        wrapped = _NatsSubscription(sub, self._subs.discard)
+        self._subs.add(wrapped)
         return wrapped
 
     async def close(self) -> None:
@@ -537,6 +549,6 @@ class NatsTransport(Transport):
                 if not self.nc.is_closed:
                     await self.nc.close()
         else:
-            for sub in self._subs:
+            for sub in list(self._subs):
                 await sub.unsubscribe()
         self._subs.clear()

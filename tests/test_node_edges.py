@@ -1,0 +1,204 @@
+"""Edge cases of the node found in review: each test failed before its fix.
+
+Memory transport only: they are about the node's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from clstr import (
+    Client,
+    Envelope,
+    EnvelopeExpiredError,
+    KeyHandler,
+    MemoryTransport,
+    Node,
+    NotOwnerError,
+    RetryPolicy,
+)
+from clstr.codec import decode_reply, encode_request
+
+from _support import eventually
+
+SUBJECT = "clstr.shard.0"
+
+
+class Slow:
+    """A handler that records its runs and waits at a gate."""
+
+    def __init__(self) -> None:
+        self.runs: list[bytes] = []
+        self.running = 0
+        self.gate = asyncio.Event()
+
+    async def __call__(self, env: Envelope) -> bytes:
+        self.runs.append(env.data)
+        self.running += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
+        return b"ok"
+
+
+class TestHandoff:
+    async def test_release_past_its_bound_leaves_nothing_running(self) -> None:
+        """After release() times out and cancels, no handler of that shard runs or
+        starts: the replacement worker refuses the rest of the lane."""
+        handler = Slow()
+        transport = MemoryTransport()
+        node = Node(transport, handler, num_shards=1, stop_timeout=1)
+        await node.start()
+        client = Client(transport.connect("c"), num_shards=1, timeout=10)
+        calls = [
+            asyncio.create_task(client.request_shard(0, "x", b"%d" % i, key="k")) for i in range(3)
+        ]
+        await eventually(lambda: node.running == 1 and node.queued == 2)
+        await node.release(0, timeout=0.05)
+        assert handler.running == 0
+        assert handler.runs == [b"0"]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, NotOwnerError) for r in results)
+        await node.stop()
+
+
+class TestIdempotencyEdges:
+    async def test_refusal_while_fenced_is_not_cached(self) -> None:
+        """A not_owner answer given while fenced is not remembered: the same id
+        retried after unfencing runs the handler."""
+        calls = 0
+
+        async def handler(env: Envelope) -> bytes:
+            nonlocal calls
+            calls += 1
+            return b"done"
+
+        transport = MemoryTransport()
+        node = Node(transport, handler, num_shards=1)
+        await node.start()
+        raw = transport.connect("c")
+        env = Envelope("x", key="k", id="req-1", ttl=5)
+        first = asyncio.create_task(raw.request(SUBJECT, encode_request(env), 5))
+        # Two loop turns: delivered and queued, its worker created but not started.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert node.queued == 1
+        node.fence("blip")
+        with pytest.raises(NotOwnerError):
+            decode_reply(await first)
+        node.unfence()
+        client = Client(raw, num_shards=1, timeout=2, retry=RetryPolicy())
+        assert await client.request_shard(0, "x", key="k", request_id="req-1") == b"done"
+        assert calls == 1
+        await node.stop()
+
+    async def test_expired_copy_does_not_cut_the_run_in_flight(self) -> None:
+        """A stale copy of an id that is running is refused alone: later copies still
+        join the run, and the handler runs once."""
+        handler = Slow()
+        transport = MemoryTransport()
+        node = Node(transport, handler, num_shards=1, clock_skew=1.0)
+        await node.start()
+        raw = transport.connect("c")
+
+        def send(**kwargs: object) -> asyncio.Task[bytes]:
+            env = Envelope("pay", key="k", id="order-7", ttl=5, **kwargs)  # type: ignore[arg-type]
+            return asyncio.create_task(raw.request(SUBJECT, encode_request(env), 5))
+
+        first = send()
+        await eventually(lambda: handler.running == 1)
+        stale = send(created_at=time.time() - 60)
+        with pytest.raises(EnvelopeExpiredError):
+            decode_reply(await stale)
+        later = send()
+        await asyncio.sleep(0.01)  # let the later copy reach the node and join the run
+        handler.gate.set()
+        assert decode_reply(await first) == b"ok"
+        assert decode_reply(await later) == b"ok"
+        assert handler.runs == [b""]
+        await node.stop()
+
+    async def test_cancel_during_reply_publish_still_answers_retries(self) -> None:
+        """If the worker is cancelled while publishing its reply, retries of the id
+        get the reply from the cache instead of waiting forever."""
+
+        class SlowReplies(MemoryTransport):
+            async def publish(self, subject: str, data: bytes, **kwargs: object) -> None:
+                if subject.startswith("_INBOX"):
+                    await asyncio.sleep(0.05)  # a full outgoing buffer, say
+                await super().publish(subject, data, **kwargs)  # type: ignore[arg-type]
+
+        runs = 0
+
+        async def handler(env: Envelope) -> bytes:
+            nonlocal runs
+            runs += 1
+            return b"ok"
+
+        transport = SlowReplies()
+        node = Node(transport, handler, num_shards=1)
+        await node.start()
+        raw = transport.connect("c")
+        env = Envelope("x", key="k", id="r1", ttl=5)
+        first = asyncio.create_task(raw.request(SUBJECT, encode_request(env), 1))
+        await eventually(lambda: runs == 1)
+        node.fence("blip")  # cancels the worker inside its publish
+        await eventually(lambda: not node._in_flight)
+        node.unfence()
+        assert decode_reply(await raw.request(SUBJECT, encode_request(env), 1)) == b"ok"
+        assert runs == 1
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await node.stop()
+
+
+class TestLateDeliveries:
+    async def test_message_for_a_released_shard_is_refused(self) -> None:
+        """A message the transport still hands over for a shard the node released
+        is answered not_owner, not handled."""
+        handler = Slow()
+        transport = MemoryTransport()
+        node = Node(transport, handler, num_shards=2)
+        await node.start()
+        await node.release(0)
+        replies: list[bytes] = []
+        raw = transport.connect("c")
+        inbox = "replies.test"
+        await raw.subscribe(inbox, lambda data, reply: replies.append(data))
+        node._on_message(0, encode_request(Envelope("x")), inbox)  # as a late delivery
+        await eventually(lambda: bool(replies))
+        with pytest.raises(NotOwnerError):
+            decode_reply(replies[0])
+        assert handler.runs == []
+        await node.stop()
+
+
+class TestKeyHandlerRaces:
+    async def test_key_busy_again_is_not_evicted(self) -> None:
+        """A key that turns busy while earlier evictions run is skipped, and a key
+        evicted twice does not raise."""
+        gate = asyncio.Event()
+        evicted: list[str] = []
+
+        async def slow_evict(key: str, handler: object) -> None:
+            evicted.append(key)
+            await gate.wait()
+
+        async def echo(env: Envelope) -> bytes:
+            return env.data
+
+        keys = KeyHandler(lambda key: echo, on_evict=slow_evict)
+        for key in ("a", "b"):
+            await keys(Envelope("e", key=key))
+        sweep = asyncio.create_task(keys.evict_all())
+        await eventually(lambda: evicted == ["a"])
+        keys._entries["b"].busy += 1  # "b" starts handling meanwhile
+        second = asyncio.create_task(keys.evict_all())  # a concurrent eviction path
+        gate.set()
+        await asyncio.gather(sweep, second)
+        assert "b" in keys
+        assert evicted == ["a"]
