@@ -301,6 +301,7 @@ async def _serve(
             prefix=node.prefix,
             nats_url=connected.geturl() if connected is not None else None,
             pid=os.getpid(),
+            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             **extra,
         )
         await signals.stop.wait()

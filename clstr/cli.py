@@ -71,6 +71,7 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "CLSTR_NODE_ID": "node --id",
     "CLSTR_STATIC_NODES": "node --static-nodes",
     "CLSTR_MEMBERSHIP": "node --membership",
+    "CLSTR_UVLOOP": "node --uvloop",
     "CLSTR_APP": "node --app",
     "CLSTR_METRICS_PORT": "node --metrics-port",
 }
@@ -443,6 +444,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="seconds in-flight handlers get on SIGTERM before they are cancelled",
     )
     node.add_argument(
+        "--uvloop",
+        action="store_true",
+        default=_env_flag(env, "CLSTR_UVLOOP"),
+        help="run on uvloop, the faster event loop [CLSTR_UVLOOP=1] "
+        "(pip install 'clstr[uvloop]')",
+    )
+    node.add_argument(
         "--watch-stdin",
         action="store_true",
         help="stop when stdin closes (for a supervising parent process)",
@@ -567,6 +575,14 @@ def _run_node(args: argparse.Namespace) -> int:
         nats_options=_nats_options(args, f"clstr-node-{args.node_id}"),
         watch_stdin=args.watch_stdin,
     )
+    if args.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            raise CliError(
+                "--uvloop needs the uvloop package: pip install 'clstr[uvloop]'"
+            ) from None
+        return int(uvloop.run(run_node(options)))
     return asyncio.run(run_node(options))
 
 

@@ -218,3 +218,28 @@ class TestDynamicMembership:
         code = main(["--nats-url", clstr_nats_server.url, "drain", "ghost", "--timeout", "2"])
         assert code == 2
         assert "no node 'ghost'" in capsys.readouterr().err
+
+
+class TestUvloop:
+    async def test_node_runs_on_uvloop(self, clstr_nats_server: NatsServer) -> None:
+        """`clstr node --uvloop` serves on the uvloop event loop."""
+        prefix = f"uv{uuid.uuid4().hex[:8]}"
+        argv = [
+            *node_command("fast", clstr_nats_server.url, num_shards=NUM_SHARDS, prefix=prefix),
+            "--uvloop",
+        ]
+        process = NodeProcess("fast", argv)
+        await process.start()
+        try:
+            ready = await process.wait_ready(30)
+            assert ready["loop"] == "uvloop"
+            client = await Client.connect(
+                clstr_nats_server.url, num_shards=NUM_SHARDS, prefix=prefix
+            )
+            async with client:
+                reply = await client.key("u1").call(Greet(name="x"), Greeting)
+            assert reply.node == "fast"
+            assert await process.stop(timeout=15) == 0
+        finally:
+            if process.returncode is None:
+                await process.kill()
