@@ -447,8 +447,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--uvloop",
         action="store_true",
         default=_env_flag(env, "CLSTR_UVLOOP"),
-        help="run on uvloop, the faster event loop [CLSTR_UVLOOP=1] "
-        "(pip install 'clstr[uvloop]')",
+        help="run on uvloop, the faster event loop [CLSTR_UVLOOP=1] (pip install 'clstr[uvloop]')",
     )
     node.add_argument(
         "--watch-stdin",
