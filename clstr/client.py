@@ -65,6 +65,8 @@ DEFAULT_TIMEOUT: Final = 5.0
 # more than a tenth of the budget.
 _REPLY_RESERVE_MAX: Final = 0.05
 _REPLY_RESERVE_FRACTION: Final = 0.1
+# A retry needs at least this long to have a chance.
+_MIN_ATTEMPT: Final = 0.005
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -277,8 +279,10 @@ class Client:
             last: RequestError | None = None
             while True:
                 left = deadline - monotonic()
-                if left <= 0 and last is not None:
-                    raise last  # the backoff overslept the deadline: the last answer stands
+                if left <= _MIN_ATTEMPT and last is not None:
+                    # The backoff ate the deadline: the last answer stands (better
+                    # than a timeout of an attempt that had no time to succeed).
+                    raise last
                 wait = left
                 if retry is not None and retry.attempt_timeout is not None:
                     wait = min(left, retry.attempt_timeout)
@@ -304,7 +308,7 @@ class Client:
                     attempt += 1
                     if retry.max_attempts is not None and attempt >= retry.max_attempts:
                         raise
-                    if monotonic() + pause >= deadline:
+                    if monotonic() + pause + _MIN_ATTEMPT >= deadline:
                         raise
                     self.metrics.request_retried(msg_type, exc.code)
                     last = exc
