@@ -386,11 +386,15 @@ class ServiceDiscovery:
         return respond
 
     async def stop(self) -> None:
-        """Unsubscribe; idempotent. Tools stop listing the node at once."""
+        """Unsubscribe; idempotent. Returns once the server has taken the
+        unsubscriptions in, so tools stop listing the node at once."""
         subs, self._subs = self._subs, []
         for sub in subs:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+        if subs and self.transport.nc.is_connected:
+            with contextlib.suppress(nats.errors.Error):
+                await self.transport.nc.flush()
 
     async def __aenter__(self) -> Self:
         await self.start()
