@@ -40,7 +40,9 @@ from clstr.transports.nats import NatsOptions, NatsTransport
 from _support import eventually
 
 NUM_SHARDS = 32
-FAST = KvSettings(heartbeat_interval=0.25, heartbeat_ttl=1.0, reconcile_interval=0.25)
+# A 2 s TTL: short for fast tests, long enough that a loaded CI machine does
+# not let a live node's heartbeat lapse.
+FAST = KvSettings(heartbeat_interval=0.25, heartbeat_ttl=2.0, reconcile_interval=0.25)
 
 
 @dataclass
