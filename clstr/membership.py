@@ -136,6 +136,10 @@ class Membership(abc.ABC):
     def cluster_state(self) -> ClusterState:
         """The cluster as this node sees it now."""
 
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release what the membership runs (tasks, watchers), also when
+        :meth:`leave` was cut short by the node's stop bound. Idempotent."""
+
     def add_listener(self, listener: MembershipListener) -> None:
         """Call ``listener`` for every :class:`MembershipEvent`."""
         self._listeners.append(listener)
@@ -483,19 +487,23 @@ class KvMembership(Membership):
             await self._close()
         self._emit(MembershipEventKind.NODE_LEFT, node.node_id)
 
+    async def close(self) -> None:
+        if self._node is not None:
+            await self._close()
+
     async def _close(self) -> None:
         """Stop every task and watcher (also when leave was cut short)."""
         node = self._require_node()
-        if self._control is not None:
-            await self._control.unsubscribe()
-            self._control = None
-        await _cancel(self._tasks)
-        self._tasks.clear()
-        for watcher in self._watchers:
-            await _stop_watcher(watcher)
-        self._watchers.clear()
         node.transport.remove_listener(self._on_connection)
         node.set_lease(None)
+        tasks, self._tasks = self._tasks, []
+        watchers, self._watchers = self._watchers, []
+        await _cancel(tasks)
+        if self._control is not None:
+            control, self._control = self._control, None
+            await control.unsubscribe()
+        for watcher in watchers:
+            await _stop_watcher(watcher)
 
     # -- internals ------------------------------------------------------------
 

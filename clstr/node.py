@@ -394,7 +394,9 @@ class Node:
                 running=self._running,
                 queued=self._queued,
             )
-        # Whatever membership did, no subscription may outlive the node.
+        # Whatever membership did (its leave may have been cut short), none of
+        # its tasks and no subscription may outlive the node.
+        await self.membership.close()
         for shard in list(self._subs):
             await self.release(shard, timeout=0)
         await _cancel(list(self._chores))
