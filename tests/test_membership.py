@@ -145,7 +145,12 @@ class TestPlacement:
         await harness.start("b")
         before = (await harness.settled("a", {"a", "b"})).owners
         client = Client(
-            await harness.connect("client"), num_shards=NUM_SHARDS, retry=RetryPolicy(), timeout=5
+            await harness.connect("client"),
+            num_shards=NUM_SHARDS,
+            # As docs/membership.md advises: an attempt lost in a handoff is
+            # re-sent (same id) instead of waiting out the whole deadline.
+            retry=RetryPolicy(attempt_timeout=1.0),
+            timeout=5,
         )
         stop = asyncio.Event()
         failures: list[BaseException] = []
