@@ -863,10 +863,12 @@ class KvMembership(Membership):
         import nats.js.errors
 
         try:
-            await self._members_kv.get(holder.node_id)
+            entry = await self._members_kv.get(holder.node_id)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return True
-        return False
+        # An expired heartbeat leaves the server's marker (no KV-Operation
+        # header, no value) until the marker itself expires.
+        return not entry.value or entry.operation in ("DEL", "PURGE")
 
     async def _delete_key(self, shard: int, revision: int) -> None:
         try:
