@@ -213,6 +213,7 @@ class Node:
         self._type_labels: set[str] = set()
 
         self._subs: dict[int, Subscription] = {}
+        self._acquiring: set[int] = set()  # subscribed, not yet confirmed
         self._lanes: dict[tuple[int, str], _Lane] = {}
         self._ready: deque[_Lane] = deque()
         self._workers: set[asyncio.Task[None]] = set()
@@ -300,15 +301,21 @@ class Node:
 
         Called by the membership; returns once the server routes the shard to us.
         """
-        if shard in self._subs:
+        if shard in self._subs or shard in self._acquiring:
             return
 
         def on_message(data: bytes, reply: str | None) -> None:
             self._on_message(shard, data, reply)
 
-        sub = await self.transport.subscribe(
-            shard_subject(self.prefix, shard), on_message, queue=self.prefix
-        )
+        # The server may route messages before the subscription is confirmed:
+        # they are ours already (the membership holds the shard).
+        self._acquiring.add(shard)
+        try:
+            sub = await self.transport.subscribe(
+                shard_subject(self.prefix, shard), on_message, queue=self.prefix
+            )
+        finally:
+            self._acquiring.discard(shard)
         self._subs[shard] = sub
         self.metrics.shards_owned(self.node_id, len(self._subs))
 
@@ -444,7 +451,11 @@ class Node:
             info = NodeInfo(node_id=self.node_id, shards=self.shards)
             self._reply(reply, encode_reply(encode_payload(info)))
             return
-        if self.fenced or shard not in self._subs or self.state is NodeState.STOPPED:
+        if (
+            self.fenced
+            or (shard not in self._subs and shard not in self._acquiring)
+            or self.state is NodeState.STOPPED
+        ):
             # Fenced, or a late delivery for a shard it no longer serves.
             self._rejected("not_owner")
             self._reply(reply, error_reply_for(NotOwnerError(self._fence_reason(shard))))
