@@ -236,7 +236,49 @@ class _Run:
     finalizer: weakref.finalize[[subprocess.Popen[bytes], threading.Thread], NatsServer]
 
 
-class NatsServer:
+class _Managed:
+    """Sync and async context managers over a blocking ``start()``/``stop()``.
+
+    The async ones run them in a thread, so the event loop is never blocked.
+    """
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        try:
+            await asyncio.to_thread(self.start)
+        except BaseException:
+            # Cancelled mid-start, the thread may still bring the server up;
+            # stop() takes the lock, so it waits for start() and undoes it.
+            await asyncio.to_thread(self.stop)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+class NatsServer(_Managed):
     """One real nats-server process, configured through a generated config file.
 
     Construct it, then :meth:`start` it (or use it as a context manager, sync
@@ -530,35 +572,6 @@ class NatsServer:
         with self._lock:
             self._end_run(kill=True, timeout=DEFAULT_STOP_TIMEOUT)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await asyncio.to_thread(self.start)
-        except BaseException:
-            # Cancelled mid-start, the thread may still bring the server up;
-            # stop() takes the lock, so it waits for start() and undoes it.
-            await asyncio.to_thread(self.stop)
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
-
     # -- internals ------------------------------------------------------
 
     def _prepare_workdir(self) -> Path:
@@ -632,7 +645,7 @@ class NatsServer:
         return f"{problem}\ncommand: {' '.join(self._command)}\nlog tail:\n{log}"
 
 
-class NatsCluster:
+class NatsCluster(_Managed):
     """A NATS cluster of real servers, routed to each other, JetStream on.
 
     Each server has its own name (``<name>-<i>``), temporary store, client
@@ -756,33 +769,6 @@ class NatsCluster:
         with self._lock:
             self._server(index).start(timeout=_remaining(deadline))
             self._wait_formed(deadline)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await asyncio.to_thread(self.start)
-        except BaseException:
-            await asyncio.to_thread(self.stop)
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
 
     # -- internals ------------------------------------------------------
 
