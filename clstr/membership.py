@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
 
+from ._tasks import cancel_and_wait
 from .errors import ConfigurationError, LifecycleError, ShardOutOfRangeError, TransportError
 from .hashing import assign_shards, shards_for_node
 
@@ -366,6 +367,7 @@ class KvMembership(Membership):
         self._heartbeat_lock = asyncio.Lock()
         self._lost = False  # heartbeat expired; rejoining
         self._shards_ready = asyncio.Event()
+        self._stopped: set[str] = set()  # loops told to end (see cancel_and_wait)
 
     # -- public API -----------------------------------------------------------
 
@@ -471,14 +473,15 @@ class KvMembership(Membership):
             return
         self._leaving = True
         try:
-            reconcile = [t for t in self._tasks if t.get_name().startswith("clstr-reconcile")]
-            await _cancel(reconcile)
+            await self._stop_loop("reconcile")
             # Announce that we are leaving (cordoned) but stay a live member:
             # the others then wait for us to release each key instead of
             # taking it while we still drain it. The heartbeat goes last.
             self._cordoned = True
             await self._heartbeat()
             await asyncio.gather(*(self._release(s) for s in list(self._held)))
+            # No renewal may follow the delete (it would fail, or worse).
+            await self._stop_loop("heartbeat")
             try:
                 await self._members_kv.delete(node.node_id)
             except Exception as exc:
@@ -492,18 +495,25 @@ class KvMembership(Membership):
             await self._close()
 
     async def _close(self) -> None:
-        """Stop every task and watcher (also when leave was cut short)."""
+        """Stop every task and watcher (also when leave was cut short). What
+        is not stopped yet stays listed, so a second call (after this one was
+        itself cancelled) finishes the job."""
+        self._stopped.update(("heartbeat", "reconcile"))
         node = self._require_node()
         node.transport.remove_listener(self._on_connection)
         node.set_lease(None)
-        tasks, self._tasks = self._tasks, []
-        watchers, self._watchers = self._watchers, []
-        await _cancel(tasks)
+        await cancel_and_wait(list(self._tasks))
+        self._tasks = [t for t in self._tasks if not t.done()]
         if self._control is not None:
             control, self._control = self._control, None
             await control.unsubscribe()
-        for watcher in watchers:
-            await _stop_watcher(watcher)
+        while self._watchers:
+            await _stop_watcher(self._watchers[0])
+            self._watchers.pop(0)
+
+    async def _stop_loop(self, kind: str) -> None:
+        self._stopped.add(kind)
+        await cancel_and_wait([t for t in self._tasks if t.get_name().startswith(f"clstr-{kind}")])
 
     # -- internals ------------------------------------------------------------
 
@@ -608,6 +618,8 @@ class KvMembership(Membership):
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
+            if "heartbeat" in self._stopped:
+                return
             try:
                 await self._heartbeat()
             except Exception as exc:
@@ -819,6 +831,8 @@ class KvMembership(Membership):
                     await self._dirty.wait()
             except TimeoutError:
                 pass
+            if "reconcile" in self._stopped:
+                return
             self._dirty.clear()
             try:
                 await self._reconcile()
@@ -961,13 +975,4 @@ async def _stop_watcher(watcher: Any) -> None:
         for task in (getattr(jsi, "_hbtask", None), getattr(jsi, "_fctask", None))
         if isinstance(task, asyncio.Task)
     ]
-    await _cancel(leftovers)
-
-
-async def _cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and wait for them to end (without swallowing our own cancellation)."""
-    pending = [t for t in tasks if not t.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending)
+    await cancel_and_wait(leftovers)

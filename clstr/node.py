@@ -28,6 +28,7 @@ from typing import ClassVar, Final, Self
 import structlog
 
 from ._clock import monotonic
+from ._tasks import cancel_and_wait
 from .codec import (
     DEFAULT_LIMITS,
     Limits,
@@ -819,14 +820,10 @@ async def _cancel(tasks: list[asyncio.Task[None]], grace: float = _CANCEL_GRACE)
     swallowing our own cancellation. A task still running then (a handler that
     catches CancelledError and goes on) is logged and left to finish on its own:
     asyncio cannot force it, and waiting for it would hang ``stop`` forever."""
-    pending = [t for t in tasks if not t.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        _, stuck = await asyncio.wait(pending, timeout=grace)
-        if stuck:
-            structlog.get_logger("clstr.node").error(
-                "tasks ignored cancellation; left running (a handler catches CancelledError?)",
-                tasks=sorted(t.get_name() for t in stuck),
-                grace=grace,
-            )
+    stuck = await cancel_and_wait(tasks, grace)
+    if stuck:
+        structlog.get_logger("clstr.node").error(
+            "tasks ignored cancellation; left running (a handler catches CancelledError?)",
+            tasks=sorted(t.get_name() for t in stuck),
+            grace=grace,
+        )

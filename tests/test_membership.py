@@ -247,6 +247,35 @@ class TestLeaving:
         bad = await operator.request(control_subject("clstr", "b"), b'{"op": "explode"}', 10)
         assert json.loads(bad)["ok"] is False
 
+    async def test_stop_ends_a_heartbeat_whose_cancellation_was_swallowed(
+        self, harness: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """On Python 3.11 nats-py's request (asyncio.wait_for) swallows a
+        cancellation whose reply arrived in the same loop turn: the heartbeat
+        loop must end anyway, and stop must not wait on it until its bound."""
+        await harness.start("a")
+        kv = harness.kv("a")
+        heartbeat = next(t for t in asyncio.all_tasks() if t.get_name() == "clstr-heartbeat-a")
+        renew = kv._heartbeat
+        entered, swallowed = asyncio.Event(), asyncio.Event()
+
+        async def swallowing_once() -> None:
+            if asyncio.current_task() is heartbeat and not entered.is_set():
+                entered.set()
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    swallowed.set()  # and carry on, as wait_for does
+            await renew()
+
+        monkeypatch.setattr(kv, "_heartbeat", swallowing_once)
+        await entered.wait()
+        node = harness.nodes.pop("a")
+        stopped = asyncio.get_running_loop().create_task(node.stop(timeout=60))
+        await swallowed.wait()
+        await stopped  # before the fix: hangs until the bound, then leaks the loop
+        assert heartbeat.done()
+
 
 class TestEvents:
     async def test_events_report_joins_leaves_and_handoffs(self, harness: Harness) -> None:
