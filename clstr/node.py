@@ -227,9 +227,6 @@ class Node:
         self._running = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
-        self._replies: deque[tuple[str, bytes]] = deque()
-        self._reply_wakeup = asyncio.Event()
-        self._replier: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Workers whose handler ran past its deadline and were cancelled for it.
         self._overdue: set[asyncio.Task[None]] = set()
@@ -286,9 +283,6 @@ class Node:
         self.state = NodeState.RUNNING
         self._loop = asyncio.get_running_loop()
         self.stats.started_at = self._wall_clock()
-        self._replier = asyncio.create_task(
-            self._send_replies(), name=f"clstr-replier-{self.node_id}"
-        )
         try:
             await start_handler(self.handler)
             await self.membership.join(self)
@@ -413,9 +407,6 @@ class Node:
         if self._lease_timer is not None:
             self._lease_timer.cancel()
         await stop_handler(self.handler)
-        if self._replier is not None:
-            await self._flush_replies()
-            await _cancel([self._replier])
         self.state = NodeState.STOPPED
         self._log.info("node stopped")
 
@@ -682,13 +673,7 @@ class Node:
                 unknown = isinstance(failure, NoHandlerError)
                 label = "_unknown" if unknown else self._type_label(env.type)
                 self.metrics.handler_completed(label, ok, elapsed)
-        try:
-            if reply is not None and body is not None:
-                await self._publish(reply, body)
-        finally:
-            # Also when cancelled while publishing: waiting retries get the
-            # reply and the cache keeps it.
-            self._finish(env, None, body)
+        self._finish(env, reply, body)
 
     def _finish(
         self, env: Envelope, reply: str | None, body: bytes | None, *, cache: bool = True
@@ -747,35 +732,17 @@ class Node:
         # In place: workers hold a reference to this deque.
         self._ready.clear()
         self._ready.extend(keep)
-        self._flush_soon()
 
     # -- replies ------------------------------------------------------------
 
     def _reply(self, reply: str | None, body: bytes | None) -> None:
-        """Queue a reply for the replier task (callable from synchronous code)."""
+        """Send a reply at once, without waiting (callable from synchronous code)."""
         if reply is None or body is None:
             return
-        self._replies.append((reply, body))
-        self._reply_wakeup.set()
-
-    def _flush_soon(self) -> None:
-        self._reply_wakeup.set()
-
-    async def _publish(self, reply: str, body: bytes) -> None:
         try:
-            await self.transport.publish(reply, body)
+            self.transport.publish_nowait(reply, body)
         except Exception as exc:
             self._log.warning("cannot send reply", error=repr(exc))
-
-    async def _flush_replies(self) -> None:
-        while self._replies:
-            await self._publish(*self._replies.popleft())
-
-    async def _send_replies(self) -> None:
-        while True:
-            await self._reply_wakeup.wait()
-            self._reply_wakeup.clear()
-            await self._flush_replies()
 
 
 class ReplyCache:

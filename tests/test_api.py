@@ -7,12 +7,15 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import nats.aio.client
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 
 import clstr
 from clstr import (
     Client,
+    ConfigurationError,
     ConnectionFailedError,
     Envelope,
     MemoryTransport,
@@ -21,7 +24,7 @@ from clstr import (
     Router,
 )
 from clstr.testing import TestCluster, create_test_cluster
-from clstr.transports.nats import NatsOptions, NatsTransport
+from clstr.transports.nats import NatsConnection, NatsOptions, NatsTransport
 
 
 class TestExports:
@@ -107,6 +110,57 @@ class TestNatsConnect:
             async with Node(transport, echo, num_shards=2, prefix="pong"):
                 client = Client(transport, num_shards=2, prefix="pong", timeout=2)
                 assert await client.request_shard(0, "e", b"alive") == b"alive"
+        finally:
+            await transport.close()
+
+    async def test_own_connection_must_be_a_nats_connection(self, clstr_nats_url: str) -> None:
+        """A transport wraps a NatsConnection the caller connected and still owns; a
+        plain nats-py client is refused with what to use instead."""
+        with pytest.raises(ConfigurationError, match="NatsConnection"):
+            NatsTransport(nats.aio.client.Client())  # type: ignore[arg-type]
+        nc = NatsConnection()
+        await nc.connect(clstr_nats_url)
+        try:
+            transport = NatsTransport(nc)
+
+            async def echo(env: Envelope) -> bytes:
+                return env.data
+
+            async with Node(transport, echo, num_shards=2, prefix="own"):
+                client = Client(transport, num_shards=2, prefix="own", timeout=2)
+                assert await client.request_shard(1, "e", b"mine") == b"mine"
+            await transport.close()
+            assert nc.is_connected  # not the transport's to close
+        finally:
+            await nc.close()
+
+    async def test_a_raising_subscriber_does_not_stop_the_connection(
+        self, clstr_nats_url: str
+    ) -> None:
+        """A subscriber callback that raises is logged; the read loop goes on and the
+        next messages arrive."""
+        transport = await NatsTransport.connect(clstr_nats_url)
+        got: list[bytes] = []
+        arrived = asyncio.Event()
+
+        def callback(data: bytes, reply: str | None) -> None:
+            if data == b"boom":
+                raise RuntimeError("subscriber bug")
+            got.append(data)
+            arrived.set()
+
+        try:
+            with structlog.testing.capture_logs() as logs:
+                sub = await transport.subscribe("direct.test", callback)
+                transport.publish_nowait("direct.test", b"boom")
+                await transport.publish("direct.test", b"after")
+                await arrived.wait()
+            assert got == [b"after"]
+            assert any(e["event"] == "subscriber callback raised" for e in logs)
+            await sub.unsubscribe()
+            await transport.publish("direct.test", b"gone")
+            await transport.nc.flush()
+            assert got == [b"after"]
         finally:
             await transport.close()
 

@@ -202,6 +202,34 @@ class TestNotify:
             await stop_all(nodes)
 
 
+class TestTransport:
+    async def test_publish_nowait_keeps_order_with_publish(self, connect: Connect) -> None:
+        """Messages queued with publish_nowait and sent with publish arrive in the
+        order they were given, and publish_nowait returns without a loop turn."""
+        receiver, sender = await connect("receiver"), await connect("sender")
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        def collect(data: bytes, reply: str | None) -> None:
+            got.append(data)
+            if len(got) == 200:
+                done.set()
+
+        try:
+            await receiver.subscribe("order.test", collect)
+            for i in range(100):
+                sender.publish_nowait("order.test", b"%d" % (2 * i))
+                await sender.publish("order.test", b"%d" % (2 * i + 1))
+            await done.wait()
+            assert got == [b"%d" % i for i in range(200)]
+            await sender.close()
+            with pytest.raises(TransportClosedError):
+                sender.publish_nowait("order.test", b"late")
+        finally:
+            await receiver.close()
+            await sender.close()
+
+
 class TestDeadlines:
     async def test_envelope_expired_while_queued_is_refused(self, connect: Connect) -> None:
         """An envelope whose TTL runs out while it waits is refused without running the handler."""

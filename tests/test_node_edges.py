@@ -122,39 +122,6 @@ class TestIdempotencyEdges:
         assert handler.runs == [b""]
         await node.stop()
 
-    async def test_cancel_during_reply_publish_still_answers_retries(self) -> None:
-        """If the worker is cancelled while publishing its reply, retries of the id
-        get the reply from the cache instead of waiting forever."""
-
-        class SlowReplies(MemoryTransport):
-            async def publish(self, subject: str, data: bytes, **kwargs: object) -> None:
-                if subject.startswith("_INBOX"):
-                    await asyncio.sleep(0.05)  # a full outgoing buffer, say
-                await super().publish(subject, data, **kwargs)  # type: ignore[arg-type]
-
-        runs = 0
-
-        async def handler(env: Envelope) -> bytes:
-            nonlocal runs
-            runs += 1
-            return b"ok"
-
-        transport = SlowReplies()
-        node = Node(transport, handler, num_shards=1)
-        await node.start()
-        raw = transport.connect("c")
-        env = Envelope("x", key="k", id="r1", ttl=5)
-        first = asyncio.create_task(raw.request(SUBJECT, encode_request(env), 1))
-        await eventually(lambda: runs == 1)
-        node.fence("blip")  # cancels the worker inside its publish
-        await eventually(lambda: not node._in_flight)
-        node.unfence()
-        assert decode_reply(await raw.request(SUBJECT, encode_request(env), 1)) == b"ok"
-        assert runs == 1
-        first.cancel()
-        await asyncio.gather(first, return_exceptions=True)
-        await node.stop()
-
 
 class TestLateDeliveries:
     async def test_message_for_a_released_shard_is_refused(self) -> None:

@@ -70,7 +70,15 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, subject: str, data: bytes) -> None:
-        """Send ``data`` without waiting for anything (fire and forget)."""
+        """Send ``data`` without waiting for anything (fire and forget); only
+        waits while the transport's outgoing buffer is full."""
+
+    @abc.abstractmethod
+    def publish_nowait(self, subject: str, data: bytes) -> None:
+        """Queue ``data`` for ``subject`` and return at once, never waiting
+        (nodes send their replies with it, from the delivery path). Messages
+        go out in the order they were queued, with those of :meth:`publish`.
+        Raises like :meth:`publish`."""
 
     @abc.abstractmethod
     async def subscribe(

@@ -595,6 +595,10 @@ class MemoryTransport(Transport):
         self._check(data)
         self.network.route(subject, data, reply, self.name)
 
+    def publish_nowait(self, subject: str, data: bytes) -> None:
+        self._check(data)
+        self.network.route(subject, data, None, self.name)
+
     async def subscribe(
         self, subject: str, callback: MessageCallback, *, queue: str | None = None
     ) -> Subscription:

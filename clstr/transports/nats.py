@@ -31,10 +31,11 @@ import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
+from nats.aio.client import _validate_subject
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from ..errors import (
+    ConfigurationError,
     ConnectionFailedError,
     LimitExceededError,
     NoShardOwnerError,
@@ -45,11 +46,11 @@ from ..errors import (
 from ..metrics import NOOP_METRICS, Metrics
 from .base import ConnectionEvent, MessageCallback, Subscription, Transport
 
-__all__ = ["NatsOptions", "NatsTransport"]
+__all__ = ["NatsConnection", "NatsOptions", "NatsTransport"]
 
-# How the server says that nobody listens on a request's subject.
-_STATUS_HEADER: Final = "Status"
-_NO_RESPONDERS: Final = "503"
+# How the server says that nobody listens on a request's subject (a header block
+# with status 503 and no payload).
+_NO_RESPONDERS: Final = b"NATS/1.0 503"
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -59,9 +60,6 @@ def _expire(future: asyncio.Future[Any]) -> None:
 
 _log = structlog.get_logger("clstr.transport.nats")
 
-#: nats-py's own defaults for a subscription's client-side buffer.
-DEFAULT_SUB_PENDING_MSGS: Final = 512 * 1024
-DEFAULT_SUB_PENDING_BYTES: Final = 128 * 1024 * 1024
 # A slow consumer drops many messages in a burst: log it at most this often.
 _SLOW_CONSUMER_LOG_INTERVAL: Final = 1.0
 _PERMISSIONS_VIOLATION: Final = "permissions violation"
@@ -87,10 +85,8 @@ class NatsOptions:
     ``tls`` (an :class:`ssl.SSLContext`; use ``tls://`` URLs or a server that
     requires TLS). ``inbox_prefix`` sets the subjects replies come back on
     (``_INBOX`` by default); give each client user its own to restrict its
-    permissions further (docs/security.md). ``sub_pending_msgs`` and
-    ``sub_pending_bytes`` bound what a subscription buffers before nats-py
-    drops messages as a slow consumer. With ``randomize_servers`` off, the
-    servers are tried in the order given (a preferred server first).
+    permissions further (docs/security.md). With ``randomize_servers`` off,
+    the servers are tried in the order given (a preferred server first).
     """
 
     name: str | None = None
@@ -111,8 +107,6 @@ class NatsOptions:
     drain_timeout: float = 10.0
     pending_size: int = 2 * 1024 * 1024
     inbox_prefix: str = "_INBOX"
-    sub_pending_msgs: int = DEFAULT_SUB_PENDING_MSGS
-    sub_pending_bytes: int = DEFAULT_SUB_PENDING_BYTES
     randomize_servers: bool = True
 
 
@@ -164,16 +158,105 @@ class _NatsSubscription(Subscription):
             await self._sub.unsubscribe()
 
 
-class _Connection(NatsClient):
-    """nats-py's client with one defect mended.
+#: A direct subscriber of a :class:`NatsConnection`: called on the read loop
+#: with the raw subject, reply subject, payload and header block of each message.
+DirectCallback = Callable[[bytes, bytes, bytes, bytes | None], None]
 
-    nats-py answers each PONG by setting the result of the oldest flush
-    future, without checking whether that flush was cancelled or timed out.
-    The InvalidStateError then ends its read loop silently: the connection
-    still says "connected" but never reads again (nats-io/nats.py#914). A
-    flush can be cancelled in ordinary use (a caller's timeout), so the PONG
-    handling here skips futures that are already done.
+
+class NatsConnection(NatsClient):
+    """nats-py's client with one defect mended and two fast paths.
+
+    The defect: nats-py answers each PONG by setting the result of the oldest
+    flush future, without checking whether that flush was cancelled or timed
+    out. The InvalidStateError then ends its read loop silently: the
+    connection still says "connected" but never reads again
+    (nats-io/nats.py#914). A flush can be cancelled in ordinary use (a
+    caller's timeout), so the PONG handling here skips futures that are
+    already done.
+
+    The fast paths: :meth:`subscribe_direct` hands each message to a plain
+    function on the read loop, without nats-py's per-subscription queue, task
+    and ``Msg`` object; :meth:`publish_nowait` queues a message without a
+    coroutine chain. :class:`NatsTransport` uses both; connect one yourself
+    (``await nc.connect(...)``) to give a transport a connection you manage.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, DirectCallback] = {}
+        self._kick: asyncio.Future[None] | None = None  # a done future: wakes the flusher
+
+    async def subscribe_direct(
+        self, subject: str, callback: DirectCallback, *, queue: str = ""
+    ) -> NatsSubscription:
+        """Subscribe with ``callback`` called synchronously for each message.
+
+        It runs on the connection's read loop: it must not block, and what
+        it raises is logged, not propagated. Unsubscribe or drain the
+        returned nats-py subscription as usual.
+        """
+        sub = await self.subscribe(subject, queue=queue)
+        self._direct[sub._id] = callback
+        return sub
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        direct = self._direct.get(sid)
+        if direct is None:
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+            return
+        if sid not in self._subs:  # unsubscribed (or drained) since
+            del self._direct[sid]
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        try:
+            direct(subject, reply, data, headers)
+        except Exception as exc:  # the read loop must go on
+            _log.error("subscriber callback raised", subject=subject.decode(), error=repr(exc))
+
+    def publish_nowait(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """nats-py's ``publish`` without awaiting: the message joins the
+        outgoing buffer and the flusher is woken. Unlike ``publish`` it never
+        waits for a full buffer to be written (callers bound what they send
+        some other way, as a node bounds its replies by its queue)."""
+        _validate_subject(subject)
+        if reply:
+            _validate_subject(reply)
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        size = len(payload)
+        if size > self._max_payload:
+            raise nats.errors.MaxPayloadError
+        connected = self.is_connected
+        if not connected and (
+            self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size
+        ):
+            raise nats.errors.OutboundBufferLimitError
+        command = b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), size, payload)
+        self._pending.append(command)
+        self._pending_data_size += len(command)
+        stats = self.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += size
+        queue = self._flush_queue
+        if connected and queue is not None and queue.empty():
+            kick = self._kick
+            if kick is None:
+                kick = self._kick = asyncio.get_running_loop().create_future()
+                kick.set_result(None)
+            queue.put_nowait(kick)
+
+    async def publish_buffered(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """:meth:`publish_nowait`, then wait while the outgoing buffer is over
+        its limit, as nats-py's ``publish`` does (back-pressure, cheaper)."""
+        self.publish_nowait(subject, payload, reply)
+        if 0 < self._max_pending_size < self._pending_data_size:
+            await self._flush_pending(force_flush=True)
 
     async def _process_pong(self) -> None:
         if self._pongs:
@@ -188,17 +271,25 @@ class NatsTransport(Transport):
     """A :class:`~clstr.transports.Transport` over a nats-py connection.
 
     Build it with :meth:`connect` (the transport then owns the connection and
-    drains it on :meth:`close`) or wrap a connection you manage yourself.
+    drains it on :meth:`close`) or wrap a :class:`NatsConnection` you
+    connected and manage yourself.
     """
 
     def __init__(
         self,
-        nc: NatsClient,
+        nc: NatsConnection,
         *,
         owns_connection: bool = False,
         metrics: Metrics = NOOP_METRICS,
         options: NatsOptions | None = None,
     ) -> None:
+        if not isinstance(nc, NatsConnection):
+            raise ConfigurationError(
+                f"NatsTransport needs a clstr.transports.nats.NatsConnection, got "
+                f"{type(nc).__module__}.{type(nc).__qualname__}: create the connection "
+                "with NatsConnection() and connect it like a nats-py Client, "
+                "or use NatsTransport.connect()"
+            )
         self.nc = nc
         self.metrics = metrics
         self._owns = owns_connection
@@ -210,7 +301,7 @@ class NatsTransport(Transport):
         # Replies to our requests: one wildcard subscription, a future per token.
         self._mux_prefix: str | None = None
         self._mux_ready: asyncio.Future[str] | None = None
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
         self._tokens = itertools.count(1)
         #: Messages nats-py dropped because a subscription fell behind.
         self.slow_consumer_drops = 0
@@ -285,7 +376,7 @@ class NatsTransport(Transport):
         urls = [servers] if isinstance(servers, str) else list(servers)
         if not urls:
             raise ConnectionFailedError("no NATS server URL given; pass at least one")
-        nc = _Connection()
+        nc = NatsConnection()
         holder: list[NatsTransport] = []
         connecting = True
         seen: list[BaseException] = []
@@ -435,15 +526,19 @@ class NatsTransport(Transport):
         if self._mux_ready is None:
             self._mux_ready = asyncio.get_running_loop().create_future()
             prefix = f"{self.nc.new_inbox()}."
+            skip = len(prefix)
             waiting = self._waiting
 
-            async def on_reply(msg: Msg) -> None:
-                future = waiting.get(msg.subject[len(prefix) :])
+            def on_reply(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+                future = waiting.get(subject[skip:])
                 if future is not None and not future.done():
-                    future.set_result(msg)
+                    if headers is not None and headers.startswith(_NO_RESPONDERS):
+                        future.set_exception(NoShardOwnerError(f"no responders on {prefix}"))
+                    else:
+                        future.set_result(data)
 
             try:
-                await self.nc.subscribe(prefix + "*", cb=on_reply)
+                await self.nc.subscribe_direct(prefix + "*", on_reply)
             except BaseException as exc:
                 self._mux_ready.set_exception(exc)
                 self._mux_ready = None
@@ -461,32 +556,38 @@ class NatsTransport(Transport):
         self._check_open()
         try:
             prefix = self._mux_prefix or await self._reply_prefix()
-            token = str(next(self._tokens))
+            token = b"%d" % next(self._tokens)
             loop = asyncio.get_running_loop()
-            future: asyncio.Future[Msg] = loop.create_future()
+            future: asyncio.Future[bytes] = loop.create_future()
             self._waiting[token] = future
             timer = loop.call_later(timeout, _expire, future)
             try:
-                await self.nc.publish(subject, data, reply=prefix + token)
-                msg = await future
+                self.nc.publish_nowait(subject, data, prefix + token.decode())
+                return await future
             finally:
                 timer.cancel()
                 del self._waiting[token]
         except TimeoutError:
             raise RequestTimeoutError(f"no reply on {subject!r} within {timeout:.3f}s") from None
+        except NoShardOwnerError:
+            raise NoShardOwnerError(f"no responders on {subject!r}") from None
         except nats.errors.Error as exc:
             raise self._translate(exc, "request", subject, len(data), timeout) from exc
-        headers = msg.headers
-        if headers and headers.get(_STATUS_HEADER) == _NO_RESPONDERS:
-            raise NoShardOwnerError(f"no responders on {subject!r}")
-        return bytes(msg.data)
 
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
-        """Send ``data`` without waiting; ``reply`` sets a reply subject, as
-        ``nats pub --reply`` does (for tests that play a raw peer)."""
+        """Send ``data``, waiting only while nats-py's outgoing buffer is full;
+        ``reply`` sets a reply subject, as ``nats pub --reply`` does (for tests
+        that play a raw peer)."""
         self._check_open()
         try:
-            await self.nc.publish(subject, data, reply=reply or "")
+            await self.nc.publish_buffered(subject, data, reply or "")
+        except nats.errors.Error as exc:
+            raise self._translate(exc, "publish", subject, len(data)) from exc
+
+    def publish_nowait(self, subject: str, data: bytes) -> None:
+        self._check_open()
+        try:
+            self.nc.publish_nowait(subject, data)
         except nats.errors.Error as exc:
             raise self._translate(exc, "publish", subject, len(data)) from exc
 
@@ -495,18 +596,12 @@ class NatsTransport(Transport):
     ) -> Subscription:
         self._check_open()
 
-        async def deliver(msg: Msg) -> None:
-            callback(msg.data, msg.reply or None)
+        def deliver(_subject: bytes, reply: bytes, data: bytes, _headers: bytes | None) -> None:
+            callback(data, reply.decode() if reply else None)
 
         since = self._denied_seen
         try:
-            sub = await self.nc.subscribe(
-                subject,
-                queue=queue or "",
-                cb=deliver,
-                pending_msgs_limit=self._opts.sub_pending_msgs,
-                pending_bytes_limit=self._opts.sub_pending_bytes,
-            )
+            sub = await self.nc.subscribe_direct(subject, deliver, queue=queue or "")
         except nats.errors.Error as exc:
             raise TransportError(f"cannot subscribe to {subject!r}: {exc}") from exc
         try:
