@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
-__all__ = ["monotonic"]
+__all__ = ["Timeouts", "expire", "monotonic"]
 
 
 #: How many virtual-time loops (clstr.testing) run now. While none does, every
@@ -29,3 +31,51 @@ def monotonic() -> float:
         return asyncio.get_running_loop().time()
     except RuntimeError:
         return time.monotonic()
+
+
+T = TypeVar("T")
+
+
+class Timeouts(Generic[T]):
+    """Items that time out at a deadline (loop time), with one loop timer per
+    millisecond in use instead of one per item.
+
+    A ``call_at`` per message (a handle, a heap push, a cancel and the heap
+    clean-up) was a tenth of the request path. Here an item joins the set of
+    its millisecond; one timer per millisecond fires the items still in it.
+    Items fire up to 1 ms after their deadline, never before it.
+    """
+
+    __slots__ = ("_fire", "_loop", "_slots")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fire: Callable[[T], object]) -> None:
+        self._loop = loop
+        self._fire = fire
+        self._slots: dict[int, set[T]] = {}
+
+    def add(self, deadline: float, item: T) -> int:
+        """Fire ``item`` at ``deadline``; returns the slot to :meth:`discard` it from."""
+        slot = -int(-deadline * 1000.0 // 1)  # ceil, without a math look-up
+        items = self._slots.get(slot)
+        if items is None:
+            self._slots[slot] = {item}
+            self._loop.call_at(slot / 1000.0, self._expire, slot)
+        else:
+            items.add(item)
+        return slot
+
+    def discard(self, slot: int, item: T) -> None:
+        """Do not fire ``item`` (it finished in time)."""
+        items = self._slots.get(slot)
+        if items is not None:
+            items.discard(item)
+
+    def _expire(self, slot: int) -> None:
+        for item in self._slots.pop(slot, ()):
+            self._fire(item)
+
+
+def expire(future: asyncio.Future[Any]) -> None:
+    """Fail ``future`` with ``TimeoutError`` unless it is done (a request's timeout)."""
+    if not future.done():
+        future.set_exception(TimeoutError())

@@ -27,7 +27,7 @@ from typing import ClassVar, Final, Self
 
 import structlog
 
-from ._clock import monotonic
+from ._clock import Timeouts, monotonic
 from ._tasks import cancel_and_wait
 from .codec import (
     DEFAULT_LIMITS,
@@ -228,6 +228,7 @@ class Node:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._timeouts: Timeouts[asyncio.Task[None]] | None = None  # handler deadlines
         # Workers whose handler ran past its deadline and were cancelled for it.
         self._overdue: set[asyncio.Task[None]] = set()
         # Fencing: no handling while fenced, or past the lease (loop time).
@@ -606,10 +607,12 @@ class Node:
             if deadline is None:
                 result = await self.handler(env)
             else:
-                # One timer handle, not an asyncio.timeout (a context manager,
-                # a current_task() and two loop look-ups per message).
-                loop = self._loop or asyncio.get_running_loop()
-                timer = loop.call_at(deadline, self._overrun, me)
+                # Not an asyncio.timeout (a context manager, a current_task(),
+                # a timer handle and loop look-ups per message).
+                timeouts = self._timeouts
+                if timeouts is None:
+                    timeouts = self._timeouts = Timeouts(asyncio.get_running_loop(), self._overrun)
+                slot = timeouts.add(deadline, me)
                 try:
                     result = await self.handler(env)
                 except asyncio.CancelledError:
@@ -622,7 +625,7 @@ class Node:
                         f"({env.ttl:.3f}s TTL) and was cancelled"
                     ) from None
                 finally:
-                    timer.cancel()
+                    timeouts.discard(slot, me)
                     if me in self._overdue:  # the handler swallowed the cancellation
                         self._overdue.discard(me)
                         me.uncancel()

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
+from .._clock import Timeouts, expire
 from ..errors import (
     ConfigurationError,
     LimitExceededError,
@@ -527,11 +528,6 @@ class _MemorySubscription(Subscription):
         self._owner.forget(self)
 
 
-def _expire(future: asyncio.Future[bytes]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
-
-
 class MemoryTransport(Transport):
     """A transport on an in-process :class:`MemoryNetwork`.
 
@@ -544,6 +540,7 @@ class MemoryTransport(Transport):
         self.name = name or f"conn-{self.network.next_id()}"
         self._subs: set[_MemorySubscription] = set()
         self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._timeouts: Timeouts[asyncio.Future[bytes]] | None = None
         self._closed = False
 
     def connect(self, name: str = "") -> MemoryTransport:
@@ -577,15 +574,18 @@ class MemoryTransport(Transport):
         future: asyncio.Future[bytes] = loop.create_future()
         self._pending[inbox] = future
         network.open_inbox(inbox, self.name, future)
-        # A timer on the future, not asyncio.timeout(): a third of the cost.
-        timer = loop.call_later(timeout, _expire, future)
+        # A shared timer for the future, not asyncio.timeout(): a fraction of the cost.
+        timeouts = self._timeouts
+        if timeouts is None:
+            timeouts = self._timeouts = Timeouts(loop, expire)
+        slot = timeouts.add(loop.time() + timeout, future)
         try:
             network.route(subject, data, inbox, self.name)
             return await future
         except TimeoutError:
             raise RequestTimeoutError(f"no reply on {subject!r} within {timeout:.3f}s") from None
         finally:
-            timer.cancel()
+            timeouts.discard(slot, future)
             network.close_inbox(inbox)
             self._pending.pop(inbox, None)
 

@@ -34,6 +34,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.client import _validate_subject
 from nats.aio.subscription import Subscription as NatsSubscription
 
+from .._clock import Timeouts, expire
 from ..errors import (
     ConfigurationError,
     ConnectionFailedError,
@@ -51,11 +52,6 @@ __all__ = ["NatsConnection", "NatsOptions", "NatsTransport"]
 # How the server says that nobody listens on a request's subject (a header block
 # with status 503 and no payload).
 _NO_RESPONDERS: Final = b"NATS/1.0 503"
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 _log = structlog.get_logger("clstr.transport.nats")
@@ -302,6 +298,7 @@ class NatsTransport(Transport):
         self._mux_prefix: str | None = None
         self._mux_ready: asyncio.Future[str] | None = None
         self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        self._timeouts: Timeouts[asyncio.Future[Any]] | None = None
         self._tokens = itertools.count(1)
         #: Messages nats-py dropped because a subscription fell behind.
         self.slow_consumer_drops = 0
@@ -560,12 +557,15 @@ class NatsTransport(Transport):
             loop = asyncio.get_running_loop()
             future: asyncio.Future[bytes] = loop.create_future()
             self._waiting[token] = future
-            timer = loop.call_later(timeout, _expire, future)
+            timeouts = self._timeouts
+            if timeouts is None:
+                timeouts = self._timeouts = Timeouts(loop, expire)
+            slot = timeouts.add(loop.time() + timeout, future)
             try:
                 self.nc.publish_nowait(subject, data, prefix + token.decode())
                 return await future
             finally:
-                timer.cancel()
+                timeouts.discard(slot, future)
                 del self._waiting[token]
         except TimeoutError:
             raise RequestTimeoutError(f"no reply on {subject!r} within {timeout:.3f}s") from None
