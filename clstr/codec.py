@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import msgpack
 
@@ -172,28 +172,34 @@ def decode_request(
     :class:`BadRequestError` saying what is wrong with the bytes.
     """
     body = _unpack_map(data, limits, "request")
-    msg_type = _field(body, "t", str)
-    if not msg_type:
-        raise BadRequestError("request has no message type (field 't')")
-    payload = _field(body, "d", bytes) or b""
-    key = _field(body, "k", str)
-    headers = _field(body, "h", dict)
-    if headers is not None and not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    get = body.get
+    msg_type = get("t")
+    payload = get("d")
+    key = get("k")
+    headers = get("h")
+    ttl_ms = get("ttl")
+    ts_ms = get("ts")
+    req_id = get("id")
+    # msgpack makes exact types (and bool is no int here): one test for the
+    # common case; _explain says what is wrong otherwise.
+    if (
+        type(msg_type) is not str
+        or not msg_type
+        or (payload is not None and type(payload) is not bytes)
+        or (key is not None and type(key) is not str)
+        or (headers is not None and not _str_map(headers))
+        or (ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms < 0))
+        or (ts_ms is not None and type(ts_ms) is not int)
+        or (req_id is not None and type(req_id) is not str)
     ):
-        raise BadRequestError("field 'h' must map str to str")
-    ttl_ms = _field(body, "ttl", int) or 0
-    ts_ms = _field(body, "ts", int)
-    req_id = _field(body, "id", str)
-    if ttl_ms < 0:
-        raise BadRequestError(f"field 'ttl' must be >= 0, got {ttl_ms}")
+        _explain(body)
     ttl = ttl_ms / 1000 if ttl_ms else None
     deadline = None
     if ttl is not None:
         deadline = (monotonic() if received is None else received) + ttl
     env = _envelope(
         msg_type,
-        payload,
+        payload or b"",
         shard,
         key,
         headers or _NO_HEADERS,
@@ -207,6 +213,24 @@ def decode_request(
     except LimitExceededError as exc:
         raise BadRequestError(str(exc)) from exc
     return env
+
+
+def _str_map(value: object) -> bool:
+    return type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items())
+
+
+def _explain(body: Mapping[Any, Any]) -> NoReturn:
+    """Raise the BadRequestError that says what is wrong with a request's fields."""
+    if not _field(body, "t", str):
+        raise BadRequestError("request has no message type (field 't')")
+    _field(body, "d", bytes)
+    _field(body, "k", str)
+    if _field(body, "h", dict) is not None and not _str_map(body["h"]):
+        raise BadRequestError("field 'h' must map str to str")
+    ttl_ms = _field(body, "ttl", int)
+    _field(body, "ts", int)
+    _field(body, "id", str)
+    raise BadRequestError(f"field 'ttl' must be >= 0, got {ttl_ms}")
 
 
 # msgpack of {"v": 1, "ok": true, "d": <bin>} up to the bin's header: a reply is

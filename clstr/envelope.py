@@ -83,11 +83,23 @@ class Envelope:
 
 
 # The slots' own setters: frozen=True makes __init__ go through
-# object.__setattr__ once per field (about 1.1 µs an envelope, 0.4 µs this way).
-_SETTERS = tuple(
+# object.__setattr__ once per field (about 1.1 µs an envelope, 0.4 µs this way,
+# called one by one: a loop over them costs twice that).
+(
+    _set_type,
+    _set_data,
+    _set_shard,
+    _set_key,
+    _set_headers,
+    _set_ttl,
+    _set_created_at,
+    _set_id,
+    _set_deadline,
+) = (
     Envelope.__dict__[name].__set__
     for name in ("type", "data", "shard", "key", "headers", "ttl", "created_at", "id", "deadline")
 )
+_new = object.__new__
 
 
 def _envelope(
@@ -106,11 +118,16 @@ def _envelope(
     Skips ``__init__`` and ``__post_init__``: ``ttl`` must be None or > 0, and
     ``deadline`` must be set whenever ``ttl`` is.
     """
-    env = object.__new__(Envelope)
-    for setter, value in zip(
-        _SETTERS, (type, data, shard, key, headers, ttl, created_at, id, deadline), strict=True
-    ):
-        setter(env, value)
+    env = _new(Envelope)
+    _set_type(env, type)
+    _set_data(env, data)
+    _set_shard(env, shard)
+    _set_key(env, key)
+    _set_headers(env, headers)
+    _set_ttl(env, ttl)
+    _set_created_at(env, created_at)
+    _set_id(env, id)
+    _set_deadline(env, deadline)
     return env
 
 

@@ -218,6 +218,7 @@ class Node:
         self._lanes: dict[tuple[int, str], _Lane] = {}
         self._ready: deque[_Lane] = deque()
         self._workers: set[asyncio.Task[None]] = set()
+        self._spare: asyncio.Task[None] | None = None  # a worker that has not run yet
         self._current: dict[asyncio.Task[None], int] = {}  # worker -> shard it runs
         self._chores: set[asyncio.Task[None]] = set()  # evictions scheduled from callbacks
         self._evicting: list[Callable[[int], bool]] = []  # shards being evicted now
@@ -530,14 +531,29 @@ class Node:
         self._spawn_worker()
 
     def _spawn_worker(self) -> None:
-        if len(self._workers) < self.max_concurrency and self.state is not NodeState.STOPPED:
+        """Make sure a worker that has not started yet is there for the ready lanes.
+
+        One such spare at a time: a worker runs ready lanes one after the other
+        for as long as its handlers finish without waiting, and before each
+        handler it calls this, so that the rest of the queue has a worker of
+        its own should that handler wait. A burst delivered in one go thus
+        starts one or two tasks, not one per message, and lanes still run
+        concurrently (up to ``max_concurrency``) as soon as handlers wait.
+        """
+        if (
+            self._spare is None
+            and len(self._workers) < self.max_concurrency
+            and self.state is not NodeState.STOPPED
+        ):
             loop = self._loop or asyncio.get_running_loop()
-            task = loop.create_task(self._work())
+            task = self._spare = loop.create_task(self._work())
             self._workers.add(task)
             task.add_done_callback(self._worker_done)
 
     def _worker_done(self, task: asyncio.Task[None]) -> None:
         self._workers.discard(task)
+        if self._spare is task:  # cancelled before it started
+            self._spare = None
         self._current.pop(task, None)
         # A worker cancelled for a shard's handoff may leave other lanes behind.
         if self._ready:
@@ -562,8 +578,11 @@ class Node:
         ready = self._ready
         me = asyncio.current_task()
         assert me is not None
+        self._spare = None
         while ready:
             lane = ready.popleft()
+            if ready:
+                self._spawn_worker()
             env, reply = lane.items.popleft()
             self._queued -= 1
             if self._metered:
@@ -589,7 +608,7 @@ class Node:
             self._rejected("expired")
             self._finish(env, reply, self._expired_reply(env), cache=False)
             return
-        if self.fenced or self._refusing(env.shard):
+        if self.fenced or (self._evicting and self._refusing(env.shard)):
             # Not cached: a retry after unfencing must run the handler.
             self._rejected("not_owner")
             refusal = error_reply_for(NotOwnerError(self._fence_reason(env.shard)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,44 @@ class TestKeyHandlerRaces:
         await asyncio.gather(sweep, second)
         assert "b" in keys
         assert evicted == ["a"]
+
+
+class TestWorkers:
+    async def test_a_burst_of_quick_handlers_starts_few_workers(self) -> None:
+        """Messages delivered in one go whose handlers never wait are run by one or
+        two worker tasks, not a task per message; waiting handlers still overlap."""
+        started: list[str] = []
+        loop = asyncio.get_running_loop()
+
+        def counting(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[Any]:
+            started.append(coro.__qualname__)
+            return asyncio.Task(coro, loop=loop)
+
+        handled = 0
+        gate = asyncio.Event()
+        waiting = 0
+
+        async def handler(env: Envelope) -> bytes:
+            nonlocal handled, waiting
+            if env.type == "wait":
+                waiting += 1
+                await gate.wait()
+            handled += 1
+            return b""
+
+        transport = MemoryTransport()
+        async with Node(transport, handler, num_shards=1, max_concurrency=50):
+            sender = transport.connect("c")
+            loop.set_task_factory(counting)
+            try:
+                for i in range(200):
+                    sender.publish_nowait(SUBJECT, encode_request(Envelope("quick", key=f"k{i}")))
+                await eventually(lambda: handled == 200)
+                assert started.count("Node._work") <= 2
+                for i in range(10):
+                    sender.publish_nowait(SUBJECT, encode_request(Envelope("wait", key=f"w{i}")))
+                await eventually(lambda: waiting == 10)  # all ten wait at once
+                gate.set()
+                await eventually(lambda: handled == 210)
+            finally:
+                loop.set_task_factory(None)
