@@ -82,24 +82,39 @@ class Envelope:
         return self.headers.get(name, default)
 
 
-# The slots' own setters: frozen=True makes __init__ go through
-# object.__setattr__ once per field (about 1.1 µs an envelope, 0.4 µs this way,
-# called one by one: a loop over them costs twice that).
-(
-    _set_type,
-    _set_data,
-    _set_shard,
-    _set_key,
-    _set_headers,
-    _set_ttl,
-    _set_created_at,
-    _set_id,
-    _set_deadline,
-) = (
-    Envelope.__dict__[name].__set__
-    for name in ("type", "data", "shard", "key", "headers", "ttl", "created_at", "id", "deadline")
-)
-_new = object.__new__
+class _Unfrozen:
+    """Envelope's slots without the frozen guard, to build one quickly.
+
+    ``frozen=True`` makes ``__init__`` set each field through
+    ``object.__setattr__`` (about 1.1 µs an envelope). An instance of this
+    class, whose slots are laid out exactly like Envelope's, takes plain
+    stores and then becomes an Envelope by ``__class__`` assignment, which
+    CPython allows between classes of the same layout: 0.2 µs.
+    """
+
+    __slots__ = Envelope.__slots__
+
+    def __init__(
+        self,
+        type: str,
+        data: bytes,
+        shard: int,
+        key: str | None,
+        headers: Mapping[str, str],
+        ttl: float | None,
+        created_at: float,
+        id: str | None,
+        deadline: float | None,
+    ) -> None:
+        self.type = type
+        self.data = data
+        self.shard = shard
+        self.key = key
+        self.headers = headers
+        self.ttl = ttl
+        self.created_at = created_at
+        self.id = id
+        self.deadline = deadline
 
 
 def _envelope(
@@ -118,17 +133,9 @@ def _envelope(
     Skips ``__init__`` and ``__post_init__``: ``ttl`` must be None or > 0, and
     ``deadline`` must be set whenever ``ttl`` is.
     """
-    env = _new(Envelope)
-    _set_type(env, type)
-    _set_data(env, data)
-    _set_shard(env, shard)
-    _set_key(env, key)
-    _set_headers(env, headers)
-    _set_ttl(env, ttl)
-    _set_created_at(env, created_at)
-    _set_id(env, id)
-    _set_deadline(env, deadline)
-    return env
+    env = _Unfrozen(type, data, shard, key, headers, ttl, created_at, id, deadline)
+    env.__class__ = Envelope  # type: ignore[assignment]
+    return env  # type: ignore[return-value]
 
 
 def check_header_name(name: str) -> None:

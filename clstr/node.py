@@ -226,8 +226,8 @@ class Node:
         self._idle_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._queued = 0
         self._running = 0
-        self._quiet = asyncio.Event()
-        self._quiet.set()
+        # Set when nothing is queued or running, while stop() waits for that.
+        self._quiet: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timeouts: Timeouts[asyncio.Task[None]] | None = None  # handler deadlines
         # Workers whose handler ran past its deadline and were cancelled for it.
@@ -391,7 +391,9 @@ class Node:
         try:
             async with asyncio.timeout(bound):
                 await self.membership.leave()
-                await self._quiet.wait()
+                if self._queued or self._running:
+                    self._quiet = asyncio.get_running_loop().create_future()
+                    await self._quiet
         except TimeoutError:
             self._log.warning(
                 "stop timeout: cancelling in-flight handlers",
@@ -515,7 +517,6 @@ class Node:
             self.metrics.pending_messages(self.node_id, self._queued)
         shard = env.shard
         self._load[shard] = self._load.get(shard, 0) + 1
-        self._quiet.clear()
         key = env.key
         if key is None:
             lane = _Lane(shard, None)
@@ -569,8 +570,9 @@ class Node:
             for waiter in self._idle_waiters.pop(shard, ()):
                 if not waiter.done():
                     waiter.set_result(None)
-        if not self._queued and not self._running:
-            self._quiet.set()
+        quiet = self._quiet
+        if quiet is not None and not self._queued and not self._running and not quiet.done():
+            quiet.set_result(None)
 
     # -- workers --------------------------------------------------------------
 

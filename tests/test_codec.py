@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from clstr.codec import (
     encode_reply,
     encode_request,
 )
+from clstr.envelope import _envelope, _Unfrozen
 from clstr.errors import ConfigurationError, KeyRequiredError, NotOwnerError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -61,6 +64,19 @@ class Shape:
 
 
 class TestEnvelope:
+    def test_fast_builder_makes_the_same_frozen_envelope(self) -> None:
+        """The codec's envelope builder sets every field (a field added to Envelope
+        must be added there too) and the result is a real, frozen Envelope."""
+        names = [f.name for f in dataclasses.fields(Envelope)]
+        assert list(inspect.signature(_Unfrozen).parameters) == names
+        values = ("t", b"d", 3, "k", {"a": "b"}, 2.0, 1.5, "id", 9.0)
+        built = _envelope(*values)
+        assert type(built) is Envelope
+        assert built == Envelope(*values)
+        assert [getattr(built, n) for n in names] == list(values)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            built.key = "other"  # type: ignore[misc]
+
     def test_ttl_sets_a_local_deadline(self) -> None:
         """An envelope with a TTL has a monotonic deadline that many seconds ahead."""
         before = time.monotonic()
@@ -191,6 +207,23 @@ class TestReplyWire:
     def test_ok_reply_round_trip(self) -> None:
         """A success reply decodes to its payload."""
         assert decode_reply(encode_reply(b"abc")) == b"abc"
+
+    @pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 70000])
+    def test_ok_reply_is_plain_msgpack_of_every_bin_size(self, size: int) -> None:
+        """encode_reply's shortcut is the msgpack packb makes, and decode_reply's
+        shortcut reads it back at every bin width (8, 16 and 32 bit lengths)."""
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        body = encode_reply(data)
+        assert body == msgpack.packb({"v": 1, "ok": True, "d": data}, use_bin_type=True)
+        assert decode_reply(body) == data
+
+    def test_ok_reply_with_trailing_bytes_is_refused(self) -> None:
+        """A reply that starts like an ok reply but does not end where its bin does
+        is not taken for one: the full decoder refuses it."""
+        with pytest.raises(BadRequestError, match="not valid msgpack"):
+            decode_reply(encode_reply(b"abc") + b"\x00")
+        with pytest.raises(BadRequestError, match="over the limit"):
+            decode_reply(encode_reply(b"x" * 200), limits=Limits(max_message_bytes=100))
 
     @pytest.mark.parametrize(
         "cls",

@@ -27,7 +27,7 @@ import itertools
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 from .._clock import Timeouts, expire
 from ..errors import (
@@ -367,8 +367,7 @@ class _Group:
         return None
 
 
-@dataclass(eq=False)
-class _Inbox:
+class _Inbox(NamedTuple):
     owner: str
     future: asyncio.Future[bytes]
 
@@ -431,7 +430,6 @@ class MemoryNetwork:
 
     def route(self, subject: str, data: bytes, reply: str | None, sender: str = "") -> None:
         """Schedule delivery of one message (never inline, like a real server)."""
-        loop = asyncio.get_running_loop()
         faults = self.faults
         if subject.startswith(_INBOX_PREFIX):
             inbox = self._inboxes.get(subject)
@@ -448,19 +446,18 @@ class MemoryNetwork:
             decision = faults.decide(sender, inbox.owner, subject)
             # A reply resolves its request once: copies change nothing.
             if not decision.drop:
-                _schedule(loop, decision.delay, _resolve, inbox.future, data)
+                _schedule(inbox.future.get_loop(), decision.delay, _resolve, inbox.future, data)
             return
         for group in self._subjects.get(subject, {}).values():
             target = group.pick(sender, faults)
             if target is not None:
-                self._send(loop, sender, target, subject, data, reply)
+                self._send(sender, target, subject, data, reply)
         for sub in self._plain.get(subject, ()):
             if not faults._partitions or faults.reachable(sender, sub.owner_name):
-                self._send(loop, sender, sub, subject, data, reply)
+                self._send(sender, sub, subject, data, reply)
 
     def _send(
         self,
-        loop: asyncio.AbstractEventLoop,
         sender: str,
         target: _MemorySubscription,
         subject: str,
@@ -468,13 +465,13 @@ class MemoryNetwork:
         reply: str | None,
     ) -> None:
         if not self.faults._rules:
-            loop.call_soon(target.deliver, data, reply)
+            target.loop.call_soon(target.deliver, data, reply)
             return
         decision = self.faults.decide(sender, target.owner_name, subject)
         if decision.drop:
             return
         for _ in range(1 + decision.copies):
-            _schedule(loop, decision.delay, target.deliver, data, reply)
+            _schedule(target.loop, decision.delay, target.deliver, data, reply)
 
     def open_inbox(self, inbox: str, owner: str, future: asyncio.Future[bytes]) -> None:
         self._inboxes[inbox] = _Inbox(owner, future)
@@ -509,6 +506,7 @@ class _MemorySubscription(Subscription):
         self._owner = owner
         self._callback = callback
         self.active = True
+        self.loop = asyncio.get_running_loop()  # where its callback runs
 
     def deliver(self, data: bytes, reply: str | None) -> None:
         if self.active:
@@ -538,6 +536,7 @@ class MemoryTransport(Transport):
     def __init__(self, network: MemoryNetwork | None = None, *, name: str = "") -> None:
         self.network = network if network is not None else MemoryNetwork()
         self.name = name or f"conn-{self.network.next_id()}"
+        self._inbox_prefix = f"{_INBOX_PREFIX}{self.name}."
         self._subs: set[_MemorySubscription] = set()
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._timeouts: Timeouts[asyncio.Future[bytes]] | None = None
@@ -569,7 +568,7 @@ class MemoryTransport(Transport):
         network = self.network
         if not network.has_interest(subject, self.name):
             raise NoShardOwnerError(f"no subscriber on {subject!r}")
-        inbox = f"{_INBOX_PREFIX}{self.name}.{network.next_id()}"
+        inbox = self._inbox_prefix + str(network.next_id())
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         self._pending[inbox] = future
