@@ -367,7 +367,8 @@ class Client:
             await self.transport.publish(self._subjects[shard], self._encode(env))
             ok = True
         finally:
-            self.metrics.notify_completed(msg_type, ok)
+            if self._metered:
+                self.metrics.notify_completed(msg_type, ok)
 
     async def notify_key(
         self,

@@ -247,12 +247,11 @@ class NatsConnection(NatsClient):
                 kick.set_result(None)
             queue.put_nowait(kick)
 
-    async def publish_buffered(self, subject: str, payload: bytes, reply: str = "") -> None:
-        """:meth:`publish_nowait`, then wait while the outgoing buffer is over
-        its limit, as nats-py's ``publish`` does (back-pressure, cheaper)."""
-        self.publish_nowait(subject, payload, reply)
-        if 0 < self._max_pending_size < self._pending_data_size:
-            await self._flush_pending(force_flush=True)
+    @property
+    def buffer_full(self) -> bool:
+        """Whether more is waiting to be written than ``pending_size`` allows
+        (nats-py's ``publish`` then waits for a flush: back-pressure)."""
+        return 0 < self._max_pending_size < self._pending_data_size
 
     async def _process_pong(self) -> None:
         if self._pongs:
@@ -579,8 +578,11 @@ class NatsTransport(Transport):
         ``reply`` sets a reply subject, as ``nats pub --reply`` does (for tests
         that play a raw peer)."""
         self._check_open()
+        nc = self.nc
         try:
-            await self.nc.publish_buffered(subject, data, reply or "")
+            nc.publish_nowait(subject, data, reply or "")
+            if nc.buffer_full:
+                await nc._flush_pending(force_flush=True)
         except nats.errors.Error as exc:
             raise self._translate(exc, "publish", subject, len(data)) from exc
 
