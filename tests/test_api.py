@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -50,6 +52,18 @@ class TestExports:
 
         assert "NatsTransport" in transports.__all__
         assert transports.NatsTransport is NatsTransport
+
+    def test_importing_clstr_loads_neither_nats_nor_prometheus(self) -> None:
+        """A process that only imports clstr (memory transport, no-op metrics) does not
+        pay the start-up of nats-py or prometheus_client."""
+        probe = (
+            "import sys, clstr; "
+            "print(sorted(m for m in ('nats', 'prometheus_client') if m in sys.modules))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        ).stdout
+        assert out.strip() == "[]"
 
 
 class TestMetrics:
