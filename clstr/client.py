@@ -203,8 +203,10 @@ class Client:
         options: Sequence[EnvelopeOption],
         request_id: str | None,
     ) -> Envelope:
-        self._check_open()
-        self._check_shard(shard)
+        if self.state is ClientState.CLOSED:
+            self._check_open()  # raises
+        if shard.__class__ is not int or not 0 <= shard < self.num_shards:
+            self._check_shard(shard)  # raises, unless an int subclass in range
         if not isinstance(msg_type, str) or not msg_type:
             raise ConfigurationError(f"message type must be a non-empty str, got {msg_type!r}")
         if not isinstance(data, bytes | bytearray | memoryview):
@@ -268,17 +270,17 @@ class Client:
         budget = self.timeout if timeout is None else timeout
         if not budget > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {budget!r}")
-        remaining = env.remaining()
-        if remaining is not None:
-            budget = min(budget, remaining)
-        deadline = monotonic() + budget
+        now = monotonic()
+        if env.deadline is not None:
+            budget = min(budget, env.deadline - now)
+        deadline = now + budget
         started = time.perf_counter() if self._metered else 0.0
         ok = False
         try:
             attempt = 0
             last: RequestError | None = None
             while True:
-                left = deadline - monotonic()
+                left = deadline - monotonic() if attempt else budget
                 if left <= _MIN_ATTEMPT and last is not None:
                     # The backoff ate the deadline: the last answer stands (better
                     # than a timeout of an attempt that had no time to succeed).

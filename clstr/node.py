@@ -436,9 +436,9 @@ class Node:
             self._log.debug("bad request", shard=shard, error=str(exc))
             self._reply(reply, error_reply_for(exc))
             return
-        if env.ttl is not None and (
-            env.expired() or self._wall_clock() - env.created_at > env.ttl + self.clock_skew
-        ):
+        # (Its deadline was just set from the TTL: only the sender's clock can
+        # say that it is stale.)
+        if env.ttl is not None and self._wall_clock() - env.created_at > env.ttl + self.clock_skew:
             # Only this copy's reply: a copy of the same id may be running.
             self._rejected("expired")
             self._reply(reply, self._expired_reply(env))
@@ -529,7 +529,8 @@ class Node:
             lane = self._lanes[shard, key] = _Lane(shard, key)
         lane.items.append((env, reply))
         self._ready.append(lane)
-        self._spawn_worker()
+        if self._spare is None:
+            self._spawn_worker()
 
     def _spawn_worker(self) -> None:
         """Make sure a worker that has not started yet is there for the ready lanes.
@@ -583,7 +584,7 @@ class Node:
         self._spare = None
         while ready:
             lane = ready.popleft()
-            if ready:
+            if ready and self._spare is None:
                 self._spawn_worker()
             env, reply = lane.items.popleft()
             self._queued -= 1
