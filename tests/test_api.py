@@ -172,6 +172,7 @@ class TestNatsConnect:
             assert got == [b"after"]
             assert any(e["event"] == "subscriber callback raised" for e in logs)
             await sub.unsubscribe()
+            assert transport.nc._direct == {}  # no callback kept for an ended subscription
             await transport.publish("direct.test", b"gone")
             await transport.nc.flush()
             assert got == [b"after"]

@@ -202,9 +202,6 @@ class NatsConnection(NatsClient):
         if direct is None:
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
             return
-        if sid not in self._subs:  # unsubscribed (or drained) since
-            del self._direct[sid]
-            return
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
@@ -212,6 +209,11 @@ class NatsConnection(NatsClient):
             direct(subject, reply, data, headers)
         except Exception as exc:  # the read loop must go on
             _log.error("subscriber callback raised", subject=subject.decode(), error=repr(exc))
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        # Called by nats-py when a subscription ends (unsubscribe, drain).
+        super()._remove_sub(sid, max_msgs)
+        self._direct.pop(sid, None)
 
     def publish_nowait(self, subject: str, payload: bytes, reply: str = "") -> None:
         """nats-py's ``publish`` without awaiting: the message joins the
