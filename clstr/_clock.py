@@ -42,16 +42,19 @@ class Timeouts(Generic[T]):
 
     A ``call_at`` per message (a handle, a heap push, a cancel and the heap
     clean-up) was a tenth of the request path. Here an item joins the set of
-    its millisecond; one timer per millisecond fires the items still in it.
-    Items fire up to 1 ms after their deadline, never before it.
+    its millisecond; one timer per millisecond fires the items still in it,
+    and is cancelled once all of them were discarded (so long deadlines do
+    not pile up empty slots). Items fire up to 1 ms after their deadline,
+    never before it.
     """
 
-    __slots__ = ("_fire", "_loop", "_slots")
+    __slots__ = ("_fire", "_slots", "_timers", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fire: Callable[[T], object]) -> None:
-        self._loop = loop
+        self.loop = loop
         self._fire = fire
         self._slots: dict[int, set[T]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
 
     def add(self, deadline: float, item: T) -> int:
         """Fire ``item`` at ``deadline``; returns the slot to :meth:`discard` it from."""
@@ -59,7 +62,7 @@ class Timeouts(Generic[T]):
         items = self._slots.get(slot)
         if items is None:
             self._slots[slot] = {item}
-            self._loop.call_at(slot / 1000.0, self._expire, slot)
+            self._timers[slot] = self.loop.call_at(slot / 1000.0, self._expire, slot)
         else:
             items.add(item)
         return slot
@@ -69,8 +72,16 @@ class Timeouts(Generic[T]):
         items = self._slots.get(slot)
         if items is not None:
             items.discard(item)
+            if not items:
+                del self._slots[slot]
+                self._timers.pop(slot).cancel()
+
+    def __len__(self) -> int:
+        """How many slots (and loop timers) are live."""
+        return len(self._slots)
 
     def _expire(self, slot: int) -> None:
+        self._timers.pop(slot, None)
         for item in self._slots.pop(slot, ()):
             self._fire(item)
 

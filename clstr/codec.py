@@ -130,21 +130,28 @@ def encode_request(
     body["ts"] = int((env.created_at if created_at is None else created_at) * 1000)
     if env.id is not None:
         body["id"] = env.id
-    return _packer().pack(body)  # type: ignore[no-any-return]
+    return _pack(body, len(env.data))
 
 
 _local = threading.local()
+# A Packer keeps the largest buffer it ever needed: bigger messages get one of
+# their own, so that one huge message does not pin its size for good.
+_REUSE_MAX: Final = 64 * 1024
 
 
-def _packer() -> msgpack.Packer:
-    """This thread's reusable Packer: ``packb`` builds one per call (more than
-    half its cost). Per thread, as a Packer is not safe to share."""
+def _pack(body: object, size: int) -> bytes:
+    """msgpack of ``body`` (``size``: a rough size of its variable part).
+
+    Small ones use this thread's reusable Packer: ``packb`` builds one per
+    call, more than half its cost. Per thread, as a Packer is not safe to share.
+    """
+    if size > _REUSE_MAX:
+        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
     try:
         packer: msgpack.Packer = _local.packer
-        return packer
     except AttributeError:
         packer = _local.packer = msgpack.Packer(use_bin_type=True)
-        return packer
+    return packer.pack(body)  # type: ignore[no-any-return]
 
 
 def _unpack_map(data: bytes, limits: Limits, what: str) -> dict[Any, Any]:
@@ -270,8 +277,9 @@ def encode_reply(data: bytes) -> bytes:
 
 def encode_error_reply(code: str, type_name: str, message: str) -> bytes:
     """Encode an error reply with a wire ``code`` (see :mod:`clstr.errors`)."""
-    return _packer().pack(  # type: ignore[no-any-return]
-        {"v": WIRE_VERSION, "ok": False, "e": {"code": code, "type": type_name, "msg": message}}
+    return _pack(
+        {"v": WIRE_VERSION, "ok": False, "e": {"code": code, "type": type_name, "msg": message}},
+        len(message),
     )
 
 
@@ -295,7 +303,7 @@ def decode_reply(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
             start = _OK_HEAD_SIZE + 1 + width
             size = int.from_bytes(data[_OK_HEAD_SIZE + 1 : start], "big")
             if start + size == len(data):
-                return data[start:]
+                return bytes(data[start:])
     body = _unpack_map(data, limits, "reply")
     if body.get("ok") is True:
         payload = body.get("d", b"")

@@ -367,7 +367,6 @@ class KvMembership(Membership):
         self._heartbeat_lock = asyncio.Lock()
         self._lost = False  # heartbeat expired; rejoining
         self._shards_ready = asyncio.Event()
-        self._stopped: set[str] = set()  # loops told to end (see cancel_and_wait)
 
     # -- public API -----------------------------------------------------------
 
@@ -498,11 +497,10 @@ class KvMembership(Membership):
         """Stop every task and watcher (also when leave was cut short). What
         is not stopped yet stays listed, so a second call (after this one was
         itself cancelled) finishes the job."""
-        self._stopped.update(("heartbeat", "reconcile"))
         node = self._require_node()
         node.transport.remove_listener(self._on_connection)
         node.set_lease(None)
-        await cancel_and_wait(list(self._tasks))
+        await cancel_and_wait(list(self._tasks), insist=True)
         self._tasks = [t for t in self._tasks if not t.done()]
         if self._control is not None:
             control, self._control = self._control, None
@@ -512,8 +510,8 @@ class KvMembership(Membership):
             self._watchers.pop(0)
 
     async def _stop_loop(self, kind: str) -> None:
-        self._stopped.add(kind)
-        await cancel_and_wait([t for t in self._tasks if t.get_name().startswith(f"clstr-{kind}")])
+        named = [t for t in self._tasks if t.get_name().startswith(f"clstr-{kind}")]
+        await cancel_and_wait(named, insist=True)
 
     # -- internals ------------------------------------------------------------
 
@@ -618,8 +616,6 @@ class KvMembership(Membership):
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            if "heartbeat" in self._stopped:
-                return
             try:
                 await self._heartbeat()
             except Exception as exc:
@@ -831,8 +827,6 @@ class KvMembership(Membership):
                     await self._dirty.wait()
             except TimeoutError:
                 pass
-            if "reconcile" in self._stopped:
-                return
             self._dirty.clear()
             try:
                 await self._reconcile()
@@ -975,4 +969,4 @@ async def _stop_watcher(watcher: Any) -> None:
         for task in (getattr(jsi, "_hbtask", None), getattr(jsi, "_fctask", None))
         if isinstance(task, asyncio.Task)
     ]
-    await cancel_and_wait(leftovers)
+    await cancel_and_wait(leftovers, insist=True)

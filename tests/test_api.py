@@ -179,6 +179,22 @@ class TestNatsConnect:
         finally:
             await transport.close()
 
+    async def test_replies_arrive_on_a_non_ascii_inbox_prefix(self, clstr_nats_url: str) -> None:
+        """Reply subjects are matched as bytes: an inbox prefix outside ASCII works."""
+        transport = await NatsTransport.connect(
+            clstr_nats_url, NatsOptions(inbox_prefix="_INBOX_clé")
+        )
+        try:
+
+            async def echo(env: Envelope) -> bytes:
+                return env.data
+
+            async with Node(transport, echo, num_shards=1, prefix="utf"):
+                client = Client(transport, num_shards=1, prefix="utf", timeout=2)
+                assert await client.request_shard(0, "e", b"accent") == b"accent"
+        finally:
+            await transport.close()
+
     async def test_empty_server_list_is_refused(self) -> None:
         """An empty list of URLs is refused with a message saying what to pass."""
         with pytest.raises(ConnectionFailedError, match="at least one"):

@@ -571,13 +571,14 @@ class MemoryTransport(Transport):
         inbox = self._inbox_prefix + str(network.next_id())
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        self._pending[inbox] = future
-        network.open_inbox(inbox, self.name, future)
-        # A shared timer for the future, not asyncio.timeout(): a fraction of the cost.
+        # A shared timer for the future, not asyncio.timeout(): a fraction of the
+        # cost. (A transport may outlive one loop, as in tests: its timers may not.)
         timeouts = self._timeouts
-        if timeouts is None:
+        if timeouts is None or timeouts.loop is not loop:
             timeouts = self._timeouts = Timeouts(loop, expire)
         slot = timeouts.add(loop.time() + timeout, future)
+        self._pending[inbox] = future
+        network.open_inbox(inbox, self.name, future)
         try:
             network.route(subject, data, inbox, self.name)
             return await future

@@ -191,8 +191,16 @@ class NatsConnection(NatsClient):
         it raises is logged, not propagated. Unsubscribe or drain the
         returned nats-py subscription as usual.
         """
-        sub = await self.subscribe(subject, queue=queue)
-        self._direct[sub._id] = callback
+        # Registered before the SUB goes out: subscribe() may wait for a full
+        # buffer to be written, and a message arriving meanwhile must find it.
+        sid = self._sid + 1  # the id subscribe() gives it, with no wait before
+        self._direct[sid] = callback
+        try:
+            sub = await self.subscribe(subject, queue=queue)
+        except BaseException:
+            self._direct.pop(sid, None)
+            raise
+        assert sub._id == sid, "nats-py numbered the subscription differently"
         return sub
 
     async def _process_msg(
@@ -524,7 +532,7 @@ class NatsTransport(Transport):
         if self._mux_ready is None:
             self._mux_ready = asyncio.get_running_loop().create_future()
             prefix = f"{self.nc.new_inbox()}."
-            skip = len(prefix)
+            skip = len(prefix.encode())
             waiting = self._waiting
 
             def on_reply(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
@@ -563,7 +571,10 @@ class NatsTransport(Transport):
                 timeouts = self._timeouts = Timeouts(loop, expire)
             slot = timeouts.add(loop.time() + timeout, future)
             try:
-                self.nc.publish_nowait(subject, data, prefix + token.decode())
+                nc = self.nc
+                nc.publish_nowait(subject, data, prefix + token.decode())
+                if nc.buffer_full:  # back-pressure, as publish() applies it
+                    await nc._flush_pending(force_flush=True)
                 return await future
             finally:
                 timeouts.discard(slot, future)
