@@ -42,17 +42,27 @@ class Timeouts(Generic[T]):
 
     A ``call_at`` per message (a handle, a heap push, a cancel and the heap
     clean-up) was a tenth of the request path. Here an item joins the set of
-    its millisecond; one timer per millisecond fires the items still in it,
-    and is cancelled once all of them were discarded (so long deadlines do
-    not pile up empty slots). Items fire up to 1 ms after their deadline,
-    never before it.
+    its millisecond; one timer per millisecond fires the items still in it.
+    Items fire up to 1 ms after their deadline, never before it.
+
+    A millisecond whose items all finished keeps its timer (cancelling it
+    would cost what this saves) unless more than ``max_timers`` are live:
+    then it is cancelled, so that long deadlines under steady traffic (an
+    hour: 3.6 million milliseconds) cannot pile up idle timers.
     """
 
-    __slots__ = ("_fire", "_slots", "_timers", "loop")
+    __slots__ = ("_fire", "_max_timers", "_slots", "_timers", "loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fire: Callable[[T], object]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fire: Callable[[T], object],
+        *,
+        max_timers: int = 10_000,
+    ) -> None:
         self.loop = loop
         self._fire = fire
+        self._max_timers = max_timers
         self._slots: dict[int, set[T]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
 
@@ -72,13 +82,13 @@ class Timeouts(Generic[T]):
         items = self._slots.get(slot)
         if items is not None:
             items.discard(item)
-            if not items:
+            if not items and len(self._timers) > self._max_timers:
                 del self._slots[slot]
                 self._timers.pop(slot).cancel()
 
     def __len__(self) -> int:
-        """How many slots (and loop timers) are live."""
-        return len(self._slots)
+        """How many loop timers are live."""
+        return len(self._timers)
 
     def _expire(self, slot: int) -> None:
         self._timers.pop(slot, None)

@@ -52,19 +52,23 @@ class TestTimeouts:
             await asyncio.sleep(1.01)
             assert fired == ["kept"]
 
-    async def test_a_slot_whose_items_all_finished_drops_its_timer(self) -> None:
-        """Discarding the last item of a millisecond cancels that millisecond's loop
-        timer: long deadlines do not keep empty slots alive until they pass."""
+    async def test_idle_timers_are_bounded(self) -> None:
+        """Past max_timers live timers, discarding the last item of a millisecond
+        cancels its timer: long deadlines do not keep idle timers until they pass."""
         loop = asyncio.get_running_loop()
         fired: list[int] = []
-        timeouts: Timeouts[int] = Timeouts(loop, fired.append)
+        timeouts: Timeouts[int] = Timeouts(loop, fired.append, max_timers=10)
         far = loop.time() + 3600
         slots = [timeouts.add(far + i / 1000, i) for i in range(100)]
         assert len(timeouts) == 100
         for slot, i in zip(slots, range(100), strict=True):
             timeouts.discard(slot, i)
-        assert len(timeouts) == 0
+        assert len(timeouts) == 10
         assert fired == []
+        again = timeouts.add(far, 7)  # a millisecond whose timer is gone gets a new one
+        await asyncio.sleep(0)
+        assert len(timeouts) == 11
+        timeouts.discard(again, 7)
 
 
 class TestCancelAndWait:
