@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -300,16 +301,14 @@ class Node:
         """
         if shard in self._subs or shard in self._acquiring:
             return
-
-        def on_message(data: bytes, reply: str | None) -> None:
-            self._on_message(shard, data, reply)
-
         # The server may route messages before the subscription is confirmed:
         # they are ours already (the membership holds the shard).
         self._acquiring.add(shard)
         try:
             sub = await self.transport.subscribe(
-                shard_subject(self.prefix, shard), on_message, queue=self.prefix
+                shard_subject(self.prefix, shard),
+                functools.partial(self._on_message, shard),
+                queue=self.prefix,
             )
         finally:
             self._acquiring.discard(shard)
@@ -607,7 +606,8 @@ class Node:
         task.cancel()
 
     async def _run(self, env: Envelope, reply: str | None, me: asyncio.Task[None]) -> None:
-        if env.expired():
+        deadline = env.deadline
+        if deadline is not None and monotonic() >= deadline:  # env.expired(), inline
             self._rejected("expired")
             self._finish(env, reply, self._expired_reply(env), cache=False)
             return
@@ -625,7 +625,6 @@ class Node:
         failure: BaseException | None = None
         body: bytes | None = None
         try:
-            deadline = env.deadline
             if deadline is None:
                 result = await self.handler(env)
             else:

@@ -356,7 +356,7 @@ class _Group:
 
     def pick(self, sender: str, faults: Faults) -> _MemorySubscription | None:
         members = self.members
-        if not faults.active:
+        if not (faults._rules or faults._partitions):
             self.turn = (self.turn + 1) % len(members)
             return members[self.turn]
         for _ in range(len(members)):
@@ -435,7 +435,7 @@ class MemoryNetwork:
             inbox = self._inboxes.get(subject)
             if inbox is None:
                 return
-            if not faults.active:
+            if not (faults._rules or faults._partitions):
                 # Resolving wakes the requester on a later turn anyway (future
                 # callbacks go through call_soon): no extra hop needed.
                 _resolve(inbox.future, data)
@@ -472,12 +472,6 @@ class MemoryNetwork:
             return
         for _ in range(1 + decision.copies):
             _schedule(target.loop, decision.delay, target.deliver, data, reply)
-
-    def open_inbox(self, inbox: str, owner: str, future: asyncio.Future[bytes]) -> None:
-        self._inboxes[inbox] = _Inbox(owner, future)
-
-    def close_inbox(self, inbox: str) -> None:
-        self._inboxes.pop(inbox, None)
 
 
 def _schedule(loop: asyncio.AbstractEventLoop, delay: float, fn: object, *args: object) -> None:
@@ -568,7 +562,7 @@ class MemoryTransport(Transport):
         network = self.network
         if not network.has_interest(subject, self.name):
             raise NoShardOwnerError(f"no subscriber on {subject!r}")
-        inbox = self._inbox_prefix + str(network.next_id())
+        inbox = self._inbox_prefix + str(next(network._ids))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         # A shared timer for the future, not asyncio.timeout(): a fraction of the
@@ -578,7 +572,8 @@ class MemoryTransport(Transport):
             timeouts = self._timeouts = Timeouts(loop, expire)
         slot = timeouts.add(loop.time() + timeout, future)
         self._pending[inbox] = future
-        network.open_inbox(inbox, self.name, future)
+        inboxes = network._inboxes
+        inboxes[inbox] = _Inbox(self.name, future)
         try:
             network.route(subject, data, inbox, self.name)
             return await future
@@ -586,7 +581,7 @@ class MemoryTransport(Transport):
             raise RequestTimeoutError(f"no reply on {subject!r} within {timeout:.3f}s") from None
         finally:
             timeouts.discard(slot, future)
-            network.close_inbox(inbox)
+            inboxes.pop(inbox, None)
             self._pending.pop(inbox, None)
 
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
