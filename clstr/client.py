@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
+import os
 import random
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -158,6 +159,10 @@ class Client:
         self._metered = metrics is not NOOP_METRICS
         self.state = ClientState.OPEN
         self._subjects = [shard_subject(prefix, s) for s in range(num_shards)]
+        # Request ids: 96 random bits per client and a counter, unique across
+        # clients as a UUID is, without a system call per request.
+        self._id_prefix = os.urandom(12).hex() + "."
+        self._ids = itertools.count(1)
 
     @classmethod
     async def connect(
@@ -265,7 +270,7 @@ class Client:
         if retry is not None and request_id is None:
             # The id makes the retries one request: the node answers a retried id
             # with the first reply instead of running the handler again.
-            request_id = uuid.uuid4().hex
+            request_id = f"{self._id_prefix}{next(self._ids)}"
         env = self._build(shard, msg_type, data, key, options, request_id)
         budget = self.timeout if timeout is None else timeout
         if not budget > 0:
@@ -340,7 +345,7 @@ class Client:
     ) -> bytes:
         """Send a request to the owner of ``key``; see :meth:`request_shard`."""
         return await self.request_shard(
-            self._shard_of_key(key),
+            self._mapper.shard(key) if key.__class__ is str and key else self._shard_of_key(key),
             msg_type,
             data,
             key=key,

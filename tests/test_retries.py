@@ -58,6 +58,24 @@ class SeenErrors(NoopMetrics):
 
 
 class TestIdempotency:
+    async def test_made_up_ids_are_unique_across_clients(self, connect: Connect) -> None:
+        """With a retry policy and no request_id, every request of every client gets
+        an id of its own (a repeated one would be answered from the reply cache)."""
+        counter = Counter()
+        node = Node(await connect("a"), counter, num_shards=4)
+        await node.start()
+        clients = [
+            Client(await connect(f"c{i}"), num_shards=4, retry=RetryPolicy()) for i in range(3)
+        ]
+        try:
+            for client in clients:
+                for _ in range(20):
+                    await client.request_shard(1, "inc")
+            assert len(set(counter.runs)) == len(counter.runs) == 60
+            assert all(isinstance(i, str) and len(i) <= 128 for i in counter.runs)
+        finally:
+            await node.stop()
+
     async def test_retried_id_gets_the_first_reply(self, connect: Connect) -> None:
         """A request id sent twice runs the handler once; the second gets the first reply."""
         counter = Counter()
