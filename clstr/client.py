@@ -208,10 +208,8 @@ class Client:
         options: Sequence[EnvelopeOption],
         request_id: str | None,
     ) -> Envelope:
-        if self.state is ClientState.CLOSED:
-            self._check_open()  # raises
-        if shard.__class__ is not int or not 0 <= shard < self.num_shards:
-            self._check_shard(shard)  # raises, unless an int subclass in range
+        self._check_open()
+        self._check_shard(shard)
         if not isinstance(msg_type, str) or not msg_type:
             raise ConfigurationError(f"message type must be a non-empty str, got {msg_type!r}")
         if not isinstance(data, bytes | bytearray | memoryview):
@@ -345,7 +343,7 @@ class Client:
     ) -> bytes:
         """Send a request to the owner of ``key``; see :meth:`request_shard`."""
         return await self.request_shard(
-            self._mapper.shard(key) if key.__class__ is str and key else self._shard_of_key(key),
+            self._shard_of_key(key),
             msg_type,
             data,
             key=key,

@@ -606,8 +606,7 @@ class Node:
         task.cancel()
 
     async def _run(self, env: Envelope, reply: str | None, me: asyncio.Task[None]) -> None:
-        deadline = env.deadline
-        if deadline is not None and monotonic() >= deadline:  # env.expired(), inline
+        if env.expired():
             self._rejected("expired")
             self._finish(env, reply, self._expired_reply(env), cache=False)
             return
@@ -625,6 +624,7 @@ class Node:
         failure: BaseException | None = None
         body: bytes | None = None
         try:
+            deadline = env.deadline
             if deadline is None:
                 result = await self.handler(env)
             else:

@@ -356,7 +356,7 @@ class _Group:
 
     def pick(self, sender: str, faults: Faults) -> _MemorySubscription | None:
         members = self.members
-        if not (faults._rules or faults._partitions):
+        if not faults.active:
             self.turn = (self.turn + 1) % len(members)
             return members[self.turn]
         for _ in range(len(members)):
@@ -435,7 +435,7 @@ class MemoryNetwork:
             inbox = self._inboxes.get(subject)
             if inbox is None:
                 return
-            if not (faults._rules or faults._partitions):
+            if not faults.active:
                 # Resolving wakes the requester on a later turn anyway (future
                 # callbacks go through call_soon): no extra hop needed.
                 _resolve(inbox.future, data)

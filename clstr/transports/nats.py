@@ -263,6 +263,12 @@ class NatsConnection(NatsClient):
         (nats-py's ``publish`` then waits for a flush: back-pressure)."""
         return 0 < self._max_pending_size < self._pending_data_size
 
+    async def make_room(self) -> None:
+        """Wait until the outgoing buffer is written, as nats-py's ``publish``
+        does once it is :attr:`buffer_full` (call it only then: this is the
+        slow path)."""
+        await self._flush_pending(force_flush=True)
+
     async def _process_pong(self) -> None:
         if self._pongs:
             future = self._pongs.pop(0)
@@ -574,7 +580,7 @@ class NatsTransport(Transport):
                 nc = self.nc
                 nc.publish_nowait(subject, data, prefix + token.decode())
                 if nc.buffer_full:  # back-pressure, as publish() applies it
-                    await nc._flush_pending(force_flush=True)
+                    await nc.make_room()
                 return await future
             finally:
                 timeouts.discard(slot, future)
@@ -595,7 +601,7 @@ class NatsTransport(Transport):
         try:
             nc.publish_nowait(subject, data, reply or "")
             if nc.buffer_full:
-                await nc._flush_pending(force_flush=True)
+                await nc.make_room()
         except nats.errors.Error as exc:
             raise self._translate(exc, "publish", subject, len(data)) from exc
 
