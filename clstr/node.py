@@ -97,6 +97,9 @@ class NodeInfo:
 
     node_id: str
     shards: list[int] = field(default_factory=list)
+    #: The message types the node's handler accepts (a :class:`Router`'s
+    #: routes), or ``None`` when the handler does not say (any type may do).
+    message_types: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -443,7 +446,12 @@ class Node:
             self._reply(reply, self._expired_reply(env))
             return
         if env.type == NODE_INFO_TYPE:
-            info = NodeInfo(node_id=self.node_id, shards=self.shards)
+            types = getattr(self.handler, "message_types", None)
+            info = NodeInfo(
+                node_id=self.node_id,
+                shards=self.shards,
+                message_types=list(types) if isinstance(types, list | tuple) else None,
+            )
             self._reply(reply, encode_reply(encode_payload(info)))
             return
         if (

@@ -221,6 +221,7 @@ class TestChurn:
         done, failures = await load
         killed = {n: p.killed_at for n, p in churn.nodes.items() if p.killed_at is not None}
         calls = parse_calls(churn.record, killed)
+        print(f"requests: {sum(done.values())} succeeded, {len(failures)} failed")
         assert failures == []
         assert sum(done.values()) > 100
         assert overlaps(calls) == []

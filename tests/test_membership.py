@@ -172,6 +172,10 @@ class TestPlacement:
         stop.set()
         await driver
         moved = {s for s in before if after.owners[s] != before[s]}
+        print(
+            f"\njoin moved {len(moved)}/{NUM_SHARDS} shards "
+            f"({len(moved) / NUM_SHARDS:.3f}; ideal 1/3)"
+        )
         assert moved == set(after.shards_of("c"))
         assert failures == []
         assert sent > 0
