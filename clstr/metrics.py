@@ -3,8 +3,12 @@
 Metric names and labels follow the Go original (``clstr_cluster_*``) so that
 dashboards carry over; clstr adds ``clstr_cluster_request_retries_total``,
 ``clstr_cluster_envelopes_rejected_total``
-(by reason: ``expired``, ``overloaded``, ``bad_request``) and
-``clstr_cluster_pending_messages``.
+(by reason: ``expired``, ``overloaded``, ``bad_request``, ``not_owner``),
+``clstr_cluster_pending_messages``, the node's own view of requests
+(``clstr_cluster_node_requests_total``,
+``clstr_cluster_node_request_duration_seconds``: queue wait included) and
+event-loop stalls (``clstr_cluster_event_loop_stalls_total``,
+``clstr_cluster_event_loop_stalled_seconds_total``).
 """
 
 from __future__ import annotations
@@ -47,9 +51,18 @@ class Metrics(Protocol):
     def pending_messages(self, node_id: str, count: int) -> None:
         """How many messages wait in a node's queue."""
 
+    def request_served(self, message_type: str, success: bool, duration: float) -> None:
+        """A node answered a message its handler ran for; ``duration`` is the time
+        from its arrival to the answer (queue wait plus handler), in seconds."""
+
+    def loop_stalled(self, node_id: str, duration: float) -> None:
+        """A node's event loop was blocked for ``duration`` seconds (a handler
+        doing blocking work); see ``Node(loop_stall_threshold=...)``."""
+
 
 class NoopMetrics:
-    """Records nothing. The default."""
+    """Records nothing: every :class:`Metrics` method does nothing. The default
+    (a node or client given it skips the calls altogether)."""
 
     def request_completed(self, message_type: str, success: bool, duration: float) -> None:
         pass
@@ -78,6 +91,12 @@ class NoopMetrics:
     def pending_messages(self, node_id: str, count: int) -> None:
         pass
 
+    def request_served(self, message_type: str, success: bool, duration: float) -> None:
+        pass
+
+    def loop_stalled(self, node_id: str, duration: float) -> None:
+        pass
+
 
 NOOP_METRICS = NoopMetrics()
 
@@ -86,7 +105,8 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 class PrometheusMetrics:
     """Prometheus metrics registered on the registry you give (never the global one
-    unless you pass it)."""
+    unless you pass it). Each :class:`Metrics` method feeds the metric named in
+    docs/operations.md."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         # Imported here: a process with the no-op metrics does not pay for
@@ -162,6 +182,31 @@ class PrometheusMetrics:
             ["node_id"],
             registry=registry,
         )
+        self._served_duration = Histogram(
+            "clstr_cluster_node_request_duration_seconds",
+            "Time from a message's arrival at the node to its answer (queue wait and handler)",
+            ["message_type"],
+            registry=registry,
+            buckets=_BUCKETS,
+        )
+        self._served = Counter(
+            "clstr_cluster_node_requests",
+            "Messages a node ran a handler for, by outcome",
+            ["message_type", "success"],
+            registry=registry,
+        )
+        self._stalls = Counter(
+            "clstr_cluster_event_loop_stalls",
+            "Times a node's event loop was blocked past the stall threshold",
+            ["node_id"],
+            registry=registry,
+        )
+        self._stalled = Counter(
+            "clstr_cluster_event_loop_stalled_seconds",
+            "Seconds a node's event loop spent blocked past the stall threshold",
+            ["node_id"],
+            registry=registry,
+        )
 
     def request_completed(self, message_type: str, success: bool, duration: float) -> None:
         self._request_duration.labels(message_type).observe(duration)
@@ -191,6 +236,14 @@ class PrometheusMetrics:
 
     def pending_messages(self, node_id: str, count: int) -> None:
         self._pending.labels(node_id).set(count)
+
+    def request_served(self, message_type: str, success: bool, duration: float) -> None:
+        self._served_duration.labels(message_type).observe(duration)
+        self._served.labels(message_type, _flag(success)).inc()
+
+    def loop_stalled(self, node_id: str, duration: float) -> None:
+        self._stalls.labels(node_id).inc()
+        self._stalled.labels(node_id).inc(duration)
 
 
 def _flag(success: bool) -> str:

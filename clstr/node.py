@@ -127,7 +127,8 @@ class NodeState(enum.Enum):
     STOPPED = "stopped"
 
 
-_Work = tuple[Envelope, "str | None"]
+# A message, where to reply, and when it arrived (monotonic; 0.0 unmetered).
+_Work = tuple[Envelope, "str | None", float]
 
 
 class _Lane:
@@ -230,6 +231,8 @@ class Node:
         self._idle_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._queued = 0
         self._running = 0
+        # Since when messages are refused as overloaded (None: keeping up).
+        self._behind_since: float | None = None
         # Set when nothing is queued or running, while stop() waits for that.
         self._quiet: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -476,22 +479,43 @@ class Node:
                 if reply is not None:
                     waiting.append(reply)
                 return
-        # Room: max_pending waiting messages beyond what idle workers take at once.
-        if self._queued >= self.max_pending + self.max_concurrency - self._running:
-            self._rejected("overloaded")
-            self._reply(
-                reply,
-                error_reply_for(
-                    OverloadedError(
-                        f"node {self.node_id} has {self._queued} messages queued "
-                        f"(max_pending={self.max_pending}); retry later"
-                    )
-                ),
-            )
+        if self._queued >= self.max_pending and self._full(env):
+            self._overloaded(reply)
             return
         if request_id is not None:
             self._in_flight[request_id] = []
         self._enqueue(env, reply)
+
+    def _full(self, env: Envelope) -> bool:
+        """Whether taking ``env`` would leave more than ``max_pending`` messages
+        waiting: queued ones that no idle worker is about to start (a queued
+        message of a busy key waits; the first of a new key may start at once)."""
+        ready = len(self._ready)
+        if env.key is None or (env.shard, env.key) not in self._lanes:
+            ready += 1  # it would start a lane of its own
+        starting = min(self.max_concurrency - self._running, ready)
+        return self._queued + 1 - starting > self.max_pending
+
+    def _overloaded(self, reply: str | None) -> None:
+        """Refuse a message for want of room; log when the node falls behind."""
+        self._rejected("overloaded")
+        if self._behind_since is None:
+            self._behind_since = monotonic()
+            self._log.warning(
+                "node overloaded: refusing messages until the queue drains",
+                queued=self._queued,
+                running=self._running,
+                max_pending=self.max_pending,
+            )
+        self._reply(
+            reply,
+            error_reply_for(
+                OverloadedError(
+                    f"node {self.node_id} has {self._queued} messages queued "
+                    f"(max_pending={self.max_pending}); retry later"
+                )
+            ),
+        )
 
     def _fence_reason(self, shard: int) -> str:
         if self._fenced is None and not self.fenced:
@@ -520,7 +544,9 @@ class Node:
     def _enqueue(self, env: Envelope, reply: str | None) -> None:
         self.stats.received += 1
         self._queued += 1
+        received = 0.0
         if self._metered:
+            received = monotonic()
             self.metrics.pending_messages(self.node_id, self._queued)
         shard = env.shard
         self._load[shard] = self._load.get(shard, 0) + 1
@@ -531,10 +557,10 @@ class Node:
             existing = self._lanes.get((shard, key))
             if existing is not None:
                 # Busy or already ready: its worker puts it back when done.
-                existing.items.append((env, reply))
+                existing.items.append((env, reply, received))
                 return
             lane = self._lanes[shard, key] = _Lane(shard, key)
-        lane.items.append((env, reply))
+        lane.items.append((env, reply, received))
         self._ready.append(lane)
         if self._spare is None:
             self._spawn_worker()
@@ -578,6 +604,13 @@ class Node:
             for waiter in self._idle_waiters.pop(shard, ()):
                 if not waiter.done():
                     waiter.set_result(None)
+        if self._behind_since is not None and self._queued <= self.max_pending // 2:
+            self._log.info(
+                "node caught up",
+                behind_for=round(monotonic() - self._behind_since, 3),
+                refused_total=self.stats.rejected.get("overloaded", 0),
+            )
+            self._behind_since = None
         quiet = self._quiet
         if quiet is not None and not self._queued and not self._running and not quiet.done():
             quiet.set_result(None)
@@ -593,13 +626,13 @@ class Node:
             lane = ready.popleft()
             if ready and self._spare is None:
                 self._spawn_worker()
-            env, reply = lane.items.popleft()
+            env, reply, received = lane.items.popleft()
             self._queued -= 1
             if self._metered:
                 self.metrics.pending_messages(self.node_id, self._queued)
             self._current[me] = lane.shard
             try:
-                await self._run(env, reply, me)
+                await self._run(env, reply, me, received)
             finally:
                 del self._current[me]
                 if lane.items:
@@ -613,7 +646,9 @@ class Node:
         self._overdue.add(task)
         task.cancel()
 
-    async def _run(self, env: Envelope, reply: str | None, me: asyncio.Task[None]) -> None:
+    async def _run(
+        self, env: Envelope, reply: str | None, me: asyncio.Task[None], received: float
+    ) -> None:
         if env.expired():
             self._rejected("expired")
             self._finish(env, reply, self._expired_reply(env), cache=False)
@@ -705,6 +740,7 @@ class Node:
                 unknown = isinstance(failure, NoHandlerError)
                 label = "_unknown" if unknown else self._type_label(env.type)
                 self.metrics.handler_completed(label, ok, elapsed)
+                self.metrics.request_served(label, ok, monotonic() - received)
         self._finish(env, reply, body)
 
     def _finish(
@@ -755,7 +791,7 @@ class Node:
                 keep.append(lane)
                 continue
             while lane.items:
-                env, reply = lane.items.popleft()
+                env, reply, _ = lane.items.popleft()
                 self._queued -= 1
                 self._finish(env, reply, error, cache=False)
                 self._settled(lane.shard)
