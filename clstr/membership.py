@@ -275,9 +275,10 @@ def control_subject(prefix: str, node_id: str) -> str:
     return f"{prefix}.control.{node_id}"
 
 
-def _bucket_names(prefix: str) -> tuple[str, str]:
+def _bucket_names(prefix: str) -> tuple[str, str, str]:
+    """The members, shards and handoff buckets of the cluster under ``prefix``."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix)
-    return f"{safe}_members", f"{safe}_shards"
+    return f"{safe}_members", f"{safe}_shards", f"{safe}_handoff"
 
 
 @dataclass(slots=True)
@@ -343,6 +344,12 @@ class KvMembership(Membership):
             raise ConfigurationError("heartbeat_ttl must be >= 1 s (JetStream's TTL resolution)")
         if not 0 < s.lease_fraction < 1:
             raise ConfigurationError(f"lease_fraction must be in (0, 1), got {s.lease_fraction}")
+        if s.heartbeat_interval >= s.lease_fraction * s.heartbeat_ttl:
+            raise ConfigurationError(
+                f"heartbeat_interval ({s.heartbeat_interval} s) must be shorter than the lease "
+                f"(lease_fraction * heartbeat_ttl = {s.lease_fraction * s.heartbeat_ttl:.3g} s), "
+                "or the node fences itself between heartbeats"
+            )
         self.weight = weight
         self._node: Node | None = None
         self._members: dict[str, MemberInfo] = {}
@@ -358,6 +365,7 @@ class KvMembership(Membership):
         self._watchers: list[Any] = []
         self._members_kv: Any = None
         self._shards_kv: Any = None
+        self._handoff_kv: Any = None
         self._connected = True
         self._revalidate = False
         self._lease_until: float | None = None
@@ -429,11 +437,25 @@ class KvMembership(Membership):
         self._node = node
         nc = node.transport.nc
         js = nc.jetstream()
-        members_bucket, shards_bucket = _bucket_names(node.prefix)
+        members_bucket, shards_bucket, handoff_bucket = _bucket_names(node.prefix)
         self._members_kv = await _settling(
             lambda: self._bucket(js, members_bucket, marker_ttl=True)
         )
         self._shards_kv = await _settling(lambda: self._bucket(js, shards_bucket, marker_ttl=False))
+        try:
+            # Replies travel with a moving shard; entries live as long as a
+            # node keeps replies.
+            self._handoff_kv = await _settling(
+                lambda: self._bucket(
+                    js, handoff_bucket, marker_ttl=False, max_age=node.reply_cache_ttl
+                )
+            )
+        except Exception as exc:
+            _log.warning(
+                "no handoff bucket: retries across a shard move may run twice",
+                bucket=handoff_bucket,
+                error=repr(exc),
+            )
         self._me = MemberInfo(
             node.node_id,
             weight=self.weight,
@@ -520,7 +542,9 @@ class KvMembership(Membership):
             raise LifecycleError("membership has not joined a node yet")
         return self._node
 
-    async def _bucket(self, js: Any, name: str, *, marker_ttl: bool) -> Any:
+    async def _bucket(
+        self, js: Any, name: str, *, marker_ttl: bool, max_age: float | None = None
+    ) -> Any:
         import nats.js.errors
 
         try:
@@ -530,6 +554,8 @@ class KvMembership(Membership):
         kwargs: dict[str, Any] = {"bucket": name, "history": 1, "replicas": self.settings.replicas}
         if marker_ttl:
             kwargs["limit_marker_ttl"] = self.settings.heartbeat_ttl
+        if max_age is not None:
+            kwargs["ttl"] = max_age
         try:
             return await js.create_key_value(**kwargs)
         except nats.js.errors.BadRequestError:
@@ -554,8 +580,37 @@ class KvMembership(Membership):
             if not _is_cas_failure(exc):
                 raise
             entry = await self._members_kv.get(node.node_id)
-            self._my_revision = await self._renew(entry.revision)
+            revision = await self._unclaimed(entry)
+            sent = asyncio.get_running_loop().time()
+            self._my_revision = await self._renew(revision)
         self._renewed(sent)
+
+    async def _unclaimed(self, entry: Any) -> int:
+        """The revision of a heartbeat key in our name that nobody renews any more
+        (a previous run of this node that died less than a TTL ago); raise
+        :class:`ConfigurationError` when a live node renews it: two nodes with
+        one id would serve the same shards."""
+        node = self._require_node()
+        try:
+            theirs = json.loads(entry.value).get("incarnation") if entry.value else None
+        except ValueError:
+            theirs = None
+        assert self._me is not None
+        if theirs in (None, self._me.incarnation):
+            return int(entry.revision)
+        # Another process: wait past its renewal interval and see if it renews.
+        await asyncio.sleep(2 * self.settings.heartbeat_interval)
+        try:
+            later = await self._members_kv.get(node.node_id)
+        except Exception:
+            return int(entry.revision)  # gone (expired): our create-or-update decides
+        if later.revision != entry.revision and later.value:
+            info = json.loads(later.value)
+            raise ConfigurationError(
+                f"node id {node.node_id!r} is in use by a live node "
+                f"(host {info.get('host')!r}, pid {info.get('pid')}); give each node a unique id"
+            )
+        return int(later.revision)
 
     def _renewed(self, sent: float) -> None:
         node = self._require_node()
@@ -604,7 +659,7 @@ class KvMembership(Membership):
         """
         node = self._require_node()
         js = node.transport.nc.jetstream()  # type: ignore[attr-defined]
-        members_bucket, _ = _bucket_names(node.prefix)
+        members_bucket, _, _ = _bucket_names(node.prefix)
         ack = await js.publish(
             f"$KV.{members_bucket}.{node.node_id}",
             self._member_value(),
@@ -901,12 +956,40 @@ class KvMembership(Membership):
             return
         self._held[shard] = revision
         try:
+            await self._take_handoff(shard)
             await node.acquire(shard)
         except BaseException:
             # Not served: give the key back rather than hold it unserved.
             self._held.pop(shard, None)
             await self._delete_key(shard, revision)
             raise
+
+    async def _give_handoff(self, shard: int) -> None:
+        """Leave ``shard``'s recent replies for its next owner (before the key goes)."""
+        state = self._require_node().handoff_state(shard)
+        if state is None or self._handoff_kv is None:
+            return
+        try:
+            await self._handoff_kv.put(str(shard), state)
+        except Exception as exc:
+            _log.warning("cannot hand over replies", shard=shard, error=repr(exc))
+
+    async def _take_handoff(self, shard: int) -> None:
+        """Load what the previous owner of ``shard`` left (before serving it)."""
+        import nats.js.errors
+
+        if self._handoff_kv is None:
+            return
+        try:
+            entry = await self._handoff_kv.get(str(shard))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return
+        except Exception as exc:
+            _log.warning("cannot read handed-over replies", shard=shard, error=repr(exc))
+            return
+        if entry.value:
+            taken = self._require_node().restore_handoff(shard, entry.value)
+            _log.debug("replies handed over", shard=shard, replies=taken)
 
     async def _release(self, shard: int) -> None:
         node = self._require_node()
@@ -916,6 +999,7 @@ class KvMembership(Membership):
         self._releasing.add(shard)
         try:
             await node.release(shard, timeout=self.settings.handoff_timeout)
+            await self._give_handoff(shard)
             try:
                 await self._shards_kv.delete(str(shard), last=revision)
             except Exception as exc:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import ClassVar, Final, Self
 
+import msgpack
 import structlog
 
 from ._clock import Timeouts, monotonic
@@ -260,6 +261,11 @@ class Node:
         self._metered = metrics is not NOOP_METRICS
 
     @property
+    def reply_cache_ttl(self) -> float:
+        """Seconds a reply is kept for retries of its request id."""
+        return self._reply_cache.ttl
+
+    @property
     def shards(self) -> list[int]:
         """The shards this node serves now, sorted."""
         return sorted(self._subs)
@@ -347,6 +353,45 @@ class Node:
         if sub is not None and self.state is NodeState.RUNNING:
             # A handoff (on stop, on_stop cleans up everything at once).
             await shard_released(self.handler, shard)
+
+    def handoff_state(self, shard: int) -> bytes | None:
+        """What the next owner of ``shard`` needs to answer retries as this node
+        would: the recent replies of its requests (msgpack), or ``None`` when
+        there are none. Memberships call it after :meth:`release` and pass the
+        bytes to the next owner's :meth:`restore_handoff`, so that a request
+        retried across a shard move gets its first reply instead of running
+        again. At most about the transport's ``max_payload``: the newest
+        replies go first.
+        """
+        budget = max(self.transport.max_payload - 4096, 0)
+        replies = self._reply_cache.export(shard, budget)
+        if not replies:
+            return None
+        packed: bytes = msgpack.packb(
+            [[rid, max(1, int(left * 1000)), body] for rid, left, body in replies],
+            use_bin_type=True,
+        )
+        return packed
+
+    def restore_handoff(self, shard: int, data: bytes) -> int:
+        """Take over the replies :meth:`handoff_state` exported for ``shard`` (call
+        before serving it); return how many were taken. Malformed data is
+        logged and ignored: a handoff never stops a node from serving."""
+        try:
+            items = msgpack.unpackb(data, raw=False, max_bin_len=len(data), max_str_len=1024)
+            taken = 0
+            for rid, ms_left, body in reversed(items):  # oldest first: newest end newest
+                if not (
+                    isinstance(rid, str) and isinstance(ms_left, int) and isinstance(body, bytes)
+                ):
+                    raise TypeError(f"bad entry types {type(rid)}, {type(ms_left)}, {type(body)}")
+                if self._reply_cache.get(rid) is None:
+                    self._reply_cache.put(rid, body, shard, ttl=ms_left / 1000)
+                    taken += 1
+        except Exception as exc:
+            self._log.warning("ignoring malformed handoff state", shard=shard, error=repr(exc))
+            return 0
+        return taken
 
     def fence(self, reason: str) -> None:
         """Stop handling at once: cancel running handlers, refuse queued and new
@@ -755,7 +800,7 @@ class Node:
         for waiting in self._in_flight.pop(request_id, ()):
             self._reply(waiting, body)
         if cache and body is not None:
-            self._reply_cache.put(request_id, body)
+            self._reply_cache.put(request_id, body, env.shard)
 
     # -- eviction (stop, handoff timeout, fencing) ----------------------------
 
@@ -814,12 +859,14 @@ class Node:
 
 
 class ReplyCache:
-    """Recent replies by request id: bounded in count, each kept for ``ttl`` seconds."""
+    """Recent replies by request id: bounded in count, each kept for ``ttl`` seconds,
+    each tagged with its shard so that a handoff can carry a shard's replies to
+    its next owner."""
 
     def __init__(self, size: int, ttl: float) -> None:
         self.size = size
         self.ttl = ttl
-        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[float, bytes, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -833,11 +880,11 @@ class ReplyCache:
             return None
         return item[1]
 
-    def put(self, request_id: str, body: bytes) -> None:
+    def put(self, request_id: str, body: bytes, shard: int, ttl: float | None = None) -> None:
         if not self.size:
             return
         items = self._items
-        items[request_id] = (monotonic() + self.ttl, body)
+        items[request_id] = (monotonic() + (self.ttl if ttl is None else ttl), body, shard)
         items.move_to_end(request_id)
         while len(items) > self.size:
             items.popitem(last=False)
@@ -848,6 +895,20 @@ class ReplyCache:
             if oldest is None or oldest[0] > now:
                 break
             items.popitem(last=False)
+
+    def export(self, shard: int, budget: int) -> list[tuple[str, float, bytes]]:
+        """``shard``'s live replies as (id, seconds left, body), newest first,
+        as many as fit in about ``budget`` bytes."""
+        now = monotonic()
+        out: list[tuple[str, float, bytes]] = []
+        for request_id, (until, body, owner) in reversed(self._items.items()):
+            if owner != shard or until <= now:
+                continue
+            budget -= len(request_id) + len(body) + 16
+            if budget < 0:
+                break
+            out.append((request_id, until - now, body))
+        return out
 
 
 async def _cancel(tasks: list[asyncio.Task[None]], grace: float = _CANCEL_GRACE) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import nats.js.errors
 import pytest
 import pytest_asyncio
 
@@ -25,6 +26,7 @@ from clstr import (
     RetryPolicy,
 )
 from clstr.client import Client
+from clstr.hashing import assign_shards, shard_for_key
 from clstr.membership import (
     ClusterState,
     KvMembership,
@@ -213,6 +215,18 @@ class TestLeaving:
         assert time.monotonic() - started < 5
         assert harness.nodes["a"].shards == list(range(NUM_SHARDS))
 
+    async def test_graceful_stop_deletes_the_heartbeat_at_once(self, harness: Harness) -> None:
+        """A stopping node deletes its heartbeat key itself: it is gone as stop
+        returns, not a heartbeat TTL later."""
+        await harness.start("a")
+        await harness.start("b")
+        await harness.settled("a", {"a", "b"})
+        members = harness.kv("a")._members_kv
+        assert (await members.get("b")).value
+        await harness.nodes.pop("b").stop()
+        with pytest.raises((nats.js.errors.KeyDeletedError, nats.js.errors.KeyNotFoundError)):
+            await members.get("b")
+
     async def test_crashed_node_shards_move_after_heartbeat_ttl(self, harness: Harness) -> None:
         """When a node's connection dies without a goodbye, survivors take its shards
         within the heartbeat TTL plus a small bound."""
@@ -279,6 +293,113 @@ class TestLeaving:
         await swallowed.wait()
         await stopped  # before the fix: hangs until the bound, then leaks the loop
         assert heartbeat.done()
+
+
+class Counting:
+    """Per-key counters: each "inc" adds one (not idempotent by itself); "held"
+    waits for ``gate`` first."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.runs: list[tuple[str, str | None]] = []  # (node, request id) per call
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    def handler(self, node_id: str) -> Callable[[Envelope], Awaitable[bytes]]:
+        async def handle(env: Envelope) -> bytes:
+            self.runs.append((node_id, env.id))
+            if env.type == "held":
+                self.entered.set()
+                await self.gate.wait()
+            key = env.key or ""
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return b"%d" % self.counts[key]
+
+        return handle
+
+
+class TestIdentity:
+    def test_heartbeat_interval_must_be_shorter_than_the_lease(self) -> None:
+        """An interval the lease cannot outlast is refused: the node would fence
+        itself between two heartbeats."""
+        with pytest.raises(ConfigurationError, match="shorter than the lease"):
+            KvMembership(settings=KvSettings(heartbeat_interval=2.5, heartbeat_ttl=3.0))
+        KvMembership(settings=KvSettings(heartbeat_interval=2.0, heartbeat_ttl=3.0))
+
+    async def test_a_second_live_node_with_the_same_id_is_refused(self, harness: Harness) -> None:
+        """Two live nodes with one id would serve the same shards: the second one's
+        start fails with an error naming the first."""
+        await harness.start("a")
+        twin = Node(
+            await harness.connect("twin"),
+            harness.record.handler("twin"),
+            node_id="a",
+            num_shards=NUM_SHARDS,
+            membership=KvMembership(settings=FAST),
+        )
+        with pytest.raises(ConfigurationError, match="'a' is in use by a live node"):
+            await twin.start()
+        assert harness.nodes["a"].shards == list(range(NUM_SHARDS))
+
+    async def test_a_restart_takes_over_its_dead_predecessors_heartbeat(
+        self, harness: Harness
+    ) -> None:
+        """A node restarted under the same id before its old heartbeat expired
+        (the old process is gone, nobody renews it) joins without waiting a TTL."""
+        await harness.start("a")
+        crashed = harness.nodes.pop("a")
+        await crashed.transport.nc.close()  # type: ignore[attr-defined]
+        await crashed.stop(timeout=1)
+        started = time.monotonic()
+        await harness.start("a")
+        assert time.monotonic() - started < FAST.heartbeat_ttl
+        await harness.settled("a", {"a"})
+
+
+class TestReplyHandoff:
+    async def test_retries_across_a_shard_move_get_the_first_reply(self, harness: Harness) -> None:
+        """Replies travel with a moving shard: a request answered by the old owner,
+        and one still running there while its shard moves, are answered again
+        from the handed-over replies by the new owner, not run a second time."""
+        counting = Counting()
+
+        async def start(node_id: str) -> Node:
+            node = Node(
+                await harness.connect(node_id),
+                counting.handler(node_id),
+                node_id=node_id,
+                num_shards=NUM_SHARDS,
+                membership=KvMembership(settings=FAST),
+            )
+            await node.start()
+            harness.nodes[node_id] = node
+            return node
+
+        await start("a")
+        moving = assign_shards(["a", "b"], NUM_SHARDS)
+        keys = [
+            k for k in (f"k{i}" for i in range(200)) if moving[shard_for_key(k, NUM_SHARDS)] == "b"
+        ]
+        done_key, held_key = keys[0], keys[1]
+        client = Client(await harness.connect("client"), num_shards=NUM_SHARDS, timeout=10)
+        assert await client.request_key(done_key, "inc", request_id="done-1") == b"1"
+        held = asyncio.create_task(client.request_key(held_key, "held", request_id="held-1"))
+        await counting.entered.wait()
+
+        await start("b")
+        held_shard = shard_for_key(held_key, NUM_SHARDS)
+        await eventually(lambda: held_shard in harness.kv("a")._releasing)  # draining it
+        counting.gate.set()
+        assert await held == b"1"
+        await harness.settled("a", {"a", "b"})
+        assert held_shard in harness.nodes["b"].shards
+
+        assert await client.request_key(done_key, "inc", request_id="done-1") == b"1"
+        assert await client.request_key(held_key, "held", request_id="held-1") == b"1"
+        assert counting.counts == {done_key: 1, held_key: 1}
+        assert [r for r in counting.runs if r[0] == "b"] == []
+        # A new id does run on the new owner.
+        assert await client.request_key(done_key, "inc", request_id="done-2") == b"2"
 
 
 class TestEvents:
