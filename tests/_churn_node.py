@@ -4,10 +4,17 @@
 
 The handler increments a per-key counter kept in the JetStream KV bucket
 ``counters`` (so the count survives the node), deduplicating by request id
-inside the same compare-and-set write: retries never count twice. Every call
-appends ``S shard node time id`` when it starts and ``E ...`` when it ends to
-RECORD_FILE with single unbuffered writes, so a SIGKILL loses nothing that
-happened. Prints ``ready`` once its shards are served; SIGTERM stops it
+inside the same compare-and-set write: retries never count twice. That
+check is the application's own guard for what the framework cannot know (a
+node killed between its write and its reply); every time it catches a
+duplicate the call appends ``D ...``, so the test can tell that only a crash
+led there (the reply cache and its handoff answer every other retry).
+
+Calls take 0-20 ms, and one in twenty takes 1.3 s (longer than the client's
+attempt timeout, so its retries arrive while it runs, and shards move under
+it). Every call appends ``S shard node time id`` when it starts and
+``E ...`` when it ends to RECORD_FILE with single unbuffered writes, so a
+SIGKILL loses nothing that happened. Prints ``ready`` once its shards are served; SIGTERM stops it
 gracefully.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -28,6 +36,8 @@ from clstr.membership import KvMembership, KvSettings
 from clstr.transports.nats import NatsOptions, NatsTransport
 
 SETTINGS = KvSettings(heartbeat_interval=0.25, heartbeat_ttl=1.0, reconcile_interval=0.25)
+SLOW_CALL = 1.3  # seconds; longer than the churn client's attempt timeout
+SLOW_SHARE = 0.05
 
 
 async def main(url: str, node_id: str, num_shards: int, record: str) -> None:
@@ -51,13 +61,16 @@ async def main(url: str, node_id: str, num_shards: int, record: str) -> None:
         log("S", env)
         try:
             assert env.key is not None
+            await asyncio.sleep(SLOW_CALL if random.random() < SLOW_SHARE else random.random() / 50)
             try:
                 entry = await counters.get(env.key)
                 state = json.loads(entry.value)
                 revision = entry.revision
             except nats.js.errors.KeyNotFoundError:
                 state, revision = {"n": 0, "ids": []}, 0
-            if env.id not in state["ids"]:
+            if env.id in state["ids"]:
+                log("D", env)
+            else:
                 state["n"] += 1
                 state["ids"] = [*state["ids"], env.id][-256:]
                 value = json.dumps(state).encode()

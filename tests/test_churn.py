@@ -140,13 +140,32 @@ def parse_calls(record: Path, killed: dict[str, float]) -> list[tuple[int, str, 
         key = (node, request_id)
         if kind == "S":
             open_calls[key] = (int(shard), float(at))
-        else:
+        elif kind == "E":
             start_shard, start = open_calls.pop(key)
             calls.append((start_shard, node, start, float(at)))
     for (node, _), (shard, start) in open_calls.items():
         assert node in killed, f"call on {node} never ended and {node} was not killed"
         calls.append((shard, node, start, killed[node]))
     return calls
+
+
+def duplicates_not_from_a_crash(record: Path, killed: dict[str, float]) -> list[str]:
+    """Request ids the handler saw again (its own guard caught them: ``D``)
+    although their first run was not on a node that was killed.
+
+    Only a crash may bring a request back to a handler: the node died between
+    the effect and the reply. Every other retry (lost attempt, shard moved
+    gracefully) must be answered by the reply cache or its handoff.
+    """
+    first_run: dict[str, str] = {}
+    found = []
+    for line in record.read_text().splitlines():
+        kind, _shard, node, _at, request_id = line.split()
+        if kind == "S":
+            first_run.setdefault(request_id, node)
+        elif kind == "D" and first_run[request_id] not in killed:
+            found.append(f"{request_id}: first ran on {first_run[request_id]}, again on {node}")
+    return found
 
 
 def overlaps(calls: list[tuple[int, str, float, float]]) -> list[str]:
@@ -204,7 +223,7 @@ class TestChurn:
         await churn.add("b")
         await churn.settle(["a", "b"])
         stop = asyncio.Event()
-        keys = [f"user-{i}" for i in range(16)]
+        keys = [f"user-{i}" for i in range(48)]
         load = asyncio.create_task(drive(churn.client, keys, stop))
 
         await churn.add("c")  # join under load
@@ -221,8 +240,13 @@ class TestChurn:
         done, failures = await load
         killed = {n: p.killed_at for n, p in churn.nodes.items() if p.killed_at is not None}
         calls = parse_calls(churn.record, killed)
-        print(f"requests: {sum(done.values())} succeeded, {len(failures)} failed")
+        duplicates = churn.record.read_text().count("\nD ")
+        print(
+            f"requests: {sum(done.values())} succeeded, {len(failures)} failed; "
+            f"{len(calls)} handler calls, {duplicates} caught by the handler's own guard"
+        )
         assert failures == []
+        assert duplicates_not_from_a_crash(churn.record, killed) == []
         assert sum(done.values()) > 100
         assert overlaps(calls) == []
         assert await counters(churn.url) == done
