@@ -457,6 +457,68 @@ class TestFencing:
             assert_single_owner(harness.record.calls)
             await harness.nodes.pop("b").stop()
 
+    async def test_stalled_node_fences_itself_when_its_lease_runs_out(
+        self, harness: Harness
+    ) -> None:
+        """A node whose connection stays open but moves nothing (a black hole: no
+        disconnect to notice) stops handling when its lease runs out; the
+        requests that reached it through the stall, delivered after the new owner
+        took over, are refused, never handled."""
+        handled: list[tuple[str, str | None]] = []
+
+        def recording(node_id: str) -> Callable[[Envelope], Awaitable[bytes]]:
+            async def handle(env: Envelope) -> bytes:
+                handled.append((node_id, env.id))
+                return node_id.encode()
+
+            return handle
+
+        async def start(node_id: str, url: str) -> Node:
+            node = Node(
+                await harness.connect(node_id, url),
+                recording(node_id),
+                node_id=node_id,
+                num_shards=NUM_SHARDS,
+                membership=KvMembership(settings=FAST),
+            )
+            await node.start()
+            harness.nodes[node_id] = node
+            return node
+
+        await start("a", harness.url)
+        server_host, server_port = "127.0.0.1", int(harness.url.rsplit(":", 1)[1])
+        async with TcpProxy(server_host, server_port) as proxy:
+            b = await start("b", proxy.url)
+            await harness.settled("a", {"a", "b"})
+            lost = sorted(b.shards)
+            client = Client(
+                await harness.connect("client"),
+                num_shards=NUM_SHARDS,
+                retry=RetryPolicy(attempt_timeout=0.3),
+                timeout=15,
+            )
+            proxy.stall()
+            await eventually(lambda: b.fenced, timeout=FAST.heartbeat_ttl + 1)
+            assert b.transport.nc.is_connected  # type: ignore[attr-defined]
+            kv_a = harness.kv("a")
+            async with asyncio.timeout(15):
+                while set(harness.nodes["a"].shards) != set(range(NUM_SHARDS)):
+                    await kv_a._changed()
+            # Meanwhile the server still routes part of these to b (its
+            # subscriptions look alive): they wait in the stall.
+            sent = [f"stalled-{s}" for s in lost]
+            answers = await asyncio.gather(
+                *(
+                    client.request_shard(s, "x", request_id=i)
+                    for s, i in zip(lost, sent, strict=True)
+                )
+            )
+            assert answers == [b"a"] * len(lost)
+            proxy.resume()
+            await harness.settled("a", {"a", "b"}, timeout=20)
+            assert [i for node, i in handled if node == "b" and i in sent] == []
+            await harness.nodes.pop("b").stop()
+
     async def test_fenced_node_refuses_with_not_owner(self) -> None:
         """A fenced node answers not_owner (retryable) instead of running the handler."""
         record = Record()

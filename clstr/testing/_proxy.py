@@ -14,7 +14,10 @@ class TcpProxy:
     """Forwards ``127.0.0.1:<port>`` to ``upstream`` until :meth:`cut` is called.
 
     ``cut()`` closes every open connection and refuses new ones (the client
-    sees its server vanish); ``heal()`` accepts connections again. Use it to
+    sees its server vanish); ``heal()`` accepts connections again.
+    ``stall()`` keeps the connections open but moves nothing in either
+    direction (a black hole: neither side notices until its own timeouts),
+    and ``resume()`` delivers what waited, in order. Use it to
     put one node on the far side of a partition from a real nats-server::
 
         async with TcpProxy("127.0.0.1", server.port) as proxy:
@@ -29,6 +32,8 @@ class TcpProxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._open = True
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
 
     @property
@@ -51,6 +56,14 @@ class TcpProxy:
         for writer in list(self._writers):
             writer.transport.abort()
 
+    def stall(self) -> None:
+        """Stop forwarding, both ways, without closing anything."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward again; what was held back goes first."""
+        self._flowing.set()
+
     async def heal(self) -> None:
         """Accept connections again, on the same port."""
         self._open = True
@@ -59,6 +72,7 @@ class TcpProxy:
 
     async def stop(self) -> None:
         """Close the listener and every connection."""
+        self._flowing.set()
         await self.cut()
         for task in list(self._pipes):
             task.cancel()
@@ -84,6 +98,7 @@ class TcpProxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                await self._flowing.wait()
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
