@@ -519,6 +519,42 @@ class TestFencing:
             assert [i for node, i in handled if node == "b" and i in sent] == []
             await harness.nodes.pop("b").stop()
 
+    async def test_reconnected_node_handles_only_after_rechecking_its_keys(
+        self, harness: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """After a short cut (its lease still running) a reconnected node stays
+        fenced until it has re-read its shard keys: nats-py resubscribes by
+        itself, and the node must not answer before it knows the shards are
+        still its own."""
+        server_host, server_port = "127.0.0.1", int(harness.url.rsplit(":", 1)[1])
+        async with TcpProxy(server_host, server_port) as proxy:
+            b = await harness.start("b", url=proxy.url)
+            kv_b = harness.kv("b")
+            client = Client(await harness.connect("client"), num_shards=NUM_SHARDS, timeout=5)
+            assert await client.request_shard(0, "x") == b"b"
+            checking, gate = asyncio.Event(), asyncio.Event()
+            read_key = kv_b._shards_kv.get
+
+            async def held_get(key: str) -> object:
+                checking.set()
+                await gate.wait()
+                return await read_key(key)
+
+            monkeypatch.setattr(kv_b._shards_kv, "get", held_get)
+            await proxy.cut()
+            await eventually(lambda: b.fenced)
+            await proxy.heal()
+            await checking.wait()  # reconnected, re-check under way
+            assert b.transport.nc.is_connected  # type: ignore[attr-defined]
+            assert kv_b._lease_until is not None
+            assert kv_b._lease_until > asyncio.get_running_loop().time()  # not the lease
+            with pytest.raises(NotOwnerError):
+                await client.request_shard(0, "x")
+            gate.set()
+            await eventually(lambda: not b.fenced)
+            assert await client.request_shard(0, "x") == b"b"
+            await harness.nodes.pop("b").stop()
+
     async def test_fenced_node_refuses_with_not_owner(self) -> None:
         """A fenced node answers not_owner (retryable) instead of running the handler."""
         record = Record()
