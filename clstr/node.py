@@ -31,6 +31,8 @@ import structlog
 
 from ._clock import Timeouts, monotonic
 from ._tasks import cancel_and_wait
+from ._watchdog import DEFAULT_STALL_THRESHOLD as DEFAULT_LOOP_STALL_THRESHOLD
+from ._watchdog import LoopWatchdog
 from .codec import (
     DEFAULT_LIMITS,
     Limits,
@@ -155,7 +157,9 @@ class Node:
     its TTL by more than that is dropped as stale. Replies to requests that
     carry an id are kept for ``reply_cache_ttl`` seconds (at most
     ``reply_cache_size`` of them), so a retried request gets the first reply
-    and its effect is not applied twice.
+    and its effect is not applied twice. A handler that blocks the event
+    loop for longer than ``loop_stall_threshold`` seconds is reported (a
+    warning naming the handler, and a metric); ``None`` turns that off.
     """
 
     def __init__(
@@ -180,6 +184,7 @@ class Node:
         limits: Limits = DEFAULT_LIMITS,
         metrics: Metrics = NOOP_METRICS,
         wall_clock: Callable[[], float] = time.time,
+        loop_stall_threshold: float | None = DEFAULT_LOOP_STALL_THRESHOLD,
     ) -> None:
         self.num_shards = validate_num_shards(num_shards)
         self.node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"
@@ -247,6 +252,16 @@ class Node:
         # Idempotency: replies by request id, and ids still in flight.
         self._reply_cache = ReplyCache(reply_cache_size, reply_cache_ttl)
         self._in_flight: dict[str, list[str]] = {}
+        # Blocking handlers: the loop's stalls are reported, naming the handler
+        # that started last before the stall (it has returned by the report,
+        # and one more may have started since: the last two are kept).
+        self._watchdog = (
+            None
+            if loop_stall_threshold is None
+            else LoopWatchdog(self._stalled, threshold=loop_stall_threshold)
+        )
+        self._last_started: tuple[Envelope, float] | None = None
+        self._before_last: tuple[Envelope, float] | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -298,6 +313,8 @@ class Node:
         self.state = NodeState.RUNNING
         self._loop = asyncio.get_running_loop()
         self.stats.started_at = self._wall_clock()
+        if self._watchdog is not None:
+            self._watchdog.start()
         try:
             await start_handler(self.handler)
             await self.membership.join(self)
@@ -460,6 +477,8 @@ class Node:
         await _cancel(list(self._workers))
         if self._lease_timer is not None:
             self._lease_timer.cancel()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         await stop_handler(self.handler)
         self.state = NodeState.STOPPED
         self._log.info("node stopped")
@@ -561,6 +580,22 @@ class Node:
                 )
             ),
         )
+
+    def _stalled(self, duration: float) -> None:
+        """The event loop was blocked for ``duration`` seconds (see LoopWatchdog)."""
+        began = time.perf_counter() - duration
+        culprit: Envelope | None = None
+        for entry in (self._last_started, self._before_last):
+            if entry is not None and entry[1] <= began:
+                culprit = entry[0]
+                break
+        self._log.warning(
+            "event loop blocked: a handler did blocking work (run it with asyncio.to_thread)",
+            blocked_for=round(duration, 3),
+            last_handler=None if culprit is None else {"type": culprit.type, "key": culprit.key},
+            running=self._running,
+        )
+        self.metrics.loop_stalled(self.node_id, duration)
 
     def _fence_reason(self, shard: int) -> str:
         if self._fenced is None and not self.fenced:
@@ -708,6 +743,7 @@ class Node:
         if self._metered:
             self.metrics.handlers_active(self.node_id, self._running)
         started = time.perf_counter()
+        self._before_last, self._last_started = self._last_started, (env, started)
         ok = False
         failure: BaseException | None = None
         body: bytes | None = None

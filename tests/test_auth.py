@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -373,45 +374,39 @@ class TestMutualTls:
 
 PREFIX = "clstr"
 
-#: The permissions of docs/security.md, for the default prefix.
-LEAST_PRIVILEGE = """
-authorization {
-  users = [
-    {
-      user: "node-user", password: "node-pw",
-      permissions: {
-        publish: { allow: ["$JS.API.>", "$KV.clstr_members.>", "$KV.clstr_shards.>"] }
-        subscribe: { allow: ["clstr.shard.> clstr", "_INBOX.>", "$SRV.>", "clstr.control.>"] }
-        allow_responses: true
-      }
-    },
-    {
-      user: "client-user", password: "client-pw",
-      permissions: {
-        publish: { allow: ["clstr.shard.>"] }
-        subscribe: { allow: ["_INBOX.>"] }
-      }
-    },
-    {
-      user: "ops-user", password: "ops-pw",
-      permissions: {
-        publish: { allow: ["$SRV.>", "clstr.control.>"] }
-        subscribe: { allow: ["_INBOX.>"] }
-      }
-    }
-  ]
-}
-"""
+SECURITY_DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
+#: The users docs/security.md defines, and the passwords the test gives them.
+PASSWORDS = {"node-user": "node-pw", "client-user": "client-pw", "ops-user": "ops-pw"}
 
-NODE_USER = NatsOptions(name="node", user="node-user", password="node-pw")
-CLIENT_USER = NatsOptions(name="client", user="client-user", password="client-pw")
-OPS_USER = NatsOptions(name="ops", user="ops-user", password="ops-pw")
+
+def documented_permissions(doc: Path = SECURITY_DOC) -> str:
+    """The server config of docs/security.md's least-privilege section, as documented,
+    with each user's ``"..."`` password filled in from :data:`PASSWORDS`.
+
+    Read from the page itself, so that the tested permissions cannot drift from
+    the documented ones.
+    """
+    text = doc.read_text(encoding="utf-8")
+    section = text.partition("\n## Least-privilege permissions\n")[2].partition("\n## ")[0]
+    blocks = re.findall(r"^```[^\n]*\n(authorization \{.*?)^```", section, re.M | re.S)
+    assert len(blocks) == 1, f"expected one authorization block in {doc.name}, got {len(blocks)}"
+    placeholder = re.compile(r'user: "(?P<user>[^"]+)", password: "\.\.\."')
+    users = [m["user"] for m in placeholder.finditer(blocks[0])]
+    assert sorted(users) == sorted(PASSWORDS), f"{doc.name} documents the users {users}"
+    return placeholder.sub(
+        lambda m: f'user: "{m["user"]}", password: "{PASSWORDS[m["user"]]}"', blocks[0]
+    )
+
+
+NODE_USER = NatsOptions(name="node", user="node-user", password=PASSWORDS["node-user"])
+CLIENT_USER = NatsOptions(name="client", user="client-user", password=PASSWORDS["client-user"])
+OPS_USER = NatsOptions(name="ops", user="ops-user", password=PASSWORDS["ops-user"])
 
 
 @pytest.fixture(scope="module")
 def locked_server() -> Iterator[NatsServer]:
     """A nats-server (JetStream on) with the least-privilege users of docs/security.md."""
-    with NatsServer(config=LEAST_PRIVILEGE) as server:
+    with NatsServer(config=documented_permissions()) as server:
         yield server
 
 
@@ -428,6 +423,23 @@ async def node_on_locked(locked_server: NatsServer) -> AsyncIterator[Node]:
 
 class TestLeastPrivilege:
     """With the documented permissions, nodes and clients work and cannot overstep."""
+
+    def test_the_server_runs_the_documented_permissions(self, locked_server: NatsServer) -> None:
+        """The locked server's config holds docs/security.md's block, as written there."""
+        assert locked_server.config_file is not None
+        config = locked_server.config_file.read_text(encoding="utf-8")
+        documented = documented_permissions()
+        assert documented in config
+        assert 'subscribe: { allow: ["clstr.shard.> clstr"' in documented
+        assert "allow_responses: true" in documented
+
+    def test_an_edit_of_the_docs_is_what_gets_tested(self, tmp_path: Path) -> None:
+        """Change a permission on the page and the tested config changes with it."""
+        doc = tmp_path / "security.md"
+        text = SECURITY_DOC.read_text(encoding="utf-8")
+        doc.write_text(text.replace('"clstr.shard.> clstr"', '"clstr.shard.> other"', 1))
+        assert '"clstr.shard.> other"' in documented_permissions(doc)
+        assert '"clstr.shard.> clstr"' not in documented_permissions(doc)
 
     async def test_client_and_node_work(
         self, locked_server: NatsServer, node_on_locked: Node

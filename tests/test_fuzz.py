@@ -3,15 +3,16 @@
 The property tests (hypothesis) prove the wire format round-trips and that
 the decoders fail only with their own errors, whatever bytes they get. The
 fuzz run publishes random and mutated messages onto a live node's shard
-subjects (most on the memory transport for speed, a share over a real
-nats-server), with and without a reply subject, and checks that the node
-stays up, answers every message that has a reply subject (``bad_request``
-exactly when the bytes do not decode), counts the rejects in its metric,
-and holds no memory once the run is over.
+subjects over a real nats-server, with and without a reply subject, and
+checks that the node stays up, answers every message that has a reply
+subject (``bad_request`` exactly when the bytes do not decode) and counts
+the rejects in its metric. A second run on the memory transport measures,
+in process, that the node holds no memory once the run is over.
 
-``CLSTR_FUZZ_CASES`` sets the number of messages (default 100 000);
-``CLSTR_FUZZ_NATS_SHARE`` the share sent over NATS (default 0.1);
-``CLSTR_FUZZ_SEED`` the seed (default 1). Run with ``-s`` for the figures.
+``CLSTR_FUZZ_CASES`` sets the number of messages over NATS (default
+100 000); ``CLSTR_FUZZ_MEMORY_CASES`` those of the memory-measured run
+(default 40 000); ``CLSTR_FUZZ_SEED`` the seed (default 1). Run with ``-s``
+for the figures.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from clstr.transports.nats import NatsOptions, NatsTransport
 from _support import eventually
 
 FUZZ_CASES = int(os.environ.get("CLSTR_FUZZ_CASES", "100000"))
-NATS_SHARE = float(os.environ.get("CLSTR_FUZZ_NATS_SHARE", "0.1"))
+MEMORY_CASES = int(os.environ.get("CLSTR_FUZZ_MEMORY_CASES", "40000"))
 FUZZ_SEED = int(os.environ.get("CLSTR_FUZZ_SEED", "1"))
 NUM_SHARDS = 4
 CHUNK = 500  # messages in flight at once: well under the node's max_pending
@@ -284,6 +285,26 @@ _FIELDS = ("v", "t", "d", "k", "h", "ttl", "ts", "id")
 _ALPHABET = string.ascii_letters + string.digits + "-_.:é漢🙂"
 _POOL_SIZE = 512
 
+#: The msgpack types a value can have on the wire.
+MSGPACK_TYPES = ("nil", "bool", "int", "float", "str", "bin", "array", "map", "ext")
+#: The types each request field accepts (nil: the field is absent).
+FIELD_TYPES = {
+    "v": {"int"},
+    "t": {"str"},
+    "d": {"nil", "bin"},
+    "k": {"nil", "str"},
+    "h": {"nil", "map"},
+    "ttl": {"nil", "int"},
+    "ts": {"nil", "int"},
+    "id": {"nil", "str"},
+}
+#: Every (field, type) pair the decoder must refuse.
+WRONG_PAIRS = frozenset(
+    (name, kind) for name in _FIELDS for kind in MSGPACK_TYPES if kind not in FIELD_TYPES[name]
+)
+#: Where bad_utf8 puts a string that is not UTF-8.
+UTF8_TARGETS = ("t", "k", "id", "header name", "header value")
+
 
 class Fuzzer:
     """Makes random and mutated request bodies, reproducibly from a seed.
@@ -291,12 +312,16 @@ class Fuzzer:
     Kinds: valid envelopes; byte-level mutants of valid ones (bit flips,
     inserted, deleted and overwritten bytes, truncation, splices); each field
     given a value of every wrong msgpack type; huge declared lengths; deeply
-    nested payloads; non-UTF-8 keys and types; random bytes.
+    nested payloads; non-UTF-8 types, keys, ids, header names and header
+    values; random bytes. ``wrong_types`` counts the (field, msgpack type)
+    pairs made, ``bad_utf8_targets`` where the bad strings went.
     """
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
         self.kinds: Counter[str] = Counter()
+        self.wrong_types: Counter[tuple[str, str]] = Counter()
+        self.bad_utf8_targets: Counter[str] = Counter()
         self._pool: list[bytes] = []
 
     def _text(self, lo: int = 0, hi: int = 24) -> str:
@@ -325,34 +350,36 @@ class Fuzzer:
         )
         return encode_request(env)
 
-    def _wrong_value(self) -> Any:
+    def _wrong_value(self) -> tuple[str, Any]:
+        """A value of any msgpack type, and that type."""
         rng = self.rng
         return rng.choice(
             [
-                None,
-                True,
-                False,
-                0,
-                -1,
-                2**64 - 1,
-                -(2**63),
-                rng.random(),
-                float("inf"),
-                float("nan"),
-                self._text(),
-                rng.randbytes(8),
-                [1, "a", None],
-                {"a": 1},
-                {"x": {"y": [1, 2]}},
-                msgpack.ExtType(rng.randint(0, 127), rng.randbytes(4)),
-                msgpack.Timestamp(0, 0),
+                ("nil", None),
+                ("bool", True),
+                ("bool", False),
+                ("int", 0),
+                ("int", -1),
+                ("int", 2**64 - 1),
+                ("int", -(2**63)),
+                ("float", rng.random()),
+                ("float", float("inf")),
+                ("float", float("nan")),
+                ("str", self._text()),
+                ("bin", rng.randbytes(8)),
+                ("array", [1, "a", None]),
+                ("map", {"a": 1}),
+                ("map", {"x": {"y": [1, 2]}}),
+                ("ext", msgpack.ExtType(rng.randint(0, 127), rng.randbytes(4))),
+                ("ext", msgpack.Timestamp(0, 0)),
             ]
         )
 
     def wrong_type(self) -> bytes:
         body: dict[str, Any] = msgpack.unpackb(self.valid(), raw=False)
         for name in self.rng.sample(_FIELDS, self.rng.randint(1, 3)):
-            body[name] = self._wrong_value()
+            kind, body[name] = self._wrong_value()
+            self.wrong_types[name, kind] += 1
         return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
     def mutant(self) -> bytes:
@@ -397,12 +424,22 @@ class Fuzzer:
         return b"\x83\xa1v\x01\xa1t\xa1x\xa1d" + nested
 
     def bad_utf8(self) -> bytes:
+        """A request with one string that is not UTF-8: the type, key, id, or a
+        header's name or value."""
         rng = self.rng
         junk = rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80"])
         raw = b"ok" + junk + b"!"
-        field_name = rng.choice([b"t", b"k", b"id"])
-        text = bytes([0xA0 | len(raw)]) + raw
-        return b"\x83\xa1v\x01\xa1t\xa1x" + bytes([0xA0 | len(field_name)]) + field_name + text
+        bad = bytes([0xA0 | len(raw)]) + raw  # a fixstr holding it
+        target = rng.choice(UTF8_TARGETS)
+        self.bad_utf8_targets[target] += 1
+        head = b"\xa1v\x01"  # "v": 1
+        if target == "t":
+            return b"\x82" + head + b"\xa1t" + bad
+        if target in ("k", "id"):
+            name = target.encode()
+            return b"\x83" + head + b"\xa1t\xa1x" + bytes([0xA0 | len(name)]) + name + bad
+        pair = bad + b"\xa1v" if target == "header name" else b"\xa1n" + bad
+        return b"\x83" + head + b"\xa1t\xa1x\xa1h\x81" + pair
 
     def random_bytes(self) -> bytes:
         return self.rng.randbytes(self.rng.randint(0, 200))
@@ -529,6 +566,16 @@ def check(tally: Tally, node: Node, registry: CollectorRegistry) -> None:
     assert node.stats.rejected.get("bad_request", 0) == tally.expected_bad
 
 
+def check_coverage(fuzzer: Fuzzer) -> None:
+    """The run made every kind of message: each (field, wrong msgpack type) pair, and a
+    non-UTF-8 string in every place one can go."""
+    missing = sorted(pair for pair in WRONG_PAIRS if not fuzzer.wrong_types[pair])
+    assert not missing, f"(field, wrong type) pairs never generated: {missing}"
+    assert set(fuzzer.bad_utf8_targets) == set(UTF8_TARGETS)
+    assert len(fuzzer.kinds) == 7
+    assert all(fuzzer.kinds.values())
+
+
 @pytest.fixture
 def quiet_logs() -> Iterator[None]:
     """Log warnings only: a debug line per rejected message would swamp the run."""
@@ -545,8 +592,8 @@ class TestFuzzLiveNode:
     """A live node takes a flood of hostile messages and stays up, answering each."""
 
     async def test_memory_transport(self) -> None:
-        """Most of the fuzz run, on the memory transport, with its memory measured."""
-        count = int(FUZZ_CASES * (1 - NATS_SHARE))
+        """A fuzz run on the memory transport, with the node's memory measured in process."""
+        count = MEMORY_CASES
         network = MemoryNetwork()
         registry = CollectorRegistry()
         node = Node(
@@ -566,17 +613,20 @@ class TestFuzzLiveNode:
 
         # tracemalloc slows allocation down a lot: trace a window of the run
         # after warm-up, and count live objects over the whole of it.
-        window = (min(WARM_UP, count // 4), min(WARM_UP + TRACED, count))
+        start = min(WARM_UP, count // 2)
+        window = (start, min(start + TRACED, count))
         measured: dict[str, int] = {}
 
         def on_chunk(done: int) -> None:
             if done >= window[0] and "objects" not in measured:
                 gc.collect()
                 measured["objects"] = len(gc.get_objects())
+                measured["cached_before"] = len(node._reply_cache)
                 tracemalloc.start()
             elif done >= window[1] and tracemalloc.is_tracing():
                 gc.collect()
                 measured["traced"] = tracemalloc.get_traced_memory()[0]
+                measured["cached_after"] = len(node._reply_cache)
                 tracemalloc.stop()
 
         started = time.perf_counter()
@@ -595,16 +645,19 @@ class TestFuzzLiveNode:
             f"\nfuzz (memory transport): {tally.sent} messages in {elapsed:.1f}s, "
             f"{tally.with_reply} with a reply subject, replies {dict(tally.replies)}, "
             f"kinds {dict(fuzzer.kinds)}; after warm-up: {measured['traced'] / 1024:+.0f} KiB "
-            f"held over {window[1] - window[0]} traced messages, {objects:+d} live objects "
-            f"over the whole run (reply cache of {REPLY_CACHE} included)"
+            f"held over {window[1] - window[0]} traced messages (the reply cache went from "
+            f"{measured['cached_before']} to {measured['cached_after']} of {REPLY_CACHE} "
+            f"entries), {objects:+d} live objects from then to the end of the run"
         )
         check(tally, node, registry)
+        check_coverage(fuzzer)
         assert measured["traced"] < MEMORY_BOUND
         assert objects < OBJECT_BOUND
 
     async def test_over_nats(self, clstr_nats_server: NatsServer) -> None:
-        """A share of the fuzz run over a real nats-server, publish-with-reply."""
-        count = int(FUZZ_CASES * NATS_SHARE)
+        """The fuzz run over a real nats-server (CLSTR_FUZZ_CASES, 100 000 by default)
+        onto a live node's shard subjects, 90% of them with a reply subject."""
+        count = FUZZ_CASES
         registry = CollectorRegistry()
         options = NatsOptions(name="fuzzed")
         node_transport = await NatsTransport.connect(clstr_nats_server.url, options)
@@ -635,6 +688,11 @@ class TestFuzzLiveNode:
         elapsed = time.perf_counter() - started
         print(
             f"\nfuzz (nats-server): {tally.sent} messages in {elapsed:.1f}s "
-            f"({tally.sent / elapsed:,.0f}/s), replies {dict(tally.replies)}"
+            f"({tally.sent / elapsed:,.0f}/s), {tally.with_reply} with a reply subject, "
+            f"replies {dict(tally.replies)}, kinds {dict(fuzzer.kinds)}, "
+            f"all {len(WRONG_PAIRS)} (field, wrong type) pairs, each made at least "
+            f"{min(fuzzer.wrong_types[p] for p in WRONG_PAIRS)} times, "
+            f"bad UTF-8 in {dict(fuzzer.bad_utf8_targets)}"
         )
         check(tally, node, registry)
+        check_coverage(fuzzer)

@@ -3,14 +3,15 @@
 Four kinds of bad handler: one that never returns, one that ignores
 cancellation (catches ``CancelledError`` and goes on), one that raises on
 every call, one that blocks the event loop on CPU. Each runs next to a
-well-behaved handler for other keys.
+well-behaved handler for other keys, on both transports (the memory one and
+a real nats-server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,14 +23,16 @@ from clstr import (
     DeadlineExceededError,
     Envelope,
     HandlerTimeoutError,
-    MemoryNetwork,
     Node,
     NotOwnerError,
     RemoteHandlerError,
     RequestTimeoutError,
+    Transport,
 )
 
 from _support import eventually
+
+Connect = Callable[[str], Awaitable[Transport]]
 
 NUM_SHARDS = 8
 GRACE = 1.0  # clstr.node's cancel grace: how long stop waits for a cancelled handler
@@ -80,19 +83,18 @@ class Rig:
 
 
 @pytest_asyncio.fixture
-async def rig() -> AsyncIterator[Rig]:
-    """A node (4 concurrent handlers at most) and a client on one memory network."""
-    network = MemoryNetwork()
+async def rig(connect: Connect) -> AsyncIterator[Rig]:
+    """A node (4 concurrent handlers at most) and a client, on each transport."""
     handler = Misbehaving()
     node = Node(
-        network.connect("node"),
+        await connect("node"),
         handler,
         node_id="node",
         num_shards=NUM_SHARDS,
         max_concurrency=4,
         stop_timeout=0.5,
     )
-    client = Client(network.connect("client"), num_shards=NUM_SHARDS)
+    client = Client(await connect("client"), num_shards=NUM_SHARDS)
     await node.start()
     try:
         yield Rig(handler, node, client)
@@ -197,12 +199,21 @@ class TestBlocksOnCpu:
     """asyncio cannot preempt: a CPU-bound handler stalls the loop; a thread does not."""
 
     async def test_blocking_handler_stalls_everyone_then_service_resumes(self, rig: Rig) -> None:
-        """While the handler holds the loop, nothing else runs; afterwards all is served."""
-        cpu = asyncio.create_task(rig.client.request_key("c", "cpu", timeout=5))
-        latency = await rig.ok()  # sent right behind the CPU-bound one
-        assert latency >= CPU_BLOCK * 0.9  # it waited for the loop, not for a slot
-        assert await cpu == b"ok"
-        assert (await rig.ok()) < 0.2
+        """While the handler holds the loop, nothing else runs; afterwards all is served,
+        and the node reports the stall ("event loop blocked", naming the handler)."""
+        with structlog.testing.capture_logs() as logs:
+            cpu = asyncio.create_task(rig.client.request_key("c", "cpu", timeout=5))
+            latency = await rig.ok()  # sent right behind the CPU-bound one
+            assert latency >= CPU_BLOCK * 0.9  # it waited for the loop, not for a slot
+            assert await cpu == b"ok"
+            assert (await rig.ok()) < 0.2
+            await eventually(
+                lambda: any(e["event"].startswith("event loop blocked") for e in logs), timeout=1.0
+            )
+        stall = next(e for e in logs if e["event"].startswith("event loop blocked"))
+        assert stall["log_level"] == "warning"
+        assert stall["last_handler"] == {"type": "cpu", "key": "c"}
+        assert CPU_BLOCK - 0.1 <= stall["blocked_for"] < CPU_BLOCK + 0.2, stall
 
     async def test_work_in_a_thread_keeps_the_node_responsive(self, rig: Rig) -> None:
         """The same work under asyncio.to_thread leaves other keys answering at once."""
