@@ -1,9 +1,11 @@
 """The client: hashes keys to shards, builds envelopes, sends, maps errors.
 
 One deadline per request: the call's ``timeout`` and the envelope's TTL are
-the same budget. The client waits for at most that long, and the envelope
-carries the same budget less a small reserve for the reply's way back, so a
-node's ``timeout`` error reaches the caller before the caller gives up.
+the same budget. The client waits for at most that long, never longer, and
+the envelope carries the same budget less a reserve for the reply's way back
+(a tenth of it, at least 50 ms and at most 250 ms, never more than half), so
+a node's ``timeout`` error reaches the caller before the caller gives up,
+even when the reply is held up for a while on its way (a busy event loop).
 """
 
 from __future__ import annotations
@@ -62,10 +64,14 @@ T = TypeVar("T")
 #: Default request timeout (and so TTL), in seconds.
 DEFAULT_TIMEOUT: Final = 5.0
 
-# Part of the budget kept back for the reply's way home: up to 50 ms, never
-# more than a tenth of the budget.
-_REPLY_RESERVE_MAX: Final = 0.05
+# Part of the budget kept back for the reply's way home: a tenth of the time
+# left, at least _MIN (a loop stall of tens of ms is common on a busy host: a
+# fixed 30 ms turned a node's timeout answer into the client's own timeout),
+# at most _MAX, and never more than half the time left (short budgets still
+# give the handler most of theirs).
 _REPLY_RESERVE_FRACTION: Final = 0.1
+_REPLY_RESERVE_MIN: Final = 0.05
+_REPLY_RESERVE_MAX: Final = 0.25
 # A retry needs at least this long to have a chance.
 _MIN_ATTEMPT: Final = 0.005
 
@@ -183,7 +189,12 @@ class Client:
         transport = await NatsTransport.connect(
             servers, nats_options, metrics=kwargs.get("metrics", NOOP_METRICS)
         )
-        return cls(transport, num_shards=num_shards, owns_transport=True, **kwargs)
+        try:
+            return cls(transport, num_shards=num_shards, owns_transport=True, **kwargs)
+        except BaseException:
+            # A setting the client refuses: the connection must not outlive it.
+            await transport.close()
+            raise
 
     # -- routing ------------------------------------------------------------
 
@@ -259,6 +270,13 @@ class Client:
     ) -> bytes:
         """Send a request to ``shard`` and return the reply's payload.
 
+        One deadline: ``timeout`` (default the client's), capped by the time
+        left of a TTL an option set. The call waits at most that long; the
+        envelope carries the same deadline less the reply reserve (see the
+        module docstring), so that a handler too slow for it ends in the
+        node's :class:`~clstr.HandlerTimeoutError` rather than the caller's
+        own timeout.
+
         Raises :class:`NoShardOwnerError` at once when no node serves the
         shard, :class:`~clstr.RequestTimeoutError` (or the node's
         :class:`~clstr.HandlerTimeoutError`) past the deadline, and the
@@ -293,12 +311,11 @@ class Client:
                     wait = min(left, retry.attempt_timeout)
                 # The handler may use the whole deadline even when the client
                 # re-sends sooner: the TTL is what is left, not the attempt's wait.
-                reserve = min(_REPLY_RESERVE_MAX, left * _REPLY_RESERVE_FRACTION)
                 # The TTL goes on the wire as given: no copy of the envelope per attempt.
                 # A retry is a new message: stamped now, or a node would judge the
                 # shrinking TTL against the first attempt's time and call it stale.
                 body = self._encode(
-                    env, ttl=max(left - reserve, 0.001), created_at=time.time() if attempt else None
+                    env, ttl=_node_budget(left), created_at=time.time() if attempt else None
                 )
                 try:
                     reply = await self.transport.request(self._subjects[shard], body, wait)
@@ -425,6 +442,16 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _node_budget(left: float) -> float:
+    """The TTL to send when the caller waits ``left`` more seconds: ``left`` less
+    the reply reserve (see the module docstring), so that the node's deadline
+    falls before the caller's."""
+    reserve = min(
+        max(left * _REPLY_RESERVE_FRACTION, _REPLY_RESERVE_MIN), _REPLY_RESERVE_MAX, left / 2
+    )
+    return max(left - reserve, 0.001)
 
 
 def _encode_typed(payload: object) -> tuple[str, bytes]:

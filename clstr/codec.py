@@ -20,7 +20,7 @@ from typing import Any, Final, NoReturn, TypeVar
 import msgpack
 
 from ._clock import monotonic
-from .envelope import _NO_HEADERS, Envelope, _envelope
+from .envelope import _NO_HEADERS, RESERVED_HEADER_PREFIX, Envelope, _envelope
 from .errors import (
     BadRequestError,
     LimitExceededError,
@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 WIRE_VERSION: Final = 1
+
+_RESERVED_LEN: Final = len(RESERVED_HEADER_PREFIX)
 
 T = TypeVar("T")
 
@@ -191,7 +193,8 @@ def decode_request(
 
     The deadline is based on ``received`` (local monotonic time, default now)
     plus the TTL on the wire, never on the sender's clock. Raises
-    :class:`BadRequestError` saying what is wrong with the bytes.
+    :class:`BadRequestError` saying what is wrong with the bytes, a header
+    name with the reserved ``x-clstr-`` prefix included.
     """
     body = _unpack_map(data, limits, "request")
     get = body.get
@@ -234,6 +237,15 @@ def decode_request(
         check_limits(env, limits)
     except LimitExceededError as exc:
         raise BadRequestError(str(exc)) from exc
+    if headers:
+        # Only clstr may set these (a peer must not pass for clstr itself);
+        # after the limits, so the names to look at are few.
+        for name in headers:
+            if name[:_RESERVED_LEN].lower() == RESERVED_HEADER_PREFIX:
+                raise BadRequestError(
+                    f"header {name!r} uses the reserved prefix {RESERVED_HEADER_PREFIX!r}, "
+                    "which user headers may not; rename it"
+                )
     return env
 
 

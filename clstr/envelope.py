@@ -34,6 +34,11 @@ class Envelope:
     different hosts never meet. ``created_at`` is the sender's wall clock,
     used by nodes only to drop messages that are stale beyond a clock-skew
     allowance.
+
+    ``headers`` map str to str. A name with the reserved ``x-clstr-`` prefix
+    raises :class:`ReservedHeaderError` wherever user headers enter: here,
+    in :meth:`with_header`, and on a node, which answers such a message
+    ``bad_request``.
     """
 
     type: str
@@ -47,6 +52,8 @@ class Envelope:
     deadline: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.headers:
+            check_headers(self.headers)
         if self.ttl is not None:
             if not self.ttl > 0:
                 raise ConfigurationError(f"ttl must be > 0 seconds or None, got {self.ttl!r}")
@@ -58,9 +65,7 @@ class Envelope:
 
         Raises :class:`ReservedHeaderError` for names with the ``x-clstr-`` prefix.
         """
-        check_header_name(name)
-        if not isinstance(value, str):
-            raise TypeError(f"header {name!r}: value must be str, got {type(value).__name__}")
+        # The copy's __post_init__ checks the name and the value.
         return replace(self, headers={**self.headers, name: value})
 
     def with_ttl(self, seconds: float) -> Envelope:
@@ -138,6 +143,14 @@ def check_header_name(name: str) -> None:
             f"header {name!r} uses the reserved prefix {RESERVED_HEADER_PREFIX!r}; "
             "choose another name"
         )
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Refuse a header map with a reserved or non-str name, or a non-str value."""
+    for name, value in headers.items():
+        check_header_name(name)
+        if not isinstance(value, str):
+            raise TypeError(f"header {name!r}: value must be str, got {type(value).__name__}")
 
 
 #: A change applied to an outgoing envelope (client defaults and per-call options).

@@ -199,6 +199,7 @@ _BY_CODE: dict[str, type[RequestError]] = {
         NoShardOwnerError,
         NotOwnerError,
         EnvelopeExpiredError,
+        DeadlineExceededError,
         HandlerTimeoutError,
         RequestTimeoutError,
         OverloadedError,

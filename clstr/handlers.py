@@ -19,7 +19,6 @@ never finds stale state).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -170,14 +169,21 @@ class Router:
         return await route(env)
 
     async def on_start(self) -> None:
+        """Start every handler object routed here that has ``on_start``, in the
+        order they were registered; what one raises propagates (the node then
+        does not start)."""
         for obj in self._objects:
             await start_handler(obj)
 
     async def on_stop(self) -> None:
+        """Stop every handler object routed here that has ``on_stop``: each one
+        is called even when an earlier one fails (failures are logged)."""
         for obj in self._objects:
             await stop_handler(obj)
 
     async def on_shard_released(self, shard: int) -> None:
+        """Tell every handler object routed here that has ``on_shard_released``
+        that this node no longer owns ``shard``; failures are logged, never raised."""
         for obj in self._objects:
             await shard_released(obj, shard)
 
@@ -230,6 +236,9 @@ class KeyHandler:
     A message without a key is answered with ``key_required``.
 
     Per-key order comes from the node: one key's messages never run at once.
+    A message for a key whose eviction is under way (``on_evict`` saving its
+    state) waits for it to end, then gets a new entity: one built from the
+    saved state, never from the state the save has not written yet.
     """
 
     def __init__(
@@ -251,7 +260,10 @@ class KeyHandler:
         self._on_evict = on_evict
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Keys whose on_evict runs now: their shard, and an event set when it ends.
+        self._evicting: dict[str, tuple[int, asyncio.Event]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._stop_sweeping = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -269,9 +281,17 @@ class KeyHandler:
         entry = self._entries.get(key)
         created = entry is None
         if entry is None:
+            while (evicting := self._evicting.get(key)) is not None:
+                # Its state is being saved: build the new entity from what is saved.
+                await evicting[1].wait()
             made = self._factory(key)
             handler = await made if inspect.isawaitable(made) else made
-            entry = self._entries[key] = _Entry(handler, self._clock(), env.shard)
+            # A concurrent caller (not through a node) may have made one meanwhile.
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = _Entry(handler, self._clock(), env.shard)
+            else:
+                created = False
         else:
             self._entries.move_to_end(key)
         entry.busy += 1
@@ -294,9 +314,22 @@ class KeyHandler:
         try:
             result = self._on_evict(key, entry.handler)
             if inspect.isawaitable(result):
-                await result
+                # Until the save ends, a message for the key waits (see __call__).
+                done = asyncio.Event()
+                self._evicting[key] = (entry.shard, done)
+                try:
+                    await result
+                finally:
+                    del self._evicting[key]
+                    done.set()
         except Exception:
             _log.exception("on_evict failed", key=key)
+
+    async def _evictions_done(self, shard: int | None = None) -> None:
+        """Wait for the evictions under way (of ``shard``'s keys, or of all)."""
+        for evicting_shard, done in list(self._evicting.values()):
+            if shard is None or evicting_shard == shard:
+                await done.wait()
 
     async def _evict_over_capacity(self) -> None:
         excess = len(self._entries) - self.max_keys
@@ -320,27 +353,48 @@ class KeyHandler:
         """Evict the entities of ``shard``: this node no longer owns them."""
         for key in [k for k, e in self._entries.items() if e.shard == shard and not e.busy]:
             await self._evict(key)
+        # Saves already under way (a sweep's) end before the shard goes.
+        await self._evictions_done(shard)
 
     async def evict_all(self) -> None:
-        """Evict every key that is not busy (calling ``on_evict`` for each)."""
+        """Evict every key that is not busy (calling ``on_evict`` for each), and
+        wait for evictions already under way."""
         for key in [k for k, e in self._entries.items() if not e.busy]:
             await self._evict(key)
+        await self._evictions_done()
 
     async def _sweep_forever(self, interval: float) -> None:
+        stop = self._stop_sweeping
         while True:
-            await asyncio.sleep(interval)
-            await self.sweep()
+            try:
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+            except TimeoutError:
+                try:
+                    await self.sweep()
+                except Exception:  # a failing clock, say: the next sweep may fare better
+                    _log.exception("idle sweep failed")
+            else:
+                # Told to stop: between sweeps, never in the middle of a save.
+                return
 
     async def on_start(self) -> None:
+        """Start the idle sweeper (when ``idle_timeout`` is set): every
+        ``idle_timeout / 2`` seconds it evicts the keys idle for longer."""
         if self.idle_timeout is not None and self._sweeper is None:
+            self._stop_sweeping = asyncio.Event()
             self._sweeper = asyncio.create_task(
                 self._sweep_forever(max(self.idle_timeout / 2, 0.01)), name="clstr-key-sweeper"
             )
 
     async def on_stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        """Stop the sweeper (after the sweep under way, so that no save is cut
+        short), then evict every key that is not busy, each through ``on_evict``.
+        Cancelling it cancels the sweeper too."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            self._stop_sweeping.set()
+            # Awaiting the task directly: our own cancellation cancels it too, and
+            # propagates (never swallowed).
+            await sweeper
         await self.evict_all()

@@ -21,9 +21,11 @@ from clstr import (
     ConnectionFailedError,
     Envelope,
     MemoryTransport,
+    MissingKeyError,
     Node,
     PrometheusMetrics,
     Router,
+    errors,
 )
 from clstr.testing import TestCluster, create_test_cluster
 from clstr.transports.nats import NatsConnection, NatsOptions, NatsTransport
@@ -64,6 +66,87 @@ class TestExports:
             [sys.executable, "-c", probe], capture_output=True, text=True, check=True
         ).stdout
         assert out.strip() == "[]"
+
+
+class TestErrors:
+    def test_every_error_class_is_a_clstr_error(self) -> None:
+        """Every exception class clstr.errors defines derives from ClstrError, is
+        listed in its __all__ and exported by clstr itself."""
+        defined = {
+            name: value
+            for name, value in vars(errors).items()
+            if isinstance(value, type)
+            and issubclass(value, BaseException)
+            and value.__module__ == errors.__name__
+        }
+        assert len(defined) >= 20
+        for name, cls in defined.items():
+            assert issubclass(cls, errors.ClstrError), name
+            assert name in errors.__all__, name
+            assert getattr(clstr, name) is cls, name
+
+    async def test_empty_key_is_missing_key_error(self) -> None:
+        """Every key-routed call given an empty key raises MissingKeyError (a
+        ValueError) before anything is sent."""
+        transport = MemoryTransport()
+        client = Client(transport, num_shards=4)
+        with pytest.raises(MissingKeyError, match="needs a key"):
+            await client.request_key("", "t")
+        with pytest.raises(MissingKeyError):
+            await client.notify_key("", "t")
+        with pytest.raises(MissingKeyError):
+            client.key("")
+        assert issubclass(MissingKeyError, ValueError)
+
+
+class TestLogging:
+    def test_using_clstr_leaves_global_logging_alone(self) -> None:
+        """Importing clstr and running a node and a client (one handler failing, so
+        the node logs) changes neither structlog's global configuration nor the
+        standard library's logging: no handler, no level (the CLI configures, the
+        library never does)."""
+        probe = """
+import asyncio, logging, structlog
+
+def snapshot():
+    config = {k: list(v) if isinstance(v, list) else v for k, v in structlog.get_config().items()}
+    loggers = {
+        name: (list(logger.handlers), logger.level)
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    return (config, structlog.is_configured(), list(logging.root.handlers),
+            logging.root.level, {k: v for k, v in loggers.items() if v != ([], 0)})
+
+before = snapshot()
+import clstr
+
+async def main():
+    transport = clstr.MemoryTransport()
+
+    async def handler(env):
+        if env.type == "fail":
+            raise ValueError("boom")
+        return env.data
+
+    async with clstr.Node(transport, handler, num_shards=2):
+        client = clstr.Client(transport.connect("c"), num_shards=2)
+        assert await client.request_key("k", "echo", b"x") == b"x"
+        try:
+            await client.request_key("k", "fail")
+        except clstr.RemoteHandlerError:
+            pass
+
+asyncio.run(main())
+after = snapshot()
+assert after == before, (before, after)
+print("unchanged")
+"""
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("unchanged")
 
 
 class TestMetrics:

@@ -27,6 +27,7 @@ from clstr import (
     ReservedHeaderError,
     decode_payload,
     encode_payload,
+    errors,
     message_type,
     with_header,
     with_ttl,
@@ -119,6 +120,20 @@ class TestEnvelope:
         with pytest.raises(ReservedHeaderError):
             with_header(name, "v")
 
+    @pytest.mark.parametrize("name", ["x-clstr-owner", "X-Clstr-Owner"])
+    def test_reserved_header_refused_by_the_constructor(self, name: str) -> None:
+        """An Envelope built with a reserved header name, directly or as a copy with
+        new headers, raises ReservedHeaderError: with_header is not the only way in."""
+        with pytest.raises(ReservedHeaderError, match="reserved prefix"):
+            Envelope("t", headers={"ok": "1", name: "node-7"})
+        with pytest.raises(ReservedHeaderError):
+            dataclasses.replace(Envelope("t"), headers={name: "node-7"})
+
+    def test_header_values_must_be_str(self) -> None:
+        """A header value that is not a str is refused when the envelope is built."""
+        with pytest.raises(TypeError, match="must be str"):
+            Envelope("t", headers={"n": 1})  # type: ignore[dict-item]
+
     def test_options_apply_in_order(self) -> None:
         """Envelope options are plain functions applied left to right."""
         env = Envelope("t")
@@ -207,6 +222,14 @@ class TestRequestWire:
         with pytest.raises(BadRequestError, match=re.escape(reason)):
             decode_request(body)
 
+    @pytest.mark.parametrize("name", ["x-clstr-owner", "X-CLSTR-OWNER"])
+    def test_reserved_header_on_the_wire_is_bad_request(self, name: str) -> None:
+        """A peer's request with a reserved header name is refused as bad_request
+        (a node answers it so), not let through as if clstr had set it."""
+        body = msgpack.packb({"v": 1, "t": "x", "h": {"user": "u", name: "n1"}})
+        with pytest.raises(BadRequestError, match="reserved prefix"):
+            decode_request(body)
+
     def test_oversized_message_is_refused_before_parsing(self) -> None:
         """A body over max_message_bytes is refused without being unpacked."""
         with pytest.raises(BadRequestError, match="over the limit"):
@@ -257,6 +280,19 @@ class TestReplyWire:
         with pytest.raises(RemoteHandlerError) as info:
             decode_reply(encode_error_reply("handler_error", "KeyError", "'x'"))
         assert (info.value.remote_type, info.value.remote_message) == ("KeyError", "'x'")
+
+    def test_every_request_error_code_maps_back_to_its_class(self) -> None:
+        """Each RequestError class of clstr.errors has a code of its own that
+        error_for_code (what decode_reply uses) turns back into that very class."""
+        classes = [
+            value
+            for value in vars(errors).values()
+            if isinstance(value, type) and issubclass(value, RequestError)
+        ]
+        assert len(classes) >= 12
+        assert len({cls.code for cls in classes}) == len(classes)
+        for cls in classes:
+            assert type(errors.error_for_code(cls.code, cls.__name__, "m")) is cls
 
     def test_unknown_code_is_a_plain_request_error(self) -> None:
         """A code from a newer peer becomes RequestError naming the code."""

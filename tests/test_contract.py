@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import msgpack
 import pytest
 
 import clstr
@@ -31,9 +32,13 @@ from clstr import (
     Router,
     Transport,
     TransportClosedError,
+    with_header,
+    with_ttl,
 )
 from clstr.codec import decode_reply, encode_request
 from clstr.hashing import owner_of
+from clstr.testing import virtual_time
+from clstr.transports.base import MessageCallback, Subscription
 
 from _support import eventually
 
@@ -79,6 +84,73 @@ class Recorder:
         if env.type == "fail":
             raise ValueError("boom: " + env.data.decode())
         return self.node_id.encode() + b":" + env.data
+
+
+class SpyTransport(Transport):
+    """Wraps a transport and records every call that reaches it, so a test can
+    say exactly what the client or node above it did (and did not) send."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        #: (method, subject, reply subject given to publish or None)
+        self.calls: list[tuple[str, str, str | None]] = []
+
+    @property
+    def max_payload(self) -> int:
+        return self.inner.max_payload
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        self.calls.append(("request", subject, None))
+        return await self.inner.request(subject, data, timeout)
+
+    async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+        self.calls.append(("publish", subject, reply))
+        await self.inner.publish(subject, data, reply=reply)  # type: ignore[call-arg]
+
+    def publish_nowait(self, subject: str, data: bytes) -> None:
+        self.calls.append(("publish_nowait", subject, None))
+        self.inner.publish_nowait(subject, data)
+
+    async def subscribe(
+        self, subject: str, callback: MessageCallback, *, queue: str | None = None
+    ) -> Subscription:
+        self.calls.append(("subscribe", subject, None))
+        return await self.inner.subscribe(subject, callback, queue=queue)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class Deliveries:
+    """Counts the messages a transport's subscriptions handed to their callbacks
+    (after each callback returned), so a test can wait for the n-th arrival
+    instead of sleeping."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.count = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        subscribe = transport.subscribe
+
+        async def counting(
+            subject: str, callback: MessageCallback, *, queue: str | None = None
+        ) -> Subscription:
+            def deliver(data: bytes, reply: str | None) -> None:
+                callback(data, reply)
+                self.count += 1
+                for n, future in self._waiters:
+                    if self.count >= n and not future.done():
+                        future.set_result(None)
+
+            return await subscribe(subject, deliver, queue=queue)
+
+        transport.subscribe = counting  # type: ignore[method-assign]
+
+    async def wait_for(self, n: int) -> None:
+        """Return once ``n`` messages in all have been delivered."""
+        if self.count < n:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append((n, future))
+            await future
 
 
 async def start_nodes(
@@ -201,6 +273,123 @@ class TestNotify:
         finally:
             await stop_all(nodes)
 
+    async def test_notify_is_one_publish_and_nothing_comes_back(self, connect: Connect) -> None:
+        """notify makes exactly one publish without a reply subject (no request, no
+        inbox subscription), and the node sends nothing back for it."""
+        seen: list[str] = []
+
+        async def handle(env: Envelope) -> bytes:
+            seen.append(env.type)
+            return b"reply"
+
+        node_side = SpyTransport(await connect("a"))
+        node = Node(node_side, handle, node_id="a", num_shards=NUM_SHARDS)
+        await node.start()
+        client_side = SpyTransport(await connect("client"))
+        client = Client(client_side, num_shards=NUM_SHARDS)
+        subject = clstr.shard_subject("clstr", client.shard_for("k"))
+        node_side.calls.clear()  # its subscriptions
+        try:
+            await client.notify_key("k", "ping", b"1")
+            assert client_side.calls == [("publish", subject, None)]
+            # One key's messages run in order: this request's reply comes after the
+            # notification was handled, and is the only thing the node sent.
+            assert await client.request_key("k", "after") == b"reply"
+            assert seen == ["ping", "after"]
+            assert [call[0] for call in client_side.calls] == ["publish", "request"]
+            assert [call[0] for call in node_side.calls] == ["publish_nowait"]
+        finally:
+            await node.stop()
+
+
+class TestClientDefaults:
+    """Client(options=...) reach every envelope, and per-call options override them
+    (the Go original dropped its client-wide options)."""
+
+    @staticmethod
+    async def serve(connect: Connect) -> tuple[list[Envelope], list[Node]]:
+        seen: list[Envelope] = []
+
+        async def record(env: Envelope) -> bytes:
+            seen.append(env)
+            return b""
+
+        return seen, await start_nodes(connect, ["a"], lambda n: record)
+
+    async def test_default_header_and_ttl_reach_the_handler(self, connect: Connect) -> None:
+        """A client-wide header and TTL arrive with requests, scoped calls and
+        notifications alike; the TTL (2 s), not the 30 s timeout, is the deadline."""
+        seen, nodes = await self.serve(connect)
+        client = Client(
+            await connect("client"),
+            num_shards=NUM_SHARDS,
+            timeout=30,
+            options=[with_header("tenant", "acme"), with_ttl(2.0)],
+        )
+        try:
+            await client.request_key("k", "raw")
+            await client.key("k").request_raw("scoped")
+            await client.notify_key("k", "notified")
+            await client.request_key("k", "last")  # after the notification (one key: FIFO)
+            assert [env.type for env in seen] == ["raw", "scoped", "notified", "last"]
+            for env in seen:
+                assert env.header("tenant") == "acme", env.type
+                assert env.ttl is not None
+                assert 1.0 < env.ttl <= 2.0, (env.type, env.ttl)
+        finally:
+            await stop_all(nodes)
+
+    async def test_default_ttl_bounds_the_wait(self, connect: Connect) -> None:
+        """The client-wide TTL is the request's deadline: a stuck handler ends in the
+        node's HandlerTimeoutError after about that long, not after the timeout."""
+
+        async def stuck(env: Envelope) -> bytes:
+            await asyncio.Event().wait()
+            return b""
+
+        nodes = await start_nodes(connect, ["a"], lambda n: stuck)
+        client = Client(
+            await connect("client"), num_shards=NUM_SHARDS, timeout=10, options=[with_ttl(0.5)]
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            started = loop.time()
+            with pytest.raises(HandlerTimeoutError):
+                await client.request_key("k", "stuck")
+            assert loop.time() - started < 5
+        finally:
+            await stop_all(nodes)
+
+    async def test_per_call_options_override_the_defaults(self, connect: Connect) -> None:
+        """Options given to a scoped client override the client's, and per-call ones
+        override both; defaults not overridden stay."""
+        seen, nodes = await self.serve(connect)
+        client = Client(
+            await connect("client"),
+            num_shards=NUM_SHARDS,
+            timeout=30,
+            options=[with_header("tenant", "acme"), with_header("region", "eu"), with_ttl(2.0)],
+        )
+        try:
+            await client.request_key(
+                "k", "call", options=[with_header("tenant", "other"), with_ttl(5.0)]
+            )
+            scoped = client.key("k", with_header("tenant", "scoped"))
+            await scoped.request_raw("scoped")
+            await scoped.request_raw("both", options=[with_header("tenant", "call"), with_ttl(8)])
+            got = [(env.type, env.header("tenant"), env.header("region")) for env in seen]
+            assert got == [
+                ("call", "other", "eu"),
+                ("scoped", "scoped", "eu"),
+                ("both", "call", "eu"),
+            ]
+            ttls = [env.ttl or 0.0 for env in seen]
+            assert 4.0 < ttls[0] <= 5.0
+            assert 1.0 < ttls[1] <= 2.0
+            assert 7.0 < ttls[2] <= 8.0
+        finally:
+            await stop_all(nodes)
+
 
 class TestTransport:
     async def test_publish_nowait_keeps_order_with_publish(self, connect: Connect) -> None:
@@ -229,12 +418,39 @@ class TestTransport:
             await receiver.close()
             await sender.close()
 
+    async def test_close_fails_pending_requests_at_once(self, connect: Connect) -> None:
+        """close() fails a request waiting for its reply with TransportClosedError
+        at once, not when its (30 s) timeout runs out."""
+        receiver, requester = await connect("receiver"), await connect("requester")
+        arrived = asyncio.Event()
+        await receiver.subscribe("close.test", lambda data, reply: arrived.set())  # no reply
+        call = asyncio.create_task(requester.request("close.test", b"x", 30))
+        await arrived.wait()
+        closing = asyncio.create_task(requester.close())
+        try:
+            async with asyncio.timeout(5):
+                with pytest.raises(TransportClosedError):
+                    await call
+        finally:
+            await closing
+
 
 class TestDeadlines:
     async def test_envelope_expired_while_queued_is_refused(self, connect: Connect) -> None:
-        """An envelope whose TTL runs out while it waits is refused without running the handler."""
+        """An envelope whose TTL runs out while it waits is refused without running the handler.
+
+        The TTL runs out on a virtual clock moved by hand (real I/O goes on), so
+        the test neither waits it out nor depends on how fast the message travels.
+        """
         recorder = Recorder(gate=asyncio.Event())
-        nodes = await start_nodes(connect, ["a"], lambda n: recorder)
+        deliveries: list[Deliveries] = []
+
+        async def watched(name: str) -> Transport:
+            transport = await connect(name)
+            deliveries.append(Deliveries(transport))
+            return transport
+
+        nodes = await start_nodes(watched, ["a"], lambda n: recorder)
         requester = await connect("raw")
         subject = clstr.shard_subject("clstr", 0)
         try:
@@ -242,14 +458,16 @@ class TestDeadlines:
                 requester.request(subject, encode_request(Envelope("hold", key="k")), 5)
             )
             await recorder.entered.wait()
-            short = Envelope("late", key="k", ttl=0.05)
-            second = asyncio.create_task(requester.request(subject, encode_request(short), 5))
-            await eventually(lambda: nodes[0].queued == 1)
-            await asyncio.sleep(0.06)  # let the queued envelope's TTL run out
-            recorder.gate.set()  # type: ignore[union-attr]
-            with pytest.raises(EnvelopeExpiredError):
-                decode_reply(await second)
-            decode_reply(await first)
+            async with virtual_time(autojump=False) as clock:
+                short = Envelope("late", key="k", ttl=1.0)
+                second = asyncio.create_task(requester.request(subject, encode_request(short), 5))
+                await deliveries[0].wait_for(2)  # queued behind "hold", its deadline set
+                assert nodes[0].queued == 1
+                clock.advance(2.0)  # its TTL runs out while it waits
+                recorder.gate.set()  # type: ignore[union-attr]
+                with pytest.raises(EnvelopeExpiredError):
+                    decode_reply(await second)
+                decode_reply(await first)
             assert [t for t, _, _ in recorder.seen] == ["hold"]
         finally:
             await stop_all(nodes)
@@ -296,8 +514,10 @@ class TestDeadlines:
         nodes = await start_nodes(connect, ["a"], lambda n: stuck)
         client = Client(await connect("client"), num_shards=NUM_SHARDS)
         try:
+            # 1 s keeps 100 ms of it for the timeout answer's way back: a loop
+            # stall shorter than that cannot turn it into the client's own timeout.
             with pytest.raises(HandlerTimeoutError):
-                await client.request_key("k", "slow", timeout=0.3)
+                await client.request_key("k", "slow", timeout=1.0)
             assert cancelled.is_set()
         finally:
             await stop_all(nodes)
@@ -318,14 +538,15 @@ class TestErrors:
             await stop_all(nodes)
 
     async def test_no_owner_fails_at_once(self, connect: Connect) -> None:
-        """A request to a shard nobody serves fails with NoShardOwnerError, not a timeout."""
+        """A request to a shard nobody serves fails with NoShardOwnerError within a
+        round trip (< 0.5 s), not after any part of its 10 s timeout."""
         nodes = await start_nodes(connect, ["a"], lambda n: Recorder(), shards=[0])
         client = Client(await connect("client"), num_shards=NUM_SHARDS, timeout=10)
         try:
             started = time.monotonic()
             with pytest.raises(NoShardOwnerError):
                 await client.request_shard(5, "echo")
-            assert time.monotonic() - started < 5, "no-owner must not wait for the timeout"
+            assert time.monotonic() - started < 0.5, "no-owner must not wait for the timeout"
         finally:
             await stop_all(nodes)
 
@@ -347,6 +568,21 @@ class TestErrors:
                 await client.request_key("k", "echo", b"3")
             recorder.gate.set()  # type: ignore[union-attr]
             assert await asyncio.gather(*held) == [b":0", b":1", b":2"]
+        finally:
+            await stop_all(nodes)
+
+    async def test_reserved_header_answered_bad_request(self, connect: Connect) -> None:
+        """A raw message carrying an x-clstr- header is answered bad_request and
+        its handler never runs."""
+        recorder = Recorder()
+        nodes = await start_nodes(connect, ["a"], lambda n: recorder)
+        raw = await connect("raw")
+        body = msgpack.packb({"v": 1, "t": "echo", "h": {"X-Clstr-Owner": "me"}})
+        try:
+            reply = await raw.request(clstr.shard_subject("clstr", 1), body, 5)
+            with pytest.raises(BadRequestError, match="reserved prefix"):
+                decode_reply(reply)
+            assert recorder.seen == []
         finally:
             await stop_all(nodes)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 
@@ -20,6 +21,8 @@ from clstr import (
     decode_payload,
     encode_payload,
 )
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -278,6 +281,118 @@ class TestKeyHandler:
         """Out-of-range settings raise ConfigurationError."""
         with pytest.raises(ConfigurationError):
             KeyHandler(lambda key: _echo, **kwargs)  # type: ignore[arg-type]
+
+
+class Account:
+    """An entity that loads its total from a store and is saved back on eviction."""
+
+    def __init__(self, store: dict[str, int], key: str) -> None:
+        self.total = store[key]
+
+    async def __call__(self, env: Envelope) -> bytes:
+        self.total += 1
+        return str(self.total).encode()
+
+
+class GatedStore:
+    """A store whose saves (on_evict) wait at a gate, like a slow database write."""
+
+    def __init__(self) -> None:
+        self.data = {"k": 0}
+        self.saving = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def save(self, key: str, entity: Handler) -> None:
+        self.saving.set()
+        await self.release.wait()
+        assert isinstance(entity, Account)
+        self.data[key] = entity.total
+
+    def key_handler(self, clock: FakeClock, idle_timeout: float = 1.0) -> KeyHandler:
+        return KeyHandler(
+            lambda key: Account(self.data, key),
+            idle_timeout=idle_timeout,
+            on_evict=self.save,
+            clock=clock,
+        )
+
+
+async def run_until_blocked(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Start ``coro`` in a task; return once it has run up to its first real wait
+    (or to its end): no sleeping, no guessing."""
+    began = asyncio.Event()
+
+    async def run() -> T:
+        began.set()  # does not yield: coro runs on in this same step
+        return await coro
+
+    task = asyncio.create_task(run())
+    await began.wait()
+    return task
+
+
+class TestEvictionRaces:
+    async def test_message_during_a_save_waits_and_sees_the_saved_state(self) -> None:
+        """A message for a key whose eviction is still saving waits for the save, and
+        its new entity starts from the saved state (not from the stale store)."""
+        store, clock = GatedStore(), FakeClock()
+        keys = store.key_handler(clock)
+        env = Envelope("inc", key="k")
+        assert [await keys(env), await keys(env)] == [b"1", b"2"]
+        clock.now = 10  # idle
+        sweep = asyncio.create_task(keys.sweep())
+        await store.saving.wait()
+        message = await run_until_blocked(keys(env))
+        assert not message.done()  # it waits for the save
+        store.release.set()
+        assert await message == b"3"
+        assert await sweep == 1
+        await keys.evict_all()
+        assert store.data == {"k": 3}
+
+    async def test_shard_release_waits_for_a_save_under_way(self) -> None:
+        """on_shard_released returns only once a sweep's save of that shard's key
+        has ended, so the next owner loads what was saved."""
+        store, clock = GatedStore(), FakeClock()
+        keys = store.key_handler(clock)
+        await keys(Envelope("inc", key="k", shard=3))
+        clock.now = 10
+        sweep = asyncio.create_task(keys.sweep())
+        await store.saving.wait()
+        released = await run_until_blocked(keys.on_shard_released(3))
+        assert not released.done()
+        store.release.set()
+        await released
+        assert store.data == {"k": 1}
+        await sweep
+
+    async def test_stop_lets_the_sweepers_save_finish(self) -> None:
+        """on_stop does not cut short a save the idle sweeper has started."""
+        store, clock = GatedStore(), FakeClock()
+        keys = store.key_handler(clock, idle_timeout=0.02)
+        await keys.on_start()
+        await keys(Envelope("inc", key="k"))
+        clock.now = 10
+        await store.saving.wait()  # the sweeper is saving "k"
+        stopping = await run_until_blocked(keys.on_stop())
+        assert not stopping.done()
+        store.release.set()
+        await stopping
+        assert store.data == {"k": 1}
+
+    async def test_cancelling_on_stop_is_not_swallowed(self) -> None:
+        """Cancelling on_stop while it waits for the sweeper raises CancelledError
+        in the caller (and ends the sweeper), instead of being swallowed."""
+        store, clock = GatedStore(), FakeClock()
+        keys = store.key_handler(clock, idle_timeout=0.02)
+        await keys.on_start()
+        await keys(Envelope("inc", key="k"))
+        clock.now = 10
+        await store.saving.wait()
+        stopping = await run_until_blocked(keys.on_stop())
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
 
 
 class TestNodeHooks:

@@ -102,6 +102,21 @@ class TestIdempotencyEdges:
         join the run, and the handler runs once."""
         handler = Slow()
         transport = MemoryTransport()
+        delivered = 0
+        arrived = asyncio.Event()
+        subscribe = transport.subscribe
+
+        async def counting(subject: str, callback: Any, *, queue: str | None = None) -> Any:
+            def deliver(data: bytes, reply: str | None) -> None:
+                nonlocal delivered
+                callback(data, reply)
+                delivered += 1
+                if delivered == 3:
+                    arrived.set()
+
+            return await subscribe(subject, deliver, queue=queue)
+
+        transport.subscribe = counting  # type: ignore[method-assign]
         node = Node(transport, handler, num_shards=1, clock_skew=1.0)
         await node.start()
         raw = transport.connect("c")
@@ -116,7 +131,7 @@ class TestIdempotencyEdges:
         with pytest.raises(EnvelopeExpiredError):
             decode_reply(await stale)
         later = send()
-        await asyncio.sleep(0.01)  # let the later copy reach the node and join the run
+        await arrived.wait()  # the later copy reached the node and joined the run
         handler.gate.set()
         assert decode_reply(await first) == b"ok"
         assert decode_reply(await later) == b"ok"

@@ -21,6 +21,7 @@ from clstr import (
     Transport,
 )
 from clstr.metrics import NoopMetrics
+from clstr.transports.base import MessageCallback, Subscription
 
 Connect = Callable[[str], Awaitable[Transport]]
 
@@ -39,6 +40,37 @@ class Counter:
         if self.gate is not None:
             await self.gate.wait()
         return b"%d" % len(self.runs)
+
+
+class Deliveries:
+    """Counts the messages a transport's subscriptions handed to their callbacks
+    (after each callback returned): wait for the n-th arrival instead of sleeping."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.count = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        subscribe = transport.subscribe
+
+        async def counting(
+            subject: str, callback: MessageCallback, *, queue: str | None = None
+        ) -> Subscription:
+            def deliver(data: bytes, reply: str | None) -> None:
+                callback(data, reply)
+                self.count += 1
+                for n, future in self._waiters:
+                    if self.count >= n and not future.done():
+                        future.set_result(None)
+
+            return await subscribe(subject, deliver, queue=queue)
+
+        transport.subscribe = counting  # type: ignore[method-assign]
+
+    async def wait_for(self, n: int) -> None:
+        """Return once ``n`` messages in all have been delivered."""
+        if self.count < n:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append((n, future))
+            await future
 
 
 class SeenErrors(NoopMetrics):
@@ -92,17 +124,24 @@ class TestIdempotency:
             await node.stop()
 
     async def test_duplicate_in_flight_shares_one_run(self, connect: Connect) -> None:
-        """A retry arriving while the first copy still runs waits for it: one run, two replies."""
+        """A retry arriving while the first copy still runs waits for it: one run, two replies.
+
+        The first copy is held until the node has taken the second, so no reply is
+        cached yet: only the in-flight path can answer the second.
+        """
         counter = Counter()
         counter.gate = asyncio.Event()
-        node = Node(await connect("a"), counter, num_shards=4)
+        node_transport = await connect("a")
+        deliveries = Deliveries(node_transport)
+        node = Node(node_transport, counter, num_shards=4)
         await node.start()
         client = Client(await connect("c"), num_shards=4)
         try:
             first = asyncio.create_task(client.request_shard(2, "inc", request_id="dup"))
             await counter.entered.wait()
             second = asyncio.create_task(client.request_shard(2, "inc", request_id="dup"))
-            await asyncio.sleep(0.05)  # let the duplicate reach the node while the first runs
+            await deliveries.wait_for(2)  # the node has the duplicate; the first is still held
+            assert counter.runs == ["dup"]
             counter.gate.set()
             assert await asyncio.gather(first, second) == [b"1", b"1"]
             assert counter.runs == ["dup"]
@@ -183,10 +222,12 @@ class TestRetryPolicy:
         node = Node(await connect("a"), counter, num_shards=4, max_concurrency=1, max_pending=0)
         await node.start()
         plain = Client(await connect("p"), num_shards=4)
+        seen = SeenErrors()
         retrying = Client(
             await connect("r"),
             num_shards=4,
             retry=RetryPolicy(initial_backoff=0.005, max_backoff=0.02),
+            metrics=seen,
             timeout=10,
         )
         try:
@@ -195,7 +236,8 @@ class TestRetryPolicy:
             with pytest.raises(OverloadedError):
                 await plain.request_shard(0, "inc")
             waiting = asyncio.create_task(retrying.request_shard(0, "inc"))
-            await asyncio.sleep(0.05)  # a few overloaded answers go by
+            await seen.retried.wait()  # it was answered overloaded, and retries
+            assert seen.retries[0] == "overloaded"
             counter.gate.set()
             await busy
             assert await waiting == b"2"

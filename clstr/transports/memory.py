@@ -393,6 +393,8 @@ class MemoryNetwork:
         return MemoryTransport(self, name=name)
 
     def next_id(self) -> int:
+        """A number never returned before on this network (names connections and
+        request inboxes)."""
         return next(self._ids)
 
     def has_interest(self, subject: str, sender: str = "") -> bool:
@@ -405,6 +407,9 @@ class MemoryNetwork:
         return any(faults.reachable(sender, s.owner_name) for s in subs)
 
     def add(self, sub: _MemorySubscription) -> None:
+        """Route the subject's messages to ``sub`` from now on: all of them for a
+        plain subscription, a share of them (one member of the group each) for
+        one with a queue group."""
         if sub.queue is None:
             self._plain.setdefault(sub.subject, []).append(sub)
         else:
@@ -412,6 +417,8 @@ class MemoryNetwork:
             groups.setdefault(sub.queue, _Group()).members.append(sub)
 
     def remove(self, sub: _MemorySubscription) -> None:
+        """Route nothing more to ``sub`` (deliveries already scheduled may still
+        reach it); removing one that is not there does nothing."""
         if sub.queue is None:
             plain = self._plain.get(sub.subject, [])
             if sub in plain:
@@ -546,6 +553,8 @@ class MemoryTransport(Transport):
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called: every send and subscribe then raises
+        :class:`~clstr.TransportClosedError`."""
         return self._closed
 
     def _check(self, data: bytes) -> None:
@@ -605,6 +614,8 @@ class MemoryTransport(Transport):
         return sub
 
     def forget(self, sub: _MemorySubscription) -> None:
+        """Drop ``sub`` from this transport and from the network: no new message
+        is routed to it (used by its drain and unsubscribe). Idempotent."""
         self._subs.discard(sub)
         self.network.remove(sub)
 

@@ -35,6 +35,7 @@ from nats.aio.client import _validate_subject
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from .._clock import Timeouts, expire
+from .._tasks import cancel_and_wait
 from ..errors import (
     ConfigurationError,
     ConnectionFailedError,
@@ -130,6 +131,24 @@ def _seed_options(seed: str) -> dict[str, str]:
     if os.path.isfile(seed):
         return {"nkeys_seed": seed}
     return {"nkeys_seed_str": seed}
+
+
+# How long an abandoned connection attempt gets to end once cancelled.
+_ABANDON_GRACE: Final = 5.0
+
+
+async def _abandon(
+    connect: asyncio.Task[None], fatal_wait: asyncio.Task[Any], nc: NatsClient
+) -> None:
+    """End a connection attempt that will not be used: cancel it, wait for it
+    (never swallowing our own cancellation), and close nats-py's client so that
+    none of its tasks (reconnect loop, reader, pinger) goes on."""
+    # nats-py may catch one cancellation in its retry loop: insist.
+    await cancel_and_wait([connect, fatal_wait], _ABANDON_GRACE, insist=True)
+    if connect.done() and not connect.cancelled():
+        connect.exception()  # retrieved: the caller reports it, or nobody needs it
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 class _NatsSubscription(Subscription):
@@ -473,26 +492,31 @@ class NatsTransport(Transport):
             kwargs["user_credentials"] = opts.credentials
         if opts.nkeys_seed:
             kwargs.update(_seed_options(opts.nkeys_seed))
-        connect = asyncio.ensure_future(nc.connect(**kwargs))
-        fatal_wait = asyncio.ensure_future(gave_up.wait())
+        connect = asyncio.create_task(nc.connect(**kwargs))
+        fatal_wait = asyncio.create_task(gave_up.wait())
+        connected = False
         try:
             await asyncio.wait(
                 {connect, fatal_wait},
                 timeout=opts.connect_deadline,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            connected = connect.done() and not connect.cancelled() and connect.exception() is None
         finally:
-            fatal_wait.cancel()
-            connecting = False
-        if connect.done() and not connect.cancelled() and connect.exception() is None:
+            try:
+                if not connected:
+                    # Timed out, refused, or the caller was cancelled: nothing of
+                    # the attempt (its task, nats-py's own) may outlive it. Its
+                    # callbacks stay quiet meanwhile (`connecting`).
+                    await _abandon(connect, fatal_wait, nc)
+                else:
+                    fatal_wait.cancel()
+            finally:
+                connecting = False
+        if connected:
             transport = cls(nc, owns_connection=True, metrics=metrics, options=opts)
             holder.append(transport)
             return transport
-        connect.cancel()
-        with contextlib.suppress(BaseException):
-            await connect
-        with contextlib.suppress(Exception):
-            await nc.close()
         last: BaseException | None
         if fatal:
             reason, advice, last = fatal[0]
