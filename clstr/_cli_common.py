@@ -4,15 +4,23 @@ and the JSON <-> msgpack conversions of the shell-facing commands."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
+import io
 import json
 import logging
 import sys
-from typing import Any, TextIO
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Final, TextIO, cast
 
 import msgpack
 import structlog
 
 __all__ = [
+    "DEFAULT_APP",
+    "DEFAULT_NATS_URL",
+    "DEFAULT_SERVICE_NAME",
+    "DEFAULT_SHARDS",
     "EXIT_OK",
     "EXIT_FAILED",
     "EXIT_USAGE",
@@ -20,7 +28,14 @@ __all__ = [
     "configure_logging",
     "json_to_msgpack",
     "msgpack_to_json",
+    "quiet_logs",
 ]
+
+#: Where commands connect when neither ``--nats-url`` nor ``CLSTR_NATS_URL`` says.
+DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
+DEFAULT_SHARDS: Final = 64
+DEFAULT_APP: Final = "clstr.demo_app:app"
+DEFAULT_SERVICE_NAME: Final = "clstr"
 
 EXIT_OK = 0
 #: The command ran, and what it did failed (a handler error, a timeout).
@@ -46,7 +61,9 @@ def configure_logging(
     """Configure structlog for the command line: a console renderer (coloured on a
     terminal), or one JSON object per line when ``json_lines``. Logs go to stderr.
 
-    The library never configures logging; only the command does.
+    The library never configures logging; only the command does. A stream that
+    can no longer be written (the terminal closed, the reading parent died)
+    silences the logs instead of raising in the code that logs.
     """
     out = stream if stream is not None else sys.stderr
     renderer: structlog.typing.Processor = (
@@ -55,6 +72,7 @@ def configure_logging(
         else structlog.dev.ConsoleRenderer(colors=_isatty(out))
     )
     processors: list[structlog.typing.Processor] = [
+        _drop_when_quiet,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -65,9 +83,60 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Unbreakable(out))),
         cache_logger_on_first_use=False,
     )
+
+
+class _Unbreakable(io.TextIOBase):
+    """A text stream whose write errors end the writing instead of reaching the
+    caller: a node whose parent died must still stop cleanly, logging into the void."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self._broken = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):  # a closed pipe or terminal, a closed file
+                self._broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._broken = True
+
+
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("clstr_cli_quiet", default=False)
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Drop the log records below error level logged in this context, and in the tasks
+    started in it (which copy the context): e.g. those of a connection the command
+    reports on itself."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def _drop_when_quiet(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    if _QUIET.get() and logging.getLevelNamesMapping().get(method_name.upper(), 0) < logging.ERROR:
+        raise structlog.DropEvent
+    return event_dict
 
 
 def _level_number(level: str) -> int:
@@ -87,19 +156,33 @@ def _isatty(stream: TextIO) -> bool:
 def json_to_msgpack(text: str | None) -> bytes:
     """The msgpack encoding of the JSON document ``text`` (empty bytes for ``None``).
 
-    Raises :class:`CliError` naming the position of a JSON syntax error.
+    Raises :class:`CliError` naming the position of a JSON syntax error, for
+    ``NaN`` and ``Infinity`` (which Python's parser takes but JSON does not
+    allow), and for a number msgpack cannot carry.
     """
     if text is None:
         return b""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise CliError(
             f"the payload is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
             """quote it for the shell, e.g. '{"name": "ann"}'"""
         ) from None
-    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    try:
+        packed: bytes = msgpack.packb(value, use_bin_type=True)
+    except OverflowError:
+        raise CliError(
+            "the payload holds an integer msgpack cannot carry: "
+            "integers must fit in 64 bits (-2**63 to 2**64-1); send a big number as a string"
+        ) from None
     return packed
+
+
+def _refuse_constant(name: str) -> Any:
+    raise CliError(
+        f"the payload is not valid JSON: {name} is not a JSON number; send null or a string instead"
+    )
 
 
 def msgpack_to_json(data: bytes) -> str:

@@ -9,14 +9,26 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 import structlog
 
-from ._cli_common import EXIT_FAILED, EXIT_OK, CliError
-from ._devcluster import DevCluster, DevClusterError, LogRecord, NodeProcess
+from ._cli_common import (
+    DEFAULT_NATS_URL,
+    DEFAULT_SERVICE_NAME,
+    DEFAULT_SHARDS,
+    EXIT_FAILED,
+    EXIT_OK,
+    CliError,
+)
+from ._devcluster import DevCluster
+from .node import DEFAULT_PREFIX
+from .testing._processes import LogRecord, NodeProcess, NodeProcessError
 
-__all__ = ["dev_up", "demo"]
+if TYPE_CHECKING:
+    from .transports.nats import NatsTransport
+
+__all__ = ["READY_LINE", "STOP_SIGNALS", "dev_up", "demo"]
 
 
 class LogRelay:
@@ -35,6 +47,7 @@ class LogRelay:
         self._stream = stream if stream is not None else sys.stderr
         colors = _isatty(self._stream)
         self._console = structlog.dev.ConsoleRenderer(colors=colors, pad_event_to=24)
+        self._closed = False
 
     def __call__(self, process: NodeProcess, record: LogRecord) -> None:
         if isinstance(record, str):
@@ -52,7 +65,12 @@ class LogRelay:
             except Exception:  # a record the renderer cannot take: show it raw
                 rendered = json.dumps(record)
             text = f"{process.node_id} | {rendered}"
-        print(text, file=self._stream, flush=True)
+        if self._closed:
+            return
+        try:
+            print(text, file=self._stream, flush=True)
+        except OSError:  # the terminal is gone (SIGHUP) or the pipe closed: stop relaying
+            self._closed = True
 
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -65,11 +83,19 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+#: The signals that stop the local cluster: Ctrl-C, a polite kill, and a closed terminal.
+STOP_SIGNALS: Final = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+#: The line that says the cluster serves until stopped (scripts and tests wait for it).
+READY_LINE: Final = "cluster ready; press Ctrl-C to stop"
+
+
 @contextlib.contextmanager
 def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     installed = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         try:
             loop.add_signal_handler(signum, stop.set)
         except (NotImplementedError, RuntimeError, ValueError):  # no POSIX, no main thread
@@ -82,7 +108,14 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
-def _cluster(args: argparse.Namespace, *, quiet: bool) -> DevCluster:
+def _say(*lines: str) -> None:
+    """Print to stdout for the person watching; output nobody can read any more (a
+    closed terminal after SIGHUP, a closed pipe) must not stop the orderly shutdown."""
+    with contextlib.suppress(OSError):
+        print("\n".join(lines), flush=True)
+
+
+def _cluster(args: argparse.Namespace, *, quiet: bool, port: int | None) -> DevCluster:
     # The children always log at info at least: the parent reads their
     # "node ready" from it. What is shown is filtered here.
     shown = "warning" if quiet else (args.log_level or "info")
@@ -93,7 +126,7 @@ def _cluster(args: argparse.Namespace, *, quiet: bool) -> DevCluster:
         prefix=args.prefix,
         app=getattr(args, "app", "clstr.demo_app:app"),
         nats_url=",".join(args.nats_url) if args.nats_url_explicit else None,
-        port=getattr(args, "port", 0),
+        port=port,
         metrics_port_base=getattr(args, "metrics_port_base", None),
         service_name=args.service_name,
         log_level="debug" if shown == "debug" else "info",
@@ -120,7 +153,7 @@ async def _start(cluster: DevCluster, stop: asyncio.Event) -> bool:
         await starting
     except asyncio.CancelledError:
         return False
-    except DevClusterError as exc:
+    except NodeProcessError as exc:
         raise CliError(f"the dev cluster did not start: {exc}", code=EXIT_FAILED) from None
     except NatsServerError as exc:
         raise CliError(
@@ -131,7 +164,8 @@ async def _start(cluster: DevCluster, stop: asyncio.Event) -> bool:
     return True
 
 
-def _banner(cluster: DevCluster, args: argparse.Namespace) -> str:
+def _banner(cluster: DevCluster) -> str:
+    """The cluster's processes: the server and every node, with pids and shards."""
     lines = [
         f"clstr dev cluster: {len(cluster.node_ids)} nodes, {cluster.num_shards} shards, "
         f"prefix {cluster.prefix!r}",
@@ -152,16 +186,23 @@ def _banner(cluster: DevCluster, args: argparse.Namespace) -> str:
             f"  {process.node_id.ljust(pad)}  pid {process.pid}  "
             f"{ready.get('shards', '?')} shards{extra}"
         )
+    return "\n".join(lines)
+
+
+def _hints(cluster: DevCluster) -> str:
+    """What to try against the running cluster, then the ready line."""
     env = []
-    if cluster.url != "nats://127.0.0.1:4222":
+    if cluster.url != DEFAULT_NATS_URL:
         env.append(f"CLSTR_NATS_URL={cluster.url}")
-    if cluster.num_shards != 64:
+    if cluster.num_shards != DEFAULT_SHARDS:
         env.append(f"CLSTR_SHARDS={cluster.num_shards}")
-    if cluster.prefix != "clstr":
+    if cluster.prefix != DEFAULT_PREFIX:
         env.append(f"CLSTR_PREFIX={cluster.prefix}")
     if cluster.seed:
         env.append(f"CLSTR_SEED={cluster.seed}")
-    lines += ["", "try, in another terminal:"]
+    if cluster.service_name != DEFAULT_SERVICE_NAME:
+        env.append(f"CLSTR_SERVICE_NAME={cluster.service_name}")
+    lines = ["try, in another terminal:"]
     if env:
         lines.append(f"  export {' '.join(env)}")
     lines += [
@@ -170,93 +211,158 @@ def _banner(cluster: DevCluster, args: argparse.Namespace) -> str:
         """  clstr request counter-1 counter.add '{"by": 5}'""",
         f"  nats --server {cluster.url} micro ls   (NATS CLI: the nodes as services)",
         "",
-        "cluster ready; press Ctrl-C to stop",
+        READY_LINE,
     ]
     return "\n".join(lines)
 
 
+async def _serve(cluster: DevCluster, stop: asyncio.Event) -> int:
+    """Wait for a stop signal (exit code 0) or a node's death (said, exit code 1)."""
+    died = [asyncio.ensure_future(p.wait()) for p in cluster.processes]
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({stopping, *died}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (stopping, *died):
+            waiter.cancel()
+        await asyncio.gather(stopping, *died, return_exceptions=True)
+    if stopping in done:
+        return EXIT_OK
+    for process in cluster.processes:
+        if process.returncode is not None:
+            with contextlib.suppress(OSError):
+                print(
+                    f"clstr: error: {process.node_id} exited with code "
+                    f"{process.returncode}; stopping the cluster",
+                    file=sys.stderr,
+                )
+    return EXIT_FAILED
+
+
+def _stopping(cluster: DevCluster) -> str:
+    return "stopping: the nodes first" + (", then nats-server" if cluster.embedded else "")
+
+
+def _stopped(cluster: DevCluster) -> str:
+    """What a stop ended: every node with its exit code, and the server."""
+    parts = [f"{p.node_id} (exit {p.returncode})" for p in cluster.processes]
+    if cluster.embedded:
+        return "stopped: " + ", ".join([*parts, "nats-server"])
+    return f"stopped: {', '.join(parts)}; the external nats-server at {cluster.url} keeps running"
+
+
 async def dev_up(args: argparse.Namespace) -> int:
-    """Run the dev cluster until SIGINT/SIGTERM, or until a node dies (exit 1)."""
-    cluster = _cluster(args, quiet=False)
+    """Run the dev cluster until SIGINT/SIGTERM/SIGHUP, or until a node dies (exit 1)."""
+    cluster = _cluster(args, quiet=False, port=args.port)
+    stop = asyncio.Event()
+    with _stop_on_signals(stop):
+        try:
+            if not await _start(cluster, stop):
+                return EXIT_OK
+            _say(_banner(cluster), "", _hints(cluster))
+            code = await _serve(cluster, stop)
+            _say(_stopping(cluster))
+        finally:
+            await cluster.stop()
+    _say(_stopped(cluster))
+    return code
+
+
+async def demo(args: argparse.Namespace) -> int:
+    """Start a dev cluster, send requests from here and show who answered each key;
+    then show the shard map and serve until a signal, or with ``--once`` stop at once."""
+    from .errors import ConnectionFailedError
+    from .transports.nats import NatsOptions, NatsTransport
+
+    # With --once nobody connects afterwards: leave 4222 to a 'clstr dev up'.
+    port = args.port if args.port is not None else (0 if args.once else None)
+    cluster = _cluster(args, quiet=True, port=port)
     stop = asyncio.Event()
     code = EXIT_OK
     with _stop_on_signals(stop):
         try:
             if not await _start(cluster, stop):
                 return EXIT_OK
-            print(_banner(cluster, args), flush=True)
-            died = [asyncio.ensure_future(p.wait()) for p in cluster.processes]
-            stopping = asyncio.ensure_future(stop.wait())
+            _say(_banner(cluster), "")
             try:
-                done, _ = await asyncio.wait({stopping, *died}, return_when=asyncio.FIRST_COMPLETED)
+                transport = await NatsTransport.connect(cluster.url, NatsOptions(name="clstr-demo"))
+            except ConnectionFailedError as exc:
+                raise CliError(
+                    f"the demo cannot reach its cluster: {exc}", code=EXIT_FAILED
+                ) from None
+            try:
+                # A signal during the requests ends the demo there.
+                serve = await _demo_requests(cluster, transport, args, stop) and not args.once
+                if serve:
+                    _say("", await _shard_map(cluster, transport), "", _hints(cluster))
             finally:
-                for waiter in (stopping, *died):
-                    waiter.cancel()
-                await asyncio.gather(stopping, *died, return_exceptions=True)
-            if stopping not in done:
-                for process in cluster.processes:
-                    if process.returncode is not None:
-                        print(
-                            f"clstr: error: {process.node_id} exited with code "
-                            f"{process.returncode}; stopping the cluster",
-                            file=sys.stderr,
-                        )
-                code = EXIT_FAILED
-            then = ", then nats-server" if cluster.embedded else ""
-            print(f"stopping: the nodes first{then}", flush=True)
+                await transport.close()
+            if serve:
+                code = await _serve(cluster, stop)
+            _say(_stopping(cluster))
         finally:
             await cluster.stop()
-    print("stopped", flush=True)
+    _say(_stopped(cluster))
     return code
 
 
-async def demo(args: argparse.Namespace) -> int:
-    """Start a dev cluster, send requests from here, print who answered, stop."""
+async def _demo_requests(
+    cluster: DevCluster, transport: NatsTransport, args: argparse.Namespace, stop: asyncio.Event
+) -> bool:
+    """Greet ``args.keys`` keys ``args.rounds`` times each; check every reply came from
+    the key's HRW owner. Returns ``False`` when a signal came first."""
     from .client import Client
     from .demo_app import Greet, Greeting
+    from .errors import ClstrError
     from .hashing import owner_of
 
-    args.port = 0  # never take 4222 from a running 'clstr dev up'
-    cluster = _cluster(args, quiet=True)
-    stop = asyncio.Event()
-    with _stop_on_signals(stop):
-        try:
-            if not await _start(cluster, stop):
-                return EXIT_OK
-            print(f"nats-server {cluster.url} (embedded, JetStream on)")
-            for process in cluster.processes:
-                ready = process.ready_record or {}
-                print(
-                    f"{process.node_id}: process {process.pid}, serving "
-                    f"{ready.get('shards', '?')} of {cluster.num_shards} shards"
+    client = Client(
+        transport, num_shards=cluster.num_shards, seed=cluster.seed, prefix=cluster.prefix
+    )
+    answered: dict[str, int] = {}
+    _say(f"{args.keys} keys, {args.rounds} requests each, from this process; the last round:")
+    for round_ in range(args.rounds):
+        for k in range(args.keys):
+            if stop.is_set():
+                return False
+            key = f"user-{k}"
+            try:
+                reply = await client.key(key).call(Greet(name=key), Greeting)
+            except ClstrError as exc:
+                raise CliError(
+                    f"the request for {key!r} failed: {type(exc).__name__}: {exc}",
+                    code=EXIT_FAILED,
+                ) from None
+            shard = client.shard_for(key)
+            expected = owner_of(shard, cluster.node_ids, cluster.seed)
+            if reply.node != expected:
+                raise CliError(
+                    f"{key} was answered by {reply.node}, not its owner {expected}",
+                    code=EXIT_FAILED,
                 )
-            client = await Client.connect(
-                cluster.url, num_shards=cluster.num_shards, seed=cluster.seed, prefix=cluster.prefix
-            )
-            answered: dict[str, int] = {}
-            async with client:
-                for round_ in range(args.rounds):
-                    for k in range(args.keys):
-                        if stop.is_set():
-                            return EXIT_OK
-                        key = f"user-{k}"
-                        reply = await client.key(key).call(Greet(name=key), Greeting)
-                        shard = client.shard_for(key)
-                        expected = owner_of(shard, cluster.node_ids, cluster.seed)
-                        if reply.node != expected:
-                            raise CliError(
-                                f"{key} was answered by {reply.node}, not its owner {expected}",
-                                code=EXIT_FAILED,
-                            )
-                        answered[reply.node] = answered.get(reply.node, 0) + 1
-                        if round_ == args.rounds - 1:
-                            print(
-                                f"  {key:<10} shard {shard:>3} -> {reply.node}"
-                                f"  ({reply.text}, visit {reply.visits})"
-                            )
-            print("requests answered per node:", dict(sorted(answered.items())))
-        finally:
-            await cluster.stop()
-    codes = {p.node_id: p.returncode for p in cluster.processes}
-    print("stopped all processes:", ", ".join(f"{n} exit {c}" for n, c in codes.items()))
-    return EXIT_OK
+            answered[reply.node] = answered.get(reply.node, 0) + 1
+            if round_ == args.rounds - 1:
+                _say(
+                    f"  {key:<10} shard {shard:>3} -> {reply.node}"
+                    f"  ({reply.text}, visit {reply.visits})"
+                )
+    _say(
+        f"requests answered per node: {dict(sorted(answered.items()))}",
+        "every key was answered by its owner, the node HRW places its shard on",
+    )
+    return True
+
+
+async def _shard_map(cluster: DevCluster, transport: NatsTransport) -> str:
+    """The cluster as ``clstr status`` prints it."""
+    from ._status import gather_view, render_table
+
+    view = await gather_view(
+        transport,
+        num_shards=cluster.num_shards,
+        prefix=cluster.prefix,
+        seed=cluster.seed,
+        service_name=cluster.service_name,
+        expected_nodes=len(cluster.node_ids),
+    )
+    return render_table(view)

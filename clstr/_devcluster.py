@@ -1,16 +1,38 @@
 """A local cluster of real processes: an embedded nats-server and N ``clstr node``
-children. ``clstr dev up`` and ``clstr demo`` run on it; tests use
-:class:`NodeProcess` to run a node the way production does.
+children (:class:`~clstr.testing.NodeProcess`). ``clstr dev up`` and
+``clstr demo`` run on it.
 
 Process hygiene, because a dev tool that leaves processes behind is worse
 than none:
 
 * Children run in sessions of their own, so a Ctrl-C in the terminal reaches
   only the parent, which then stops them in order: the nodes first (SIGTERM,
-  they drain and leave while NATS is still up), the server last.
-* Every node child watches its stdin, a pipe whose other end only the parent
-  holds: if the parent dies without cleaning up (SIGKILL), the pipe closes
-  and the children stop themselves.
+  they drain and leave while NATS is still up), the server last. The parent
+  treats SIGHUP (its terminal closed) like SIGINT and SIGTERM.
+* If the parent dies without cleaning up (SIGKILL, a crash), nothing stays
+  behind either, and the order holds. Every node child watches its stdin, a
+  pipe whose other end only the parent holds: the pipe closes and the node
+  stops itself. The nats-server cannot watch a pipe, so it is started through
+  a small wrapper script that moves it to a session of its own and, on Linux,
+  asks the kernel to signal it when its parent dies
+  (``prctl(PR_SET_PDEATHSIG)``, set between fork and exec and kept across
+  exec; the wrapper then checks that the parent did not die first, and execs
+  the server under the same pid). The signal is SIGUSR2, nats-server's *lame
+  duck mode*: it takes no new clients, serves the ones it has for a short
+  grace period (the nodes leave meanwhile, as in a clean stop), then closes
+  them and exits, within a few seconds. (The wrapper also hands the server a
+  read end of its own log pipe, so that the pipe, whose reader was the dead
+  parent, does not break under the server's last log lines: a Go program
+  exits at once on a write to a broken stdout.) This was chosen over a watchdog
+  process, which costs a process per cluster and must guard against pid
+  reuse, and over a ``preexec_fn``, which runs Python in a forked child while
+  other threads (the server's log reader) may hold locks. One caveat of the
+  kernel's rule: "parent" is the *thread* that forked, so the server is
+  started from asyncio's default executor, whose threads live until the
+  event loop is closed, after :meth:`DevCluster.stop`. Elsewhere than Linux
+  the wrapper only detaches the server, and a killed parent leaves it
+  running. The temporary directories (the wrapper, the server's config and
+  store) are removed by a clean stop only.
 * Readiness is read from each child's structured log (``node ready``), never
   guessed with a sleep.
 """
@@ -18,264 +40,25 @@ than none:
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import json
 import os
-import signal
 import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
-
-import structlog
+from typing import Final, Self
 
 from .testing import NatsServer, find_nats_server
+from .testing._processes import DEFAULT_READY_TIMEOUT, LogSink, NodeProcess
 
-__all__ = [
-    "DEFAULT_NATS_PORT",
-    "DevCluster",
-    "DevClusterError",
-    "LogRecord",
-    "NodeProcess",
-    "node_command",
-]
+__all__ = ["DEFAULT_NATS_PORT", "DevCluster"]
 
 #: The port ``clstr dev up`` takes for its server when it is free.
 DEFAULT_NATS_PORT: Final = 4222
-#: Seconds a node process gets to log ``node ready``.
-DEFAULT_READY_TIMEOUT: Final = 30.0
-_TAIL_LINES = 30
-
-_log = structlog.get_logger("clstr.dev")
-
-#: A child's log record: a parsed JSON log line, or a plain line of its output.
-LogRecord = dict[str, Any] | str
-LogSink = Callable[["NodeProcess", LogRecord], None]
-
-
-class DevClusterError(RuntimeError):
-    """A child process failed to start or died; the message ends with its last output."""
-
-
-def node_command(
-    node_id: str,
-    servers: str | Sequence[str],
-    *,
-    num_shards: int,
-    seed: str = "",
-    prefix: str = "clstr",
-    static_nodes: Sequence[str] = (),
-    app: str = "clstr.demo_app:app",
-    metrics_port: int | None = None,
-    service_name: str = "clstr",
-    log_level: str = "info",
-    stop_timeout: float | None = None,
-) -> list[str]:
-    """The argv of a ``clstr node`` child logging JSON and watching its stdin."""
-    urls = servers if isinstance(servers, str) else ",".join(servers)
-    argv = [
-        sys.executable,
-        "-m",
-        "clstr",
-        "--log-json",
-        "--log-level",
-        log_level,
-        "--nats-url",
-        urls,
-        "--shards",
-        str(num_shards),
-        "--seed",
-        seed,
-        "--prefix",
-        prefix,
-        "node",
-        "--id",
-        node_id,
-        "--app",
-        app,
-        "--service-name",
-        service_name,
-        "--watch-stdin",
-    ]
-    if static_nodes:
-        argv += ["--static-nodes", ",".join(static_nodes)]
-    if metrics_port is not None:
-        argv += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
-    if stop_timeout is not None:
-        argv += ["--stop-timeout", str(stop_timeout)]
-    return argv
-
-
-class NodeProcess:
-    """One ``clstr node`` child process with its log stream parsed.
-
-    :meth:`start` spawns it (in a session of its own, stdin a pipe it
-    watches); :meth:`wait_ready` returns the ``node ready`` record (which
-    holds ``pid``, ``shards`` and ``metrics_port``); :meth:`stop` sends
-    SIGTERM and waits, then SIGKILLs past ``timeout``. Every record goes to
-    ``on_log`` and to :attr:`records`.
-    """
-
-    def __init__(
-        self,
-        node_id: str,
-        argv: Sequence[str],
-        *,
-        on_log: LogSink | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.node_id = node_id
-        self.argv = list(argv)
-        self._on_log = on_log
-        self._env = dict(os.environ if env is None else env)
-        self._env.setdefault("PYTHONUNBUFFERED", "1")
-        self._process: asyncio.subprocess.Process | None = None
-        self._readers: list[asyncio.Task[None]] = []
-        self._ready = asyncio.Event()
-        self.ready_record: dict[str, Any] | None = None
-        self.records: collections.deque[LogRecord] = collections.deque(maxlen=1000)
-        self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-
-    @property
-    def pid(self) -> int | None:
-        """The child's process id once started."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit code once the child ended, else ``None``."""
-        return self._process.returncode if self._process is not None else None
-
-    async def start(self) -> None:
-        """Spawn the child; its output is read from now on."""
-        if self._process is not None:
-            raise RuntimeError(f"{self.node_id} is already started")
-        self._process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._env,
-            start_new_session=os.name == "posix",
-        )
-        assert self._process.stdout is not None
-        assert self._process.stderr is not None
-        self._readers = [
-            asyncio.create_task(self._read(self._process.stderr), name=f"{self.node_id}-stderr"),
-            asyncio.create_task(self._read(self._process.stdout), name=f"{self.node_id}-stdout"),
-        ]
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line over the stream's limit: skip what is buffered
-                continue
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if not line:
-                continue
-            self._tail.append(line)
-            record: LogRecord = line
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    parsed = json.loads(line)
-                    if isinstance(parsed, dict):
-                        record = parsed
-            if isinstance(record, dict) and record.get("event") == "node ready":
-                self.ready_record = record
-                self._ready.set()
-            self.records.append(record)
-            if self._on_log is not None:
-                self._on_log(self, record)
-
-    def describe_failure(self, problem: str) -> str:
-        """``problem``, followed by the child's last lines of output."""
-        tail = "\n".join(f"  | {line}" for line in self._tail) or "  | (no output)"
-        return f"{self.node_id}: {problem}\nlast output:\n{tail}"
-
-    async def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT) -> dict[str, Any]:
-        """Wait for ``node ready``; return its record.
-
-        Raises :class:`DevClusterError` when the child exits first or is not
-        ready within ``timeout`` seconds (the child is then left running:
-        :meth:`stop` it).
-        """
-        process = self._require()
-        ready = asyncio.ensure_future(self._ready.wait())
-        exited = asyncio.ensure_future(process.wait())
-        try:
-            await asyncio.wait({ready, exited}, timeout=timeout, return_when="FIRST_COMPLETED")
-        finally:
-            for waiter in (ready, exited):
-                waiter.cancel()
-            await asyncio.gather(ready, exited, return_exceptions=True)
-        if self.ready_record is not None:
-            return self.ready_record
-        if process.returncode is not None:
-            await self._join_readers()
-            raise DevClusterError(
-                self.describe_failure(f"exited with code {process.returncode} before ready")
-            )
-        raise DevClusterError(self.describe_failure(f"not ready within {timeout:g}s"))
-
-    async def wait(self) -> int:
-        """Wait for the child to exit (and its output to be read); return its code."""
-        code = await self._require().wait()
-        await self._join_readers()
-        return code
-
-    async def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM the child, wait up to ``timeout`` seconds, then SIGKILL it.
-
-        Returns the exit code. Stopping an ended child just collects it.
-        """
-        process = self._require()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(timeout):
-                    await process.wait()
-            except TimeoutError:
-                _log.warning("node did not stop in time: killing it", node=self.node_id)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-        code = await process.wait()
-        if process.stdin is not None:
-            process.stdin.close()
-        await self._join_readers()
-        return code
-
-    def close_stdin(self) -> None:
-        """Close the child's stdin, as the parent's death would: the child stops itself."""
-        process = self._require()
-        if process.stdin is not None:
-            process.stdin.close()
-
-    async def kill(self) -> None:
-        """SIGKILL the child at once and collect it."""
-        process = self._require()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        await self.stop(timeout=0)
-
-    async def _join_readers(self) -> None:
-        # The pipes end with the process (the child passes them to nobody).
-        if self._readers:
-            await asyncio.gather(*self._readers, return_exceptions=True)
-
-    def _require(self) -> asyncio.subprocess.Process:
-        if self._process is None:
-            raise RuntimeError(f"{self.node_id} is not started")
-        return self._process
+# Lame duck mode (the parent died): the nodes get this long to leave, then the
+# server closes what is left and exits (30 s is the shortest duration it takes).
+_LAME_DUCK_CONFIG: Final = 'lame_duck_grace_period: "1s"\nlame_duck_duration: "30s"'
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -287,22 +70,47 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def _detaching_wrapper(directory: Path, executable: str) -> str | None:
-    """An executable that runs ``executable`` in a new session (same pid, via exec).
+# Runs nats-server (same pid, via exec) in a session of its own; on Linux the
+# server enters lame duck mode (SIGUSR2) when its parent dies. See the module docstring.
+_WRAPPER: Final = """\
+#!{python} -I
+# Written by clstr's dev cluster for its embedded nats-server.
+import os, signal, sys
+os.setsid()
+if sys.platform.startswith("linux"):
+    try:
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGUSR2)
+    except (ImportError, OSError, AttributeError):
+        pass  # no libc to call: the server runs without the safety net
+    if os.getppid() != {parent}:
+        sys.exit("clstr: the dev cluster's parent process is gone; not starting nats-server")
+    try:
+        # Keep a read end of our own log pipe: with the parent gone the pipe still
+        # has a reader, so the lame duck's log lines do not kill the server (Go
+        # exits on a write to a broken stdout) before the nodes have left.
+        os.set_inheritable(os.open("/proc/self/fd/1", os.O_RDONLY | os.O_NONBLOCK), True)
+    except OSError:
+        pass
+os.execv({executable!r}, [{executable!r}, *sys.argv[1:]])
+"""
+
+
+def _server_wrapper(directory: Path, executable: str) -> str | None:
+    """An executable that runs ``executable`` detached and bound to this process's life.
 
     NatsServer starts the server in our process group, where a terminal's
-    Ctrl-C would kill it before the nodes have left; this wrapper moves it
-    out. ``None`` where that cannot be done (no POSIX, or an interpreter path
-    a ``#!`` line cannot hold): the server then shares our group.
+    Ctrl-C would kill it before the nodes have left; the wrapper moves it out,
+    and makes it die with this process on Linux. ``None`` where that cannot be
+    done (no POSIX, or an interpreter path a ``#!`` line cannot hold): the
+    server then shares our group.
     """
     if os.name != "posix" or any(c.isspace() for c in sys.executable):
         return None
     wrapper = directory / "nats-server"
     wrapper.write_text(
-        f"#!{sys.executable} -I\n"
-        "import os, sys\n"
-        "os.setsid()\n"
-        f"os.execv({executable!r}, [{executable!r}, *sys.argv[1:]])\n",
+        _WRAPPER.format(python=sys.executable, parent=os.getpid(), executable=executable),
         encoding="utf-8",
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
@@ -372,7 +180,7 @@ class DevCluster:
     async def start(self) -> None:
         """Start the server and the nodes; return once every node logged ``node ready``.
 
-        Raises :class:`DevClusterError` (everything started is stopped again)
+        Raises :class:`NodeProcessError` (everything started is stopped again)
         when a node fails, and :class:`~clstr.testing.NatsServerError` when
         the server does.
         """
@@ -383,7 +191,7 @@ class DevCluster:
                 metrics_port = (
                     self.metrics_port_base + index if self.metrics_port_base is not None else None
                 )
-                argv = node_command(
+                process = NodeProcess(
                     node_id,
                     self.url,
                     num_shards=self.num_shards,
@@ -395,8 +203,8 @@ class DevCluster:
                     service_name=self.service_name,
                     log_level=self.log_level,
                     stop_timeout=self.stop_timeout,
+                    on_log=self._on_log,
                 )
-                process = NodeProcess(node_id, argv, on_log=self._on_log)
                 self.processes.append(process)
                 await process.start()
             await asyncio.gather(*(p.wait_ready(self.ready_timeout) for p in self.processes))
@@ -407,11 +215,15 @@ class DevCluster:
     async def _start_server(self) -> None:
         self._workdir = tempfile.TemporaryDirectory(prefix="clstr-dev-")
         executable = find_nats_server()
-        wrapper = _detaching_wrapper(Path(self._workdir.name), executable)
+        wrapper = _server_wrapper(Path(self._workdir.name), executable)
         port = self._port
         if port is None:
             port = DEFAULT_NATS_PORT if _port_is_free("127.0.0.1", DEFAULT_NATS_PORT) else 0
-        self.server = NatsServer(port=port or None, executable=wrapper or executable)
+        self.server = NatsServer(
+            port=port or None, executable=wrapper or executable, config=_LAME_DUCK_CONFIG
+        )
+        # From the default executor, whose threads outlive the server: the
+        # kernel sends the death signal when the forking *thread* ends.
         await asyncio.to_thread(self.server.start)
 
     async def stop(self) -> None:

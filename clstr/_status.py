@@ -13,6 +13,7 @@ Two sources, merged:
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -20,12 +21,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+import nats.errors
+
 from .client import Client
-from .discovery import discover
-from .errors import NoShardOwnerError, RequestError, TransportError
+from .discovery import control_subject, discover
+from .errors import ConfigurationError, NoShardOwnerError, RequestError, TransportError
 from .transports.nats import NatsTransport
 
-__all__ = ["ClusterView", "NodeView", "gather_view", "render_table", "shard_ranges"]
+__all__ = [
+    "ClusterView",
+    "NodeView",
+    "announced_shards",
+    "gather_view",
+    "render_table",
+    "shard_ranges",
+]
 
 #: What the shard map shows for a shard nobody serves, and one that did not answer.
 NO_OWNER: Final = "."
@@ -125,14 +135,19 @@ async def gather_view(
     discovery_timeout: float = 1.0,
     probe_timeout: float = 2.0,
     shards_given: bool = True,
+    expected_nodes: int | None = None,
 ) -> ClusterView:
     """Ask discovery and probe every shard; return the merged view.
 
     When the nodes announce a shard count and ``shards_given`` is false, the
     announced count is used; a mismatch is recorded in :attr:`ClusterView.notes`.
+    Discovery waits for more answers until ``discovery_timeout``, or until
+    ``expected_nodes`` answered when the caller knows how many nodes there are.
     """
     notes: list[str] = []
-    replies = await discover(transport, "STATS", service_name, timeout=discovery_timeout)
+    replies = await discover(
+        transport, "STATS", service_name, timeout=discovery_timeout, expected=expected_nodes
+    )
     mine = [r for r in replies if _meta(r).get("clstr.prefix", prefix) == prefix]
     announced = {n for n in (_announced_shards(r) for r in mine) if n is not None}
     if len(announced) == 1:
@@ -188,6 +203,21 @@ def _announced_shards(reply: dict[str, Any]) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+async def announced_shards(
+    transport: NatsTransport, service_name: str, node_id: str, *, timeout: float = 0.5
+) -> int | None:
+    """The shard count node ``node_id`` announces in service discovery (one PING to
+    that node alone); ``None`` when it runs no discovery under ``service_name``
+    or does not answer within ``timeout``."""
+    try:
+        subject = control_subject("PING", service_name, node_id)
+        msg = await transport.nc.request(subject, b"", timeout=timeout)
+        reply = json.loads(msg.data)
+    except (ConfigurationError, nats.errors.Error, ValueError):
+        return None
+    return _announced_shards(reply) if isinstance(reply, dict) else None
 
 
 def _node_from_stats(reply: dict[str, Any]) -> NodeView:

@@ -3,7 +3,8 @@
 ::
 
     clstr dev up [--nodes 3]          nats-server + N node processes, until Ctrl-C
-    clstr demo                        the same, sends requests, prints who answered, exits
+    clstr demo [--once]               the same, sends requests, prints who answered and
+                                      the shard map, serves until Ctrl-C (--once: exits)
     clstr request KEY TYPE [JSON]     send a request; print the reply and the node
     clstr notify KEY TYPE [JSON]      fire and forget
     clstr status [--json]             nodes, shard counts and the shard map
@@ -13,10 +14,12 @@
 
 Options shared by every command may come before or after it; each has an
 environment variable (see :data:`ENV_VARS`) so containers configure it
-without flags. The CLI is the one place that configures logging (the library
-never does). Exit codes: 0 success, 1 the operation failed (a handler error,
-a timeout, shards without owner), 2 a usage or environment error, told in
-one line on stderr.
+without flags. Options may also come between the positional arguments of
+``request`` and ``notify``. The CLI is the one place that configures logging
+(the library never does). Exit codes: 0 success, 1 the operation failed (a
+handler error, a timeout, shards without owner), 2 a usage or environment
+error, told in one line on stderr; 141 (as if killed by SIGPIPE) when the
+reader of its output went away, as in ``clstr status | head -1``.
 """
 
 from __future__ import annotations
@@ -27,13 +30,27 @@ import contextlib
 import importlib
 import inspect
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from ._cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, configure_logging
+from ._cli_common import (
+    DEFAULT_APP,
+    DEFAULT_NATS_URL,
+    DEFAULT_SERVICE_NAME,
+    DEFAULT_SHARDS,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    configure_logging,
+)
 from .hashing import shard_for_key
+
+if TYPE_CHECKING:
+    from .node import NodeInfo
 
 __all__ = [
     "ENV_VARS",
@@ -44,12 +61,6 @@ __all__ = [
     "build_parser",
     "main",
 ]
-
-#: Where commands connect when neither ``--nats-url`` nor ``CLSTR_NATS_URL`` says.
-DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
-DEFAULT_SHARDS: Final = 64
-DEFAULT_APP: Final = "clstr.demo_app:app"
-DEFAULT_SERVICE_NAME: Final = "clstr"
 
 #: Environment variables the command reads, and the option each one sets.
 ENV_VARS: Final[Mapping[str, str]] = {
@@ -236,10 +247,9 @@ def _add_common(parser: argparse.ArgumentParser, env: Mapping[str, str], *, top:
 
 def _subcommand(
     sub: Any, env: Mapping[str, str], name: str, help_text: str, **kwargs: Any
-) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=help_text, description=help_text, **kwargs
-    )
+) -> _Parser:
+    parser = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
+    assert isinstance(parser, _Parser)  # the subparsers are made with parser_class=_Parser
     _add_common(parser, env, top=False)
     return parser
 
@@ -303,11 +313,29 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
     # demo
     demo = _subcommand(
-        sub, env, "demo", "run a 3-node local cluster, send requests, show who answered, exit"
+        sub,
+        env,
+        "demo",
+        "run a local cluster, send requests, show who answered and the shard map, "
+        "then serve until Ctrl-C (--once: stop after the requests)",
     )
-    demo.add_argument("--nodes", type=_positive_int, default=3)
+    demo.add_argument("--nodes", type=_positive_int, default=3, help="node processes (default 3)")
     demo.add_argument("--keys", type=_positive_int, default=12, help="distinct keys (default 12)")
-    demo.add_argument("--rounds", type=_positive_int, default=3, help="requests per key")
+    demo.add_argument(
+        "--rounds", type=_positive_int, default=3, help="requests per key (default 3)"
+    )
+    demo.add_argument(
+        "--once",
+        action="store_true",
+        help="stop the cluster and exit after the requests (for scripts)",
+    )
+    demo.add_argument(
+        "--port",
+        type=_port,
+        default=None,
+        help="client port of the embedded nats-server (default 4222 when free, "
+        "else any; with --once any; 0: any)",
+    )
     demo.set_defaults(handler=_run_demo)
 
     # request / notify
@@ -316,6 +344,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         ("notify", "send a notification to the owner of KEY (no reply)"),
     ):
         cmd = _subcommand(sub, env, name, help_text)
+        cmd.intermixed = True  # `request KEY TYPE --shards 16 JSON` works too
         cmd.add_argument("key", metavar="KEY", help="the routing key (non-empty)")
         cmd.add_argument("type", metavar="TYPE", help="the message type, e.g. Greet")
         cmd.add_argument(
@@ -370,7 +399,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
     # shard
     shard = _subcommand(sub, env, "shard", "print the shard of KEY (offline)")
-    shard.add_argument("key", metavar="KEY")
+    shard.add_argument("key", metavar="KEY", help="the routing key (non-empty)")
     shard.set_defaults(handler=_run_shard)
 
     # node
@@ -477,13 +506,18 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
 class _Parser(argparse.ArgumentParser):
     """A subcommand parser whose arguments may be added on first use (``bench``:
-    its options come from ``clstr.bench``, imported only when asked for)."""
+    its options come from ``clstr.bench``, imported only when asked for), and
+    which may take options between its positionals (``intermixed``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy: Callable[[_Parser], None] | None = None
         #: Take no arguments at all (a command that can only report it is unavailable).
         self.ignore_args = False
+        #: Accept options between positionals, as parse_intermixed_args does; only
+        #: for a parser without subparsers (argparse's own restriction).
+        self.intermixed = False
+        self._in_intermixed = False
 
     def _load(self) -> None:
         lazy, self.lazy = self.lazy, None
@@ -497,6 +531,14 @@ class _Parser(argparse.ArgumentParser):
         self._load()
         if self.ignore_args:
             return super().parse_known_args([], namespace)[0], []
+        if self.intermixed and not self._in_intermixed:
+            # The parent parser hands its subcommand's arguments to parse_known_args;
+            # the intermixed parse calls it again (twice), which must then parse plainly.
+            self._in_intermixed = True
+            try:
+                return super().parse_known_intermixed_args(args, namespace)
+            finally:
+                self._in_intermixed = False
         return super().parse_known_args(args, namespace)
 
     def format_help(self) -> str:
@@ -531,19 +573,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = args.log_level or ("info" if args.command in ("node", "dev") else "warning")
         configure_logging(level, json_lines=args.log_json)
         handler: Callable[[argparse.Namespace], int] = args.handler
-        return handler(args)
+        code = handler(args)
+        try:
+            sys.stdout.flush()  # here, where a closed pipe is still handled below
+        except BrokenPipeError:
+            raise
+        except OSError:  # the terminal is gone (SIGHUP): nobody left to tell
+            _drop_stdout()
+        return code
     except CliError as exc:
         print(f"clstr: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         print("clstr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`clstr status | head -1`): end
+        # quietly, with the status a shell shows for a command SIGPIPE killed.
+        _drop_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered would fail again at exit
+    (and turn the exit code into 120)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # -- commands -------------------------------------------------------------------------
 
 
 def _run_shard(args: argparse.Namespace) -> int:
+    _check_key(args.key)
     print(shard_for_key(args.key, args.shards, args.seed))
     return EXIT_OK
 
@@ -616,19 +680,26 @@ async def _await(awaitable: Any) -> Any:
 
 @contextlib.asynccontextmanager
 async def _transport(args: argparse.Namespace) -> AsyncIterator[Any]:
+    from ._cli_common import quiet_logs
     from .errors import ConnectionFailedError
     from .transports.nats import NatsTransport
 
-    try:
-        transport = await NatsTransport.connect(args.nats_url, _nats_options(args, "clstr-cli"))
-    except ConnectionFailedError as exc:
-        raise CliError(
-            f"{exc} (start a local cluster with 'clstr dev up', or set --nats-url / CLSTR_NATS_URL)"
-        ) from None
-    try:
-        yield transport
-    finally:
-        await transport.close()
+    with contextlib.ExitStack() as stack:
+        if args.log_level is None:
+            # A command reports a connection that fails in its one error line; the
+            # connection's own warnings (nats disconnected, ...) would only repeat it.
+            stack.enter_context(quiet_logs())
+        try:
+            transport = await NatsTransport.connect(args.nats_url, _nats_options(args, "clstr-cli"))
+        except ConnectionFailedError as exc:
+            raise CliError(
+                f"{exc} (start a local cluster with 'clstr dev up', "
+                "or set --nats-url / CLSTR_NATS_URL)"
+            ) from None
+        try:
+            yield transport
+        finally:
+            await transport.close()
 
 
 def _nats_options(args: argparse.Namespace, name: str) -> Any:
@@ -669,8 +740,17 @@ def _read_payload(text: str | None) -> bytes:
 
 
 def _check_key(key: str) -> None:
+    """Refuse a key no request could carry: empty, or over the key size limit."""
+    from .codec import DEFAULT_LIMITS, check_limits
+    from .envelope import Envelope
+    from .errors import LimitExceededError
+
     if not key:
         raise CliError("the key is empty: every request is routed by its key; pass a non-empty KEY")
+    try:
+        check_limits(Envelope(type="", key=key), DEFAULT_LIMITS)
+    except LimitExceededError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _request_error(exc: Exception, args: argparse.Namespace, shard: int | None) -> CliError:
@@ -717,10 +797,65 @@ def _options(args: argparse.Namespace) -> list[Any]:
         raise CliError(str(exc)) from None
 
 
-async def _owner(client: Any, shard: int) -> str:
-    """The node that answers ``shard`` now."""
-    info = await client.shard(shard).node_info(timeout=2.0)
-    return str(info.node_id)
+async def _owner(client: Any, shard: int, args: argparse.Namespace) -> NodeInfo | None:
+    """What the node that answers ``shard`` now says about itself; ``None`` when it
+    does not answer in time (the message itself will tell more).
+
+    Raises :class:`CliError` when nobody serves the shard.
+    """
+    from .errors import ClstrError, NoShardOwnerError
+
+    # No longer than the request itself may take.
+    timeout = min(2.0, getattr(args, "timeout", 2.0))
+    try:
+        info: NodeInfo = await client.shard(shard).node_info(timeout=timeout)
+    except NoShardOwnerError as exc:
+        raise _request_error(exc, args, shard) from None
+    except ClstrError:
+        return None
+    return info
+
+
+def _check_type(args: argparse.Namespace, info: NodeInfo, shard: int) -> None:
+    """Refuse a message type the owner's handler does not list (when it lists its types)."""
+    known = info.message_types
+    if known is not None and args.type not in known:
+        raise CliError(
+            f"unknown message type {args.type!r}: {info.node_id}, the owner of shard {shard}, "
+            f"handles {known}; nothing was sent"
+        )
+
+
+async def _warn_shard_count(
+    transport: Any, args: argparse.Namespace, info: NodeInfo, shard: int
+) -> None:
+    """Warn when the owner uses another shard count than ``--shards``: the key then
+    maps to another shard there, and the message may reach the wrong node.
+
+    The count comes from the owner's service discovery metadata (one request
+    to that node alone; nothing to wait for when it runs no discovery), else
+    the owner's shard list shows a count larger than ``--shards`` (a smaller
+    one cannot be seen from there).
+    """
+    from ._status import announced_shards
+
+    count = await announced_shards(transport, args.service_name, info.node_id)
+    if count is not None and count != args.shards:
+        right = shard_for_key(args.key, count, args.seed)
+        problem = (
+            f"{info.node_id} uses {count} shards but --shards is {args.shards}: key "
+            f"{args.key!r} is in shard {right} there, not {shard}, so its owner may be "
+            f"another node; pass --shards {count} (or set CLSTR_SHARDS={count})"
+        )
+    elif count is None and info.shards and max(info.shards) >= args.shards:
+        problem = (
+            f"{info.node_id} serves shard {max(info.shards)}, so it uses more shards than "
+            f"--shards {args.shards}: key {args.key!r} is in another shard there, and its "
+            "owner may be another node; pass the nodes' count ('clstr status' shows it)"
+        )
+    else:
+        return
+    print(f"clstr: warning: {problem}", file=sys.stderr)
 
 
 def _run_request(args: argparse.Namespace) -> int:
@@ -740,6 +875,10 @@ async def _request(args: argparse.Namespace) -> int:
     async with _transport(args) as transport:
         client = Client(transport, num_shards=args.shards, seed=args.seed, prefix=args.prefix)
         shard = client.shard_for(args.key)
+        info = await _owner(client, shard, args)
+        if info is not None:
+            _check_type(args, info, shard)
+            await _warn_shard_count(transport, args, info, shard)
         started = time.perf_counter()
         try:
             reply = await client.request_key(
@@ -748,10 +887,7 @@ async def _request(args: argparse.Namespace) -> int:
         except ClstrError as exc:
             raise _request_error(exc, args, shard) from None
         elapsed_ms = (time.perf_counter() - started) * 1000
-        try:
-            node: str | None = await _owner(client, shard)
-        except ClstrError:
-            node = None  # it answered, then left: the reply stands
+    node = info.node_id if info is not None else None
     rendered = msgpack_to_json(reply)
     if args.json:
         print(
@@ -789,12 +925,17 @@ async def _notify(args: argparse.Namespace) -> int:
     async with _transport(args) as transport:
         client = Client(transport, num_shards=args.shards, seed=args.seed, prefix=args.prefix)
         shard = client.shard_for(args.key)
+        # A notification to nobody, or of a type nobody handles, vanishes without
+        # a trace: check first.
+        info = await _owner(client, shard, args)
+        if info is not None:
+            _check_type(args, info, shard)
+            await _warn_shard_count(transport, args, info, shard)
         try:
-            # A notification to nobody vanishes without a trace: check first.
-            node = await _owner(client, shard)
             await client.notify_key(args.key, args.type, data, options=options)
         except ClstrError as exc:
             raise _request_error(exc, args, shard) from None
+    node = info.node_id if info is not None else "(owner unknown)"
     print(f"notified shard {shard} -> {node}", file=sys.stderr)
     return EXIT_OK
 

@@ -1,7 +1,8 @@
 """The demo service that ``clstr dev up`` and ``clstr demo`` run on every node.
 
 Run it yourself with ``clstr node --app clstr.demo_app:app ...``. Every key is
-an entity (a :class:`~clstr.KeyHandler` entry) with its own state, and every
+an entity (a :class:`~clstr.KeyHandler` entry, behind a :class:`~clstr.Router`
+of the types below) with its own state, and every
 reply names the node that made it, so you can watch keys land on their owner:
 
 ============  ======================  =========================================
@@ -19,7 +20,7 @@ type          payload (JSON)          reply
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import structlog
 
@@ -27,7 +28,7 @@ from .codec import encode_payload
 from .envelope import Envelope
 from .handlers import KeyHandler, Router
 
-__all__ = ["Greet", "Greeting", "Add", "Count", "Where", "app"]
+__all__ = ["MESSAGE_TYPES", "Greet", "Greeting", "Add", "Count", "Where", "app"]
 
 _log = structlog.get_logger("clstr.demo")
 
@@ -75,8 +76,18 @@ class Where:
     node: str
 
 
-def app(node_id: str) -> KeyHandler:
-    """The demo handler of the node ``node_id``: one entity per key."""
+#: The message types of the demo app.
+MESSAGE_TYPES: Final = ("Greet", "counter.add", "counter.get", "whoami", "echo")
+
+
+def app(node_id: str) -> Router:
+    """The demo handler of the node ``node_id``: one entity per key.
+
+    A :class:`~clstr.Router` in front of the entities' :class:`~clstr.KeyHandler`
+    names the message types, so a node's info lists them (``clstr request``
+    refuses an unknown type before sending it) and an unknown type creates no
+    entity.
+    """
 
     def entity(key: str) -> Router:
         visits = 0
@@ -110,4 +121,8 @@ def app(node_id: str) -> KeyHandler:
 
         return router
 
-    return KeyHandler(entity, max_keys=100_000, idle_timeout=600.0)
+    entities = KeyHandler(entity, max_keys=100_000, idle_timeout=600.0)
+    front = Router()
+    for name in MESSAGE_TYPES:
+        front.mount(name, entities)
+    return front

@@ -43,7 +43,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 
 from .envelope import Envelope
 from .errors import ConfigurationError, LifecycleError
-from .handlers import Handler, start_handler, stop_handler
+from .handlers import Handler, shard_released, start_handler, stop_handler
 from .node import Node, shard_subject
 from .transports.nats import NatsTransport
 
@@ -140,7 +140,8 @@ class ShardStats:
             counters.last_error = error
 
     def wrap(self, handler: Handler) -> Handler:
-        """``handler``, counted per shard (its ``on_start``/``on_stop`` hooks still run)."""
+        """``handler``, counted per shard. Its hooks (``on_start``, ``on_stop``,
+        ``on_shard_released``) still run, and its ``message_types`` still show."""
         return _CountingHandler(handler, self)
 
 
@@ -162,11 +163,21 @@ class _CountingHandler:
         finally:
             self._stats.record(env.shard, time.perf_counter_ns() - started, error)
 
+    @property
+    def message_types(self) -> list[str] | None:
+        """The wrapped handler's message types when it lists them (a Router does),
+        so that node info still names them."""
+        types = getattr(self._handler, "message_types", None)
+        return list(types) if isinstance(types, list | tuple) else None
+
     async def on_start(self) -> None:
         await start_handler(self._handler)
 
     async def on_stop(self) -> None:
         await stop_handler(self._handler)
+
+    async def on_shard_released(self, shard: int) -> None:
+        await shard_released(self._handler, shard)
 
 
 # -- the responder ---------------------------------------------------------------

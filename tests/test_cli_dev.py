@@ -1,22 +1,27 @@
 """`clstr dev up` and `clstr demo` as real processes: the local cluster answers
-from every node, and Ctrl-C (or SIGINT, or a dying node) leaves no process behind."""
+from every node, and Ctrl-C (or SIGINT, SIGHUP, a dying node, even SIGKILL of
+the command itself) leaves no process behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import structlog
 
+from clstr import owner_of, shard_for_key
 from clstr.cli import main
+from clstr.testing import NatsServer
 
 NUM_SHARDS = 16
 READY = "press Ctrl-C to stop"
@@ -47,11 +52,46 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
+    """Wait until every process of ``pids`` has exited; return those still running
+    after ``timeout`` seconds. Waits on pidfds (the kernel wakes us at each exit)."""
+    deadline = time.monotonic() + timeout
+    if not hasattr(os, "pidfd_open"):  # pragma: no cover - not Linux: poll the condition
+        while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
+    fds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            try:
+                fds[os.pidfd_open(pid)] = pid
+            except ProcessLookupError:
+                continue  # already gone (and reaped)
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        waiting = dict(fds)
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd, _ in poller.poll(remaining * 1000):
+                poller.unregister(fd)
+                waiting.pop(fd, None)
+        return sorted(waiting.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 class Child:
     """A `clstr` command in a session of its own, its output collected by two threads."""
 
-    def __init__(self, *argv: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLSTR_")}
+    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("CLSTR_")},
+            **(env or {}),
+        }
         env["PYTHONUNBUFFERED"] = "1"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "clstr", *argv],
@@ -138,10 +178,20 @@ class Child:
 
 
 @pytest.fixture
-def dev_up() -> Iterator[Child]:
+def tmpdir_env(tmp_path: Path) -> dict[str, str]:
+    """A TMPDIR of the test's own, to see what temporary files a command leaves."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    return {"TMPDIR": str(scratch)}
+
+
+@pytest.fixture
+def dev_up(tmpdir_env: dict[str, str]) -> Iterator[Child]:
     """A running `clstr dev up` of 3 nodes on a free port; everything it started is
     killed after the test if still alive."""
-    child = Child("dev", "up", "--port", "0", "--shards", str(NUM_SHARDS), "--nodes", "3")
+    child = Child(
+        "dev", "up", "--port", "0", "--shards", str(NUM_SHARDS), "--nodes", "3", env=tmpdir_env
+    )
     pids: dict[str, int] = {}
     try:
         child.wait_for(READY)
@@ -179,7 +229,9 @@ class TestDevUp:
 
         dev_up.process.send_signal(signal.SIGINT)
         assert dev_up.wait() == 0, dev_up.describe()
-        assert dev_up.out[-1] == "stopped"
+        assert dev_up.out[-1] == (
+            "stopped: node-1 (exit 0), node-2 (exit 0), node-3 (exit 0), nats-server"
+        )
         left = {name: pid for name, pid in pids.items() if alive(pid)}
         assert not left, f"left running: {left}"
 
@@ -204,17 +256,130 @@ class TestDevUp:
         assert not [name for name, pid in pids.items() if alive(pid)]
 
 
+class TestParentGone:
+    """Whatever ends `clstr dev up`, none of its processes outlives it."""
+
+    def test_sighup_stops_everything_and_removes_the_temp_dirs(
+        self, dev_up: Child, tmpdir_env: dict[str, str]
+    ) -> None:
+        """A closed terminal (SIGHUP) stops the cluster in order, like Ctrl-C, and
+        leaves neither a process nor a temporary directory."""
+        pids = dev_up.pids()
+        scratch = Path(tmpdir_env["TMPDIR"])
+        assert list(scratch.iterdir()), "the cluster should keep its files in TMPDIR"
+        dev_up.process.send_signal(signal.SIGHUP)
+        assert dev_up.wait() == 0, dev_up.describe()
+        assert dev_up.out[-1].startswith("stopped: node-1 (exit 0)"), dev_up.describe()
+        assert not [name for name, pid in pids.items() if alive(pid)]
+        assert not list(scratch.iterdir())
+
+    def test_sigkill_of_dev_up_leaves_no_process(self, dev_up: Child) -> None:
+        """Killed with SIGKILL, `clstr dev up` cannot stop anything; its nodes stop
+        when their stdin closes, and its nats-server when the kernel says its parent died."""
+        pids = dev_up.pids()
+        dev_up.process.kill()
+        assert dev_up.wait() == -signal.SIGKILL
+        left = wait_gone(pids.values(), timeout=15.0)
+        names = {pid: name for name, pid in pids.items()}
+        assert not left, f"still running after 15 s: {[names[pid] for pid in left]}"
+
+    def test_external_server_keeps_running(
+        self, capsys: pytest.CaptureFixture[str], tmpdir_env: dict[str, str]
+    ) -> None:
+        """With --nats-url, dev up starts only nodes on that server; Ctrl-C stops
+        them and leaves the server serving."""
+        with NatsServer(jetstream=False) as server:
+            child = Child(
+                "dev", "up", "--nats-url", server.url, "--shards", str(NUM_SHARDS), env=tmpdir_env
+            )
+            pids: dict[str, int] = {}
+            try:
+                child.wait_for(READY)
+                pids = child.pids()
+                assert set(pids) == {"node-1", "node-2", "node-3"}, child.describe()
+                assert f"nats-server  {server.url}  (external)" in child.stdout
+                assert f"export CLSTR_NATS_URL={server.url}" in child.stdout
+                code, out = cli(capsys, server.url, "request", "user-1", "whoami", "--json")
+                assert code == 0
+                assert json.loads(out)["node"] in pids
+                child.process.send_signal(signal.SIGINT)
+                assert child.wait() == 0, child.describe()
+            finally:
+                child.kill_everything(pids)
+            assert child.out[-1] == (
+                "stopped: node-1 (exit 0), node-2 (exit 0), node-3 (exit 0); "
+                f"the external nats-server at {server.url} keeps running"
+            )
+            assert not [name for name, pid in pids.items() if alive(pid)]
+            assert server.running
+            code, out = cli(capsys, server.url, "status", "--json", "--timeout", "0.5")
+            assert code == 1  # the server answers; no node serves any more
+            assert json.loads(out)["nodes"] == []
+
+
+def demo_answers(stdout: str) -> list[tuple[str, int, str]]:
+    """The (key, shard, node) lines the demo printed."""
+    return [
+        (key, int(shard), node)
+        for key, shard, node in re.findall(r"(user-\d+)\s+shard\s+(\d+) -> (node-\d)", stdout)
+    ]
+
+
 class TestDemo:
-    def test_demo_runs_and_exits_by_itself(self) -> None:
-        """`clstr demo` starts the cluster, shows each key answered by its owner, and exits 0."""
-        child = Child("demo", "--keys", "12", "--rounds", "2")
+    def test_demo_once_answers_from_each_owner_and_exits(self) -> None:
+        """`clstr demo --once` starts the cluster, shows each key answered by its HRW
+        owner, stops every process and exits 0."""
+        child = Child("demo", "--once", "--keys", "12", "--rounds", "2")
         try:
             assert child.wait(60) == 0, child.describe()
         finally:
             if child.process.poll() is None:
                 child.kill_everything({})
-        answers = re.findall(r"user-\d+\s+shard\s+\d+ -> (node-\d)", child.stdout)
-        assert len(answers) == 12
-        assert set(answers) == {"node-1", "node-2", "node-3"}
+        answers = demo_answers(child.stdout)
+        assert [key for key, _, _ in answers] == [f"user-{i}" for i in range(12)]
+        nodes = ["node-1", "node-2", "node-3"]
+        for key, shard, node in answers:
+            assert shard == shard_for_key(key, 64)
+            assert node == owner_of(shard, nodes), key
+        assert {node for _, _, node in answers} == set(nodes)
         assert "requests answered per node" in child.stdout
-        assert "node-1 exit 0, node-2 exit 0, node-3 exit 0" in child.stdout
+        assert "shard map" not in child.stdout
+        assert READY not in child.stdout
+        assert child.out[-1] == (
+            "stopped: node-1 (exit 0), node-2 (exit 0), node-3 (exit 0), nats-server"
+        )
+        assert not [pid for pid in child.pids().values() if alive(pid)]
+
+    def test_demo_serves_until_sigint(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """`clstr demo` shows the shard map and serves: `clstr status` sees the map;
+        SIGINT then stops the nodes and the nats-server, and nothing is left."""
+        child = Child("demo", "--port", "0", "--shards", str(NUM_SHARDS), "--keys", "6")
+        pids: dict[str, int] = {}
+        try:
+            child.wait_for(READY)
+            pids = child.pids()
+            assert set(pids) == {"nats-server", "node-1", "node-2", "node-3"}, child.describe()
+            url = child.url()
+            assert f"export CLSTR_NATS_URL={url} CLSTR_SHARDS={NUM_SHARDS}" in child.stdout
+            assert f"{NUM_SHARDS} shards, 3 nodes, all shards owned" in child.stdout
+            assert "shard map (. no owner, ? no answer):" in child.stdout
+
+            code, out = cli(capsys, url, "status")
+            assert code == 0, out
+            assert "shard map (. no owner, ? no answer):" in out
+            code, out = cli(capsys, url, "status", "--json")
+            view = json.loads(out)
+            assert view["complete"]
+            for key, shard, node in demo_answers(child.stdout):
+                assert view["owners"][str(shard)] == node, key
+
+            child.process.send_signal(signal.SIGINT)
+            assert child.wait() == 0, child.describe()
+        finally:
+            child.kill_everything(pids)
+        assert child.out[-2:] == [
+            "stopping: the nodes first, then nats-server",
+            "stopped: node-1 (exit 0), node-2 (exit 0), node-3 (exit 0), nats-server",
+        ]
+        left = {name: pid for name, pid in pids.items() if alive(pid)}
+        assert not left, f"left running: {left}"

@@ -13,10 +13,10 @@ import pytest_asyncio
 import structlog
 
 from clstr import Client, NoShardOwnerError
-from clstr._devcluster import NodeProcess, node_command
 from clstr.cli import main
-from clstr.demo_app import Greet, Greeting
+from clstr.demo_app import MESSAGE_TYPES, Greet, Greeting
 from clstr.testing import NatsServer
+from clstr.testing._processes import NodeProcess
 
 NUM_SHARDS = 8
 
@@ -36,10 +36,9 @@ async def node(clstr_nats_server: NatsServer) -> AsyncIterator[tuple[NodeProcess
     """One `clstr node` child (id `solo`, every shard) under a prefix of its own; killed
     if a test leaves it running."""
     prefix = f"node{uuid.uuid4().hex[:8]}"
-    argv = node_command(
+    process = NodeProcess(
         "solo", clstr_nats_server.url, num_shards=NUM_SHARDS, prefix=prefix, static_nodes=["solo"]
     )
-    process = NodeProcess("solo", argv)
     await process.start()
     try:
         yield process, prefix
@@ -72,7 +71,10 @@ class TestServing:
         client = await Client.connect(clstr_nats_server.url, num_shards=NUM_SHARDS, prefix=prefix)
         async with client:
             reply = await client.key("u1").call(Greet(name="x"), Greeting)
+            info = await client.key("u1").node_info()
         assert reply.node == "solo"
+        # Through the discovery wrapper, node info still names the demo app's types.
+        assert info.message_types == sorted(MESSAGE_TYPES)
         assert await process.stop(timeout=15) == 0
         seen = events(process)
         assert seen.index("node ready") < seen.index("node stopping") < seen.index("node exit")
@@ -176,11 +178,10 @@ class TestDynamicMembership:
             procs = [
                 NodeProcess(
                     name,
-                    [
-                        *node_command(name, server.url, num_shards=NUM_SHARDS, prefix=prefix),
-                        "--membership",
-                        "kv",
-                    ],
+                    server.url,
+                    num_shards=NUM_SHARDS,
+                    prefix=prefix,
+                    extra_args=["--membership", "kv"],
                 )
                 for name in ("kv-a", "kv-b")
             ]
@@ -233,11 +234,13 @@ class TestUvloop:
     async def test_node_runs_on_uvloop(self, clstr_nats_server: NatsServer) -> None:
         """`clstr node --uvloop` serves on the uvloop event loop."""
         prefix = f"uv{uuid.uuid4().hex[:8]}"
-        argv = [
-            *node_command("fast", clstr_nats_server.url, num_shards=NUM_SHARDS, prefix=prefix),
-            "--uvloop",
-        ]
-        process = NodeProcess("fast", argv)
+        process = NodeProcess(
+            "fast",
+            clstr_nats_server.url,
+            num_shards=NUM_SHARDS,
+            prefix=prefix,
+            extra_args=["--uvloop"],
+        )
         await process.start()
         try:
             ready = await process.wait_ready(30)

@@ -25,8 +25,8 @@ from nats.aio.client import Client as NatsClient
 from nats.micro.service import ServiceInfo, ServiceStats
 
 import clstr
-from clstr import Client, Node
-from clstr.demo_app import app
+from clstr import Client, Envelope, MemoryTransport, Node, Router
+from clstr.demo_app import MESSAGE_TYPES, app
 from clstr.discovery import (
     DEFAULT_SERVICE_NAME,
     ServiceDiscovery,
@@ -34,6 +34,7 @@ from clstr.discovery import (
     control_subject,
     discover,
 )
+from clstr.handlers import shard_released
 from clstr.testing import NatsServer
 from clstr.transports.nats import NatsOptions, NatsTransport
 
@@ -267,6 +268,88 @@ class TestStats:
             assert {"queued", "running", "handled", "errors", "rejected"} <= data.keys()
             covered += data["shards"]
         assert sorted(covered) == list(range(NUM_SHARDS))
+
+    async def test_stats_follows_shards_as_they_move(
+        self, cluster: Cluster, nc: NatsClient
+    ) -> None:
+        """A shard handed from node-1 to node-2 leaves node-1's STATS endpoints and
+        `data`, and appears in node-2's, at once."""
+        giver, taker = cluster.node("node-1"), cluster.node("node-2")
+        shard = giver.shards[0]
+
+        async def stats(node_id: str) -> tuple[list[int], list[int]]:
+            subject = control_subject("STATS", cluster.name, node_id)
+            reply = json.loads((await nc.request(subject, b"", timeout=2)).data)
+            check_reply("STATS", reply)
+            by_endpoint = [e["data"]["shard"] for e in reply["endpoints"]]
+            for endpoint in reply["endpoints"]:
+                assert endpoint["data"] == {"shard": endpoint["data"]["shard"], "node_id": node_id}
+            return by_endpoint, reply["data"]["shards"]
+
+        assert stats_has(await stats("node-1"), shard)
+        assert not stats_has(await stats("node-2"), shard)
+        await giver.release(shard)
+        await taker.acquire(shard)
+        assert not stats_has(await stats("node-1"), shard)
+        assert stats_has(await stats("node-2"), shard)
+        await taker.release(shard)
+        await giver.acquire(shard)
+        assert stats_has(await stats("node-1"), shard)
+        assert not stats_has(await stats("node-2"), shard)
+
+    async def test_the_map_survives_parsing_into_the_schema_types(
+        self, cluster: Cluster, nc: NatsClient
+    ) -> None:
+        """A tool that parses STATS into nats-py's ServiceStats loses the top-level `data`,
+        yet rebuilds the whole shard map from the endpoints' `data`, a standard field."""
+        replies = await gather(nc, f"$SRV.STATS.{cluster.name}", expected=3)
+        owners: dict[int, str] = {}
+        for reply in replies:
+            parsed = ServiceStats.from_dict(reply)
+            for endpoint in parsed.endpoints:
+                assert isinstance(endpoint.data, dict)
+                owners[endpoint.data["shard"]] = endpoint.data["node_id"]
+        assert owners == {shard: node.node_id for node in cluster.nodes for shard in node.shards}
+        assert sorted(owners) == list(range(NUM_SHARDS))
+
+
+def stats_has(stats: tuple[list[int], list[int]], shard: int) -> bool:
+    """Whether both the STATS endpoints and its `data` list ``shard``; they must agree."""
+    by_endpoint, in_data = stats
+    assert by_endpoint == in_data
+    return shard in by_endpoint
+
+
+class TestShardStatsWrapper:
+    async def test_the_wrapped_handler_keeps_its_types_and_hooks(self) -> None:
+        """A handler wrapped by ShardStats still names its message types (node info shows
+        them) and still hears on_shard_released (a KeyHandler evicts that shard's keys)."""
+        released: list[int] = []
+
+        class Tracked(Router):
+            async def on_shard_released(self, shard: int) -> None:
+                released.append(shard)
+
+        router = Tracked()
+        router.register("b.type", _noop)
+        router.register("a.type", _noop)
+        wrapped = ShardStats().wrap(router)
+        assert getattr(wrapped, "message_types", None) == ["a.type", "b.type"]
+        await shard_released(wrapped, 7)
+        assert released == [7]
+        assert getattr(ShardStats().wrap(_noop), "message_types", "missing") is None
+
+    async def test_node_info_lists_the_types_through_the_wrapper(self) -> None:
+        """A node whose handler is wrapped answers node info with the Router's types."""
+        network = MemoryTransport()
+        node = Node(network.connect("n"), ShardStats().wrap(app("n")), node_id="n", num_shards=4)
+        async with node, Client(network.connect("c"), num_shards=4) as client:
+            info = await client.key("k").node_info()
+        assert info.message_types == sorted(MESSAGE_TYPES)
+
+
+async def _noop(env: Envelope) -> bytes:
+    return b""
 
 
 class TestLifecycle:

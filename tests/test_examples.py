@@ -1,7 +1,9 @@
 """Every example in examples/ runs on its own, exits 0 and prints what it promises.
 
-Each example runs once per test session, as a subprocess with this interpreter
-(``sys.executable examples/<name>.py``), and the tests read its output.
+An example is a directory ``examples/<name>/`` with a ``main.py`` and a short
+``README.md``; ``examples/README.md`` is the index. Each example runs once per
+test session, as a subprocess with this interpreter
+(``sys.executable examples/<name>/main.py``), and the tests read its output.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.py"))
+EXAMPLE_NAMES = sorted(p.parent.name for p in EXAMPLES.glob("*/main.py"))
 # Below the per-test timeout of 60 s, so a hung example fails with its output.
 RUN_TIMEOUT = 50.0
 
@@ -44,7 +46,7 @@ class Run:
 def _run(name: str) -> Run:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
+        [sys.executable, str(EXAMPLES / name / "main.py")],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
@@ -65,26 +67,34 @@ class TestEveryExample:
     """Each example is documented, runs to completion and exits 0."""
 
     def test_the_expected_examples_exist(self) -> None:
-        """The four examples the README and examples/README.md describe are all there."""
-        assert set(EXAMPLE_FILES) >= {
-            "quickstart.py",
-            "key_handler_sessions.py",
-            "typed_calls.py",
-            "multiprocess_cluster.py",
+        """The four examples the README and examples/README.md describe are all there,
+        and nothing but the index is left at the top of examples/."""
+        assert set(EXAMPLE_NAMES) >= {
+            "quickstart",
+            "key_handler_sessions",
+            "typed_calls",
+            "multiprocess_cluster",
         }
+        assert sorted(p.name for p in EXAMPLES.iterdir() if p.is_file()) == ["README.md"]
 
-    @pytest.mark.parametrize("name", EXAMPLE_FILES)
+    @pytest.mark.parametrize("name", EXAMPLE_NAMES)
     def test_exits_zero(self, name: str, run_example: Callable[[str], Run]) -> None:
         """The example finishes on its own within the timeout with exit code 0."""
         run = run_example(name)
         assert run.returncode == 0, run.explain()
 
-    @pytest.mark.parametrize("name", EXAMPLE_FILES)
-    def test_has_a_docstring_and_a_readme_entry(self, name: str) -> None:
-        """The example opens with a docstring and examples/README.md describes it."""
-        module = ast.parse((EXAMPLES / name).read_text(encoding="utf-8"))
-        assert ast.get_docstring(module), f"{name} has no docstring header"
-        assert f"`{name}`" in (EXAMPLES / "README.md").read_text(encoding="utf-8")
+    @pytest.mark.parametrize("name", EXAMPLE_NAMES)
+    def test_has_a_docstring_a_readme_and_an_index_entry(self, name: str) -> None:
+        """main.py opens with a docstring; the example's README says what it is and how
+        to run it; examples/README.md links to it."""
+        module = ast.parse((EXAMPLES / name / "main.py").read_text(encoding="utf-8"))
+        assert ast.get_docstring(module), f"{name}/main.py has no docstring header"
+        readme = (EXAMPLES / name / "README.md").read_text(encoding="utf-8")
+        assert readme.startswith("# "), f"{name}/README.md has no title"
+        assert f"python examples/{name}/main.py" in readme
+        for target in re.findall(r"\]\(([^)\s]+)\)", readme):
+            assert (EXAMPLES / name / target).exists(), f"{name}/README.md links to {target}"
+        assert f"]({name}/)" in (EXAMPLES / "README.md").read_text(encoding="utf-8")
 
 
 class TestQuickstart:
@@ -94,7 +104,7 @@ class TestQuickstart:
         self, run_example: Callable[[str], Run]
     ) -> None:
         """In memory and over NATS, greetings come back, from node-a and from node-b."""
-        out = run_example("quickstart.py").stdout
+        out = run_example("quickstart").stdout
         memory, _, nats = out.partition("over NATS at nats://")
         for part in (memory, nats):
             answered = set(re.findall(r"-> (node-[ab]): hello \w+", part))
@@ -102,7 +112,7 @@ class TestQuickstart:
 
     def test_counter_keeps_state_per_key(self, run_example: Callable[[str], Run]) -> None:
         """Three increments of 2 on one key count to 6, on each transport."""
-        out = run_example("quickstart.py").stdout
+        out = run_example("quickstart").stdout
         assert len(re.findall(r"page:home counted to 6 on node-[ab]", out)) == 2, out
 
 
@@ -111,7 +121,7 @@ class TestKeyHandlerSessions:
 
     def test_idle_sessions_are_evicted_and_saved(self, run_example: Callable[[str], Run]) -> None:
         """Both idle sessions go through on_evict with their carts before alice returns."""
-        out = run_example("key_handler_sessions.py").stdout
+        out = run_example("key_handler_sessions").stdout
         before_return = out.partition("alice comes back:")[0]
         assert "[evict] alice: saved ['book', 'pen'] to the store" in before_return, out
         assert "[evict] bob: saved ['lamp'] to the store" in before_return, out
@@ -119,14 +129,14 @@ class TestKeyHandlerSessions:
 
     def test_returning_user_gets_the_saved_state(self, run_example: Callable[[str], Run]) -> None:
         """The next message for alice reloads her cart from the store and extends it."""
-        out = run_example("key_handler_sessions.py").stdout
+        out = run_example("key_handler_sessions").stdout
         assert "[load]  alice: reloaded ['book', 'pen'] from the store" in out, out
         assert "alice's cart: ['book', 'pen'] (loaded from store: True)" in out, out
         assert "alice's cart: ['book', 'pen', 'ink']" in out, out
 
     def test_stopping_the_node_saves_live_sessions(self, run_example: Callable[[str], Run]) -> None:
         """The node's stop evicts alice's live session, so the store holds everything."""
-        out = run_example("key_handler_sessions.py").stdout
+        out = run_example("key_handler_sessions").stdout
         assert "store at exit: {'alice': ['book', 'pen', 'ink'], 'bob': ['lamp']}" in out, out
 
 
@@ -135,13 +145,13 @@ class TestTypedCalls:
 
     def test_typed_replies(self, run_example: Callable[[str], Run]) -> None:
         """Replies decode into dataclasses, nested ones and the header-carried note included."""
-        out = run_example("typed_calls.py").stdout
+        out = run_example("typed_calls").stdout
         assert "deposit 100      -> Balance(account='acct-42', balance=100)" in out, out
         assert "Entry(amount=100, note='salary'), Entry(amount=-30, note='withdrawal')" in out
 
     def test_each_error_has_its_class(self, run_example: Callable[[str], Run]) -> None:
         """validate(), a raising handler, an unknown type and a slow handler map to their errors."""
-        out = run_example("typed_calls.py").stdout
+        out = run_example("typed_calls").stdout
         assert "deposit -5       -> PayloadError (nothing sent)" in out, out
         assert "RemoteHandlerError: remote_type=InsufficientFunds" in out, out
         assert "close            -> NoHandlerError (retryable=False)" in out, out
@@ -150,27 +160,38 @@ class TestTypedCalls:
 
 
 class TestMultiprocessCluster:
-    """Nodes in separate processes serve their keys and all stop cleanly."""
+    """Node processes started with the testing kit serve their keys and all stop cleanly."""
+
+    def test_nodes_are_started_with_the_testing_kit(self) -> None:
+        """The example starts its node processes with clstr.testing.NodeProcess, as
+        `clstr node` processes of its service module, not by hand."""
+        source = (EXAMPLES / "multiprocess_cluster" / "main.py").read_text(encoding="utf-8")
+        assert "from clstr.testing import NatsServer, NodeProcess" in source
+        assert 'app="service:app"' in source
+        assert "create_subprocess_exec" not in source
+        assert "subprocess" not in source
 
     def test_requests_are_answered_by_several_processes(
         self, run_example: Callable[[str], Run]
     ) -> None:
         """Keyed requests are answered by more than one node, each in its own process."""
-        out = run_example("multiprocess_cluster.py").stdout
+        out = run_example("multiprocess_cluster").stdout
         answers = set(re.findall(r"-> (node-\d) pid (\d+)", out))
         assert len({node for node, _ in answers}) > 1, out
         assert len({pid for _, pid in answers}) == len({node for node, _ in answers}), out
+        started = dict(re.findall(r"started (node-\d) pid=(\d+)", out))
+        assert dict(answers) == {n: started[n] for n, _ in answers}, out
 
     def test_stopped_node_means_no_owner_at_once(self, run_example: Callable[[str], Run]) -> None:
         """After SIGTERM to one node its keys fail with NoShardOwnerError, not a timeout."""
-        out = run_example("multiprocess_cluster.py").stdout
+        out = run_example("multiprocess_cluster").stdout
         assert "SIGTERM to node-3:" in out, out
         assert "node-3 stopped gracefully" in out, out
         assert re.search(r"\(owned by node-3\) -> NoShardOwnerError after [\d.]+ ms", out), out
 
     def test_no_process_is_left_behind(self, run_example: Callable[[str], Run]) -> None:
         """Every node process exits 0 after a graceful stop, and none is alive afterwards."""
-        out = run_example("multiprocess_cluster.py").stdout
+        out = run_example("multiprocess_cluster").stdout
         exits = re.findall(r"(node-\d) \(pid (\d+)\) exited with code (-?\d+)", out)
         assert sorted(node for node, _, _ in exits) == ["node-1", "node-2", "node-3"], out
         assert {code for _, _, code in exits} == {"0"}, out

@@ -13,9 +13,9 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from clstr import Client, NoHandlerError
-from clstr._devcluster import NodeProcess, node_command
 from clstr.demo_app import Greet, Greeting
 from clstr.testing import NatsServer
+from clstr.testing._processes import NodeProcess
 
 NUM_SHARDS = 4
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -42,7 +42,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 async def metered(clstr_nats_server: NatsServer) -> AsyncIterator[tuple[NodeProcess, str, int]]:
     """A `clstr node` child serving metrics on a free port: (process, prefix, port)."""
     prefix = f"metrics{uuid.uuid4().hex[:8]}"
-    argv = node_command(
+    process = NodeProcess(
         "m1",
         clstr_nats_server.url,
         num_shards=NUM_SHARDS,
@@ -50,7 +50,6 @@ async def metered(clstr_nats_server: NatsServer) -> AsyncIterator[tuple[NodeProc
         static_nodes=["m1"],
         metrics_port=0,
     )
-    process = NodeProcess("m1", argv)
     await process.start()
     try:
         ready = await process.wait_ready(30)

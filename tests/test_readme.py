@@ -1,7 +1,9 @@
 """The README stays true: its commands, its quickstart and every Python snippet run.
 
-Python blocks in README.md are of three kinds: the quickstart (identical to
-examples/quickstart.py and run as a program), tour snippets marked
+The demo's output excerpt (and the full output in docs/cli.md) is compared
+with a real run of `clstr demo`. Python blocks in README.md are of three
+kinds: the quickstart (identical to examples/quickstart/main.py and run as a
+program), tour snippets marked
 ``<!-- readme-test: run -->`` (run with top-level ``await`` against a live
 in-memory cluster, in the quickstart's namespace), and a pytest module marked
 ``<!-- readme-test: pytest -->`` (run by pytest in a subprocess).
@@ -11,9 +13,12 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import types
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -27,7 +32,7 @@ from clstr import Client, MemoryNetwork, MemoryTransport, Node
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-QUICKSTART = ROOT / "examples" / "quickstart.py"
+QUICKSTART = ROOT / "examples" / "quickstart" / "main.py"
 # Below the per-test timeout of 60 s, so a hung run fails with its output.
 RUN_TIMEOUT = 50.0
 
@@ -106,11 +111,97 @@ class TestCommands:
         assert "./run.sh test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
+def _normalize(line: str) -> str:
+    """A line of demo output without what differs between runs: pids, ports, uptimes,
+    the version, the alignment that follows from them."""
+    line = re.sub(r"\bpid \d+", "pid N", line)
+    line = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)
+    line = re.sub(r"(?<= )\d+(s|m\d\ds|h\d\dm|d\d\dh)(?= )", "UP", line)
+    line = re.sub(r"\b\d+\.\d+\.\d+$", "VERSION", line)
+    return " ".join(line.split())
+
+
+def _shown_lines(block: str) -> list[str]:
+    """The output lines a docs block shows, without elisions, the command and ^C."""
+    skipped = {"...", "…", "^C"}
+    return [
+        _normalize(line)
+        for line in block.splitlines()
+        if line.strip() and line.strip() not in skipped and not line.startswith("$ ")
+    ]
+
+
+def _missing_in_order(shown: list[str], actual: list[str]) -> list[str]:
+    """The shown lines that do not appear in ``actual`` in the same order."""
+    remaining = iter(actual)
+    return [line for line in shown if not any(line == seen for seen in remaining)]
+
+
+def _run_demo_until_ready() -> str:
+    """Run `clstr demo` (on a free port), wait for its ready line, Ctrl-C it; its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLSTR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    with tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "clstr", "demo", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
+        lines: list[str] = []
+        try:
+            assert process.stdout is not None
+            for raw in process.stdout:
+                lines.append(raw.decode().rstrip("\n"))
+                if lines[-1] == "cluster ready; press Ctrl-C to stop":
+                    process.send_signal(signal.SIGINT)
+            assert process.wait(RUN_TIMEOUT) == 0, "\n".join(lines)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def demo_output() -> str:
+    """What `clstr demo` prints from start to Ctrl-C (one run for the module)."""
+    return _run_demo_until_ready()
+
+
+class TestDemoOutput:
+    """The demo output shown in the README and in docs/cli.md is what the demo prints."""
+
+    def test_readme_excerpt(self, demo_output: str) -> None:
+        """Every line of the README's excerpt appears, in order, in a real run's output."""
+        text = README.read_text(encoding="utf-8")
+        start = text.index("What `./run.sh demo` prints")
+        block = re.search(r"^```text\n(.*?)^```", text[start:], re.M | re.S)
+        assert block is not None
+        shown = _shown_lines(block[1])
+        assert len(shown) > 20
+        missing = _missing_in_order(shown, [_normalize(line) for line in demo_output.splitlines()])
+        assert not missing, f"not printed (in this order): {missing}\n--- printed:\n{demo_output}"
+
+    def test_cli_doc_output(self, demo_output: str) -> None:
+        """docs/cli.md's `$ clstr demo` block shows a real run's lines, in order."""
+        text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+        block = re.search(r"^```console\n(\$ clstr demo\n.*?)^```", text, re.M | re.S)
+        assert block is not None
+        shown = _shown_lines(block[1])
+        assert len(shown) > 40
+        missing = _missing_in_order(shown, [_normalize(line) for line in demo_output.splitlines()])
+        assert not missing, f"not printed (in this order): {missing}\n--- printed:\n{demo_output}"
+
+
 class TestQuickstart:
-    """The README quickstart and examples/quickstart.py are one program, and it runs."""
+    """The README quickstart and examples/quickstart/main.py are one program, and it runs."""
 
     def test_block_equals_example_file(self) -> None:
-        """The quickstart block is byte for byte examples/quickstart.py."""
+        """The quickstart block is byte for byte examples/quickstart/main.py."""
         assert _quickstart_block().body == QUICKSTART.read_text(encoding="utf-8")
 
     def test_block_runs_as_written(self, tmp_path: Path) -> None:
@@ -159,7 +250,7 @@ def _load_quickstart() -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def quickstart() -> Iterator[types.ModuleType]:
-    """examples/quickstart.py imported as a module (its main() is not run)."""
+    """examples/quickstart/main.py imported as a module (its main() is not run)."""
     module = _load_quickstart()
     yield module
     sys.modules.pop(module.__name__, None)

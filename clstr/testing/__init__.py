@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..transports.memory import FaultKind, FaultRule, Faults, Partition
 from ._clock import VirtualClock, VirtualClockEventLoop, current_clock, run, virtual_time
 from ._cluster import TestCluster, create_test_cluster
+from ._processes import NodeProcess, NodeProcessError
 from ._proxy import TcpProxy
 from ._server import NatsCluster, NatsServer, NatsServerError, find_nats_server
 
@@ -21,6 +22,9 @@ __all__ = [
     "TcpProxy",
     "TestCluster",
     "create_test_cluster",
+    # node processes, the way production runs them
+    "NodeProcess",
+    "NodeProcessError",
     # virtual time
     "VirtualClock",
     "VirtualClockEventLoop",

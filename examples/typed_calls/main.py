@@ -13,7 +13,7 @@ its operations one at a time, in order. It shows:
   handles that type) and ``HandlerTimeoutError`` (the handler ran past the
   call's deadline and was cancelled).
 
-Run it:  python examples/typed_calls.py
+Run it:  python examples/typed_calls/main.py
 """
 
 import asyncio

@@ -8,7 +8,7 @@ into ``STORE`` first. The next message for that user creates a fresh entity
 that reloads the saved cart, so nothing is lost. Stopping the node evicts (and
 so saves) every session that is still in memory.
 
-Run it:  python examples/key_handler_sessions.py
+Run it:  python examples/key_handler_sessions/main.py
 """
 
 import asyncio
