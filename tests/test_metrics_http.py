@@ -62,7 +62,8 @@ class TestMetricsEndpoint:
     async def test_handler_metrics_move_with_requests(
         self, metered: tuple[NodeProcess, str, int], clstr_nats_server: NatsServer
     ) -> None:
-        """Requests show up in clstr_cluster_handlers_total and the handler duration histogram."""
+        """Requests show up in the node's request metrics (count and time in the node,
+        queue wait included), clstr_cluster_handlers_total and the handler histogram."""
         _, prefix, port = metered
         before = await asyncio.to_thread(scrape, port)
         assert value(before, "clstr_cluster_shards_owned", node_id="m1") == NUM_SHARDS
@@ -87,6 +88,13 @@ class TestMetricsEndpoint:
         failed = {"message_type": "_unknown", "success": "false"}
         assert value(after, "clstr_cluster_handlers_total", **failed) == 1
         assert value(after, "clstr_cluster_handlers_active", node_id="m1") == 0
+        assert value(after, "clstr_cluster_node_requests_total", **ok) == 5
+        assert value(after, "clstr_cluster_node_requests_total", **failed) == 1
+        served = "clstr_cluster_node_request_duration_seconds"
+        assert value(after, f"{served}_count", message_type="Greet") == 5
+        assert value(after, f"{served}_sum", message_type="Greet") >= value(
+            after, "clstr_cluster_handler_duration_seconds_sum", message_type="Greet"
+        )
 
     async def test_metrics_use_a_dedicated_registry(
         self, metered: tuple[NodeProcess, str, int]
