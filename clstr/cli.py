@@ -50,7 +50,9 @@ from ._cli_common import (
 from .hashing import shard_for_key
 
 if TYPE_CHECKING:
+    from .client import Client
     from .node import NodeInfo
+    from .transports.base import Transport
 
 __all__ = [
     "ENV_VARS",
@@ -858,6 +860,23 @@ async def _warn_shard_count(
     print(f"clstr: warning: {problem}", file=sys.stderr)
 
 
+async def _addressed(
+    transport: Transport, args: argparse.Namespace
+) -> tuple[Client, int, NodeInfo | None]:
+    """The client, the key's shard and its owner's info, with the message type
+    and the shard count checked against that owner (one place for request and
+    notify)."""
+    from .client import Client
+
+    client = Client(transport, num_shards=args.shards, seed=args.seed, prefix=args.prefix)
+    shard = client.shard_for(args.key)
+    info = await _owner(client, shard, args)
+    if info is not None:
+        _check_type(args, info, shard)
+        await _warn_shard_count(transport, args, info, shard)
+    return client, shard, info
+
+
 def _run_request(args: argparse.Namespace) -> int:
     return asyncio.run(_request(args))
 
@@ -866,19 +885,13 @@ async def _request(args: argparse.Namespace) -> int:
     import json
 
     from ._cli_common import msgpack_to_json
-    from .client import Client
     from .errors import ClstrError
 
     _check_key(args.key)
     data = _read_payload(args.payload)
     options = _options(args)
     async with _transport(args) as transport:
-        client = Client(transport, num_shards=args.shards, seed=args.seed, prefix=args.prefix)
-        shard = client.shard_for(args.key)
-        info = await _owner(client, shard, args)
-        if info is not None:
-            _check_type(args, info, shard)
-            await _warn_shard_count(transport, args, info, shard)
+        client, shard, info = await _addressed(transport, args)
         started = time.perf_counter()
         try:
             reply = await client.request_key(
@@ -916,21 +929,15 @@ def _run_notify(args: argparse.Namespace) -> int:
 
 
 async def _notify(args: argparse.Namespace) -> int:
-    from .client import Client
     from .errors import ClstrError
 
     _check_key(args.key)
     data = _read_payload(args.payload)
     options = _options(args)
     async with _transport(args) as transport:
-        client = Client(transport, num_shards=args.shards, seed=args.seed, prefix=args.prefix)
-        shard = client.shard_for(args.key)
-        # A notification to nobody, or of a type nobody handles, vanishes without
-        # a trace: check first.
-        info = await _owner(client, shard, args)
-        if info is not None:
-            _check_type(args, info, shard)
-            await _warn_shard_count(transport, args, info, shard)
+        # A notification to nobody, or of a type nobody handles, vanishes
+        # without a trace: _addressed checks first.
+        client, shard, info = await _addressed(transport, args)
         try:
             await client.notify_key(args.key, args.type, data, options=options)
         except ClstrError as exc:
