@@ -37,15 +37,8 @@ from .errors import (
 from .handlers import Handler, KeyHandler, Router
 from .hashing import ShardMapper, assign_shards, owner_of, shard_for_key, shards_for_node
 from .metrics import Metrics, NoopMetrics, PrometheusMetrics
-from .node import (
-    DEFAULT_PREFIX,
-    NODE_INFO_TYPE,
-    Node,
-    NodeInfo,
-    NodeState,
-    NodeStats,
-    shard_subject,
-)
+from .node import Node, NodeState, NodeStats
+from .protocol import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
 from .transports import MemoryNetwork, MemoryTransport, Transport
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from clstr import ConfigurationError, LifecycleError
-from clstr._watchdog import DEFAULT_STALL_THRESHOLD, LoopWatchdog
+from clstr.node._watchdog import DEFAULT_STALL_THRESHOLD, LoopWatchdog
 from clstr.testing import virtual_time
 
 from _support import eventually

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Final, TextIO
 
 import structlog
 
-from ._cli_common import (
+from ..protocol import DEFAULT_PREFIX
+from ..testing._processes import LogRecord, NodeProcess, NodeProcessError
+from ._common import (
     DEFAULT_NATS_URL,
     DEFAULT_SERVICE_NAME,
     DEFAULT_SHARDS,
@@ -22,11 +24,9 @@ from ._cli_common import (
     CliError,
 )
 from ._devcluster import DevCluster
-from .node import DEFAULT_PREFIX
-from .testing._processes import LogRecord, NodeProcess, NodeProcessError
 
 if TYPE_CHECKING:
-    from .transports.nats import NatsTransport
+    from ..transports.nats import NatsTransport
 
 __all__ = ["READY_LINE", "STOP_SIGNALS", "dev_up", "demo"]
 
@@ -137,7 +137,7 @@ def _cluster(args: argparse.Namespace, *, quiet: bool, port: int | None) -> DevC
 
 async def _start(cluster: DevCluster, stop: asyncio.Event) -> bool:
     """Start ``cluster`` unless a signal comes first; return whether it started."""
-    from .testing import NatsServerError
+    from ..testing import NatsServerError
 
     starting = asyncio.ensure_future(cluster.start())
     stopping = asyncio.ensure_future(stop.wait())
@@ -271,8 +271,8 @@ async def dev_up(args: argparse.Namespace) -> int:
 async def demo(args: argparse.Namespace) -> int:
     """Start a dev cluster, send requests from here and show who answered each key;
     then show the shard map and serve until a signal, or with ``--once`` stop at once."""
-    from .errors import ConnectionFailedError
-    from .transports.nats import NatsOptions, NatsTransport
+    from ..errors import ConnectionFailedError
+    from ..transports.nats import NatsOptions, NatsTransport
 
     # With --once nobody connects afterwards: leave 4222 to a 'clstr dev up'.
     port = args.port if args.port is not None else (0 if args.once else None)
@@ -311,10 +311,10 @@ async def _demo_requests(
 ) -> bool:
     """Greet ``args.keys`` keys ``args.rounds`` times each; check every reply came from
     the key's HRW owner. Returns ``False`` when a signal came first."""
-    from .client import Client
+    from ..client import Client
+    from ..errors import ClstrError
+    from ..hashing import owner_of
     from .demo_app import Greet, Greeting
-    from .errors import ClstrError
-    from .hashing import owner_of
 
     client = Client(
         transport, num_shards=cluster.num_shards, seed=cluster.seed, prefix=cluster.prefix
@@ -355,7 +355,7 @@ async def _demo_requests(
 
 async def _shard_map(cluster: DevCluster, transport: NatsTransport) -> str:
     """The cluster as ``clstr status`` prints it."""
-    from ._status import gather_view, render_table
+    from ..observe import gather_view, render_table
 
     view = await gather_view(
         transport,

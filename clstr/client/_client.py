@@ -14,15 +14,13 @@ import asyncio
 import enum
 import itertools
 import os
-import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from ._clock import monotonic
-from .codec import (
+from .._clock import monotonic
+from ..codec import (
     DEFAULT_LIMITS,
     Limits,
     check_limits,
@@ -32,8 +30,8 @@ from .codec import (
     encode_request,
     message_type,
 )
-from .envelope import _NO_HEADERS, Envelope, EnvelopeOption, _envelope
-from .errors import (
+from ..envelope import _NO_HEADERS, Envelope, EnvelopeOption, _envelope
+from ..errors import (
     ConfigurationError,
     DeadlineExceededError,
     LimitExceededError,
@@ -45,17 +43,16 @@ from .errors import (
     ShardOutOfRangeError,
     TransportClosedError,
 )
-from .hashing import ShardMapper
-from .metrics import NOOP_METRICS, Metrics
-from .node import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
-from .transports.base import Transport
+from ..hashing import ShardMapper
+from ..metrics import NOOP_METRICS, Metrics
+from ..protocol import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
+from ..transports.base import Transport
+from ._retry import RetryPolicy
 
 __all__ = [
     "Client",
     "ClientState",
     "ScopedClient",
-    "RetryPolicy",
-    "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
 ]
 
@@ -74,46 +71,6 @@ _REPLY_RESERVE_MIN: Final = 0.05
 _REPLY_RESERVE_MAX: Final = 0.25
 # A retry needs at least this long to have a chance.
 _MIN_ATTEMPT: Final = 0.005
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    """When and how often a request is retried (see :class:`Client`).
-
-    Waits between attempts grow from ``initial_backoff`` by ``multiplier`` up
-    to ``max_backoff``, each drawn uniformly from zero to that bound ("full
-    jitter", so that clients retrying together spread out). Retries stop at
-    the request's deadline, or after ``max_attempts`` attempts when given.
-
-    ``attempt_timeout`` bounds each attempt: an attempt without a reply by
-    then (its node died with the request, say) is sent again, under the same
-    request id. Without it an attempt may use the whole deadline.
-    """
-
-    initial_backoff: float = 0.01
-    max_backoff: float = 0.5
-    multiplier: float = 2.0
-    max_attempts: int | None = None
-    attempt_timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial_backoff <= self.max_backoff or self.multiplier < 1:
-            raise ConfigurationError(
-                "RetryPolicy needs 0 < initial_backoff <= max_backoff and multiplier >= 1"
-            )
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.attempt_timeout is not None and not self.attempt_timeout > 0:
-            raise ConfigurationError(f"attempt_timeout must be > 0, got {self.attempt_timeout}")
-
-    def backoff(self, attempt: int) -> float:
-        """The pause before retry number ``attempt + 1``."""
-        bound = min(self.max_backoff, self.initial_backoff * self.multiplier**attempt)
-        return random.uniform(0, bound)
-
-
-#: A sensible retry policy for clusters whose shards move (dynamic membership).
-DEFAULT_RETRY: Final = RetryPolicy()
 
 
 class ClientState(enum.Enum):
@@ -184,7 +141,7 @@ class Client:
         ``nats_options`` is a :class:`~clstr.transports.nats.NatsOptions`;
         the other keyword arguments are those of :class:`Client`.
         """
-        from .transports.nats import NatsTransport
+        from ..transports.nats import NatsTransport
 
         transport = await NatsTransport.connect(
             servers, nats_options, metrics=kwargs.get("metrics", NOOP_METRICS)

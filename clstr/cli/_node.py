@@ -21,14 +21,14 @@ from typing import Any
 
 import structlog
 
-from ._cli_common import CliError
-from .discovery import ServiceDiscovery, ShardStats
-from .errors import ClstrError, ConnectionFailedError
-from .handlers import Handler, KeyHandler, Router
-from .membership import KvMembership
-from .metrics import NOOP_METRICS, Metrics, PrometheusMetrics
-from .node import Node
-from .transports.nats import NatsOptions, NatsTransport
+from ..errors import ClstrError, ConnectionFailedError
+from ..handlers import Handler, KeyHandler, Router
+from ..membership import KvMembership
+from ..metrics import NOOP_METRICS, Metrics, PrometheusMetrics
+from ..node import Node
+from ..observe import ServiceDiscovery, ShardStats
+from ..transports.nats import NatsOptions, NatsTransport
+from ._common import CliError
 
 __all__ = ["NodeOptions", "load_app", "parse_node_list", "run_node"]
 

@@ -36,7 +36,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from ._cli_common import (
+from ..hashing import shard_for_key
+from ._common import (
     DEFAULT_APP,
     DEFAULT_NATS_URL,
     DEFAULT_SERVICE_NAME,
@@ -47,12 +48,11 @@ from ._cli_common import (
     CliError,
     configure_logging,
 )
-from .hashing import shard_for_key
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .node import NodeInfo
-    from .transports.base import Transport
+    from ..client import Client
+    from ..protocol import NodeInfo
+    from ..transports.base import Transport
 
 __all__ = [
     "ENV_VARS",
@@ -615,7 +615,7 @@ def _run_shard(args: argparse.Namespace) -> int:
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    from ._cli_node import NodeOptions, run_node
+    from ._node import NodeOptions, run_node
 
     app_dir = os.path.abspath(args.app_dir)
     if app_dir not in sys.path:
@@ -652,13 +652,13 @@ def _run_node(args: argparse.Namespace) -> int:
 
 
 def _run_dev_up(args: argparse.Namespace) -> int:
-    from ._cli_dev import dev_up
+    from ._dev import dev_up
 
     return asyncio.run(dev_up(args))
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ._cli_dev import demo
+    from ._dev import demo
 
     return asyncio.run(demo(args))
 
@@ -682,9 +682,9 @@ async def _await(awaitable: Any) -> Any:
 
 @contextlib.asynccontextmanager
 async def _transport(args: argparse.Namespace) -> AsyncIterator[Any]:
-    from ._cli_common import quiet_logs
-    from .errors import ConnectionFailedError
-    from .transports.nats import NatsTransport
+    from ..errors import ConnectionFailedError
+    from ..transports.nats import NatsTransport
+    from ._common import quiet_logs
 
     with contextlib.ExitStack() as stack:
         if args.log_level is None:
@@ -706,7 +706,7 @@ async def _transport(args: argparse.Namespace) -> AsyncIterator[Any]:
 
 def _nats_options(args: argparse.Namespace, name: str) -> Any:
     """The connection settings of the command line (credentials, TLS, deadline)."""
-    from .transports.nats import NatsOptions
+    from ..transports.nats import NatsOptions
 
     tls = None
     if args.tls_ca or args.tls_cert:
@@ -734,7 +734,7 @@ def _nats_options(args: argparse.Namespace, name: str) -> Any:
 
 
 def _read_payload(text: str | None) -> bytes:
-    from ._cli_common import json_to_msgpack
+    from ._common import json_to_msgpack
 
     if text == "-":
         text = sys.stdin.read()
@@ -743,9 +743,9 @@ def _read_payload(text: str | None) -> bytes:
 
 def _check_key(key: str) -> None:
     """Refuse a key no request could carry: empty, or over the key size limit."""
-    from .codec import DEFAULT_LIMITS, check_limits
-    from .envelope import Envelope
-    from .errors import LimitExceededError
+    from ..codec import DEFAULT_LIMITS, check_limits
+    from ..envelope import Envelope
+    from ..errors import LimitExceededError
 
     if not key:
         raise CliError("the key is empty: every request is routed by its key; pass a non-empty KEY")
@@ -757,7 +757,7 @@ def _check_key(key: str) -> None:
 
 def _request_error(exc: Exception, args: argparse.Namespace, shard: int | None) -> CliError:
     """The one-line error of a failed request, with the exit code it deserves."""
-    from . import errors
+    from .. import errors
 
     where = f"shard {shard} of key {args.key!r}" if shard is not None else f"key {args.key!r}"
     if isinstance(exc, errors.NoShardOwnerError):
@@ -790,8 +790,8 @@ def _request_error(exc: Exception, args: argparse.Namespace, shard: int | None) 
 
 
 def _options(args: argparse.Namespace) -> list[Any]:
-    from .envelope import with_header
-    from .errors import ReservedHeaderError
+    from ..envelope import with_header
+    from ..errors import ReservedHeaderError
 
     try:
         return [with_header(name, value) for name, value in args.header]
@@ -805,7 +805,7 @@ async def _owner(client: Any, shard: int, args: argparse.Namespace) -> NodeInfo 
 
     Raises :class:`CliError` when nobody serves the shard.
     """
-    from .errors import ClstrError, NoShardOwnerError
+    from ..errors import ClstrError, NoShardOwnerError
 
     # No longer than the request itself may take.
     timeout = min(2.0, getattr(args, "timeout", 2.0))
@@ -839,7 +839,7 @@ async def _warn_shard_count(
     the owner's shard list shows a count larger than ``--shards`` (a smaller
     one cannot be seen from there).
     """
-    from ._status import announced_shards
+    from ..observe import announced_shards
 
     count = await announced_shards(transport, args.service_name, info.node_id)
     if count is not None and count != args.shards:
@@ -866,7 +866,7 @@ async def _addressed(
     """The client, the key's shard and its owner's info, with the message type
     and the shard count checked against that owner (one place for request and
     notify)."""
-    from .client import Client
+    from ..client import Client
 
     client = Client(transport, num_shards=args.shards, seed=args.seed, prefix=args.prefix)
     shard = client.shard_for(args.key)
@@ -884,8 +884,8 @@ def _run_request(args: argparse.Namespace) -> int:
 async def _request(args: argparse.Namespace) -> int:
     import json
 
-    from ._cli_common import msgpack_to_json
-    from .errors import ClstrError
+    from ..errors import ClstrError
+    from ._common import msgpack_to_json
 
     _check_key(args.key)
     data = _read_payload(args.payload)
@@ -929,7 +929,7 @@ def _run_notify(args: argparse.Namespace) -> int:
 
 
 async def _notify(args: argparse.Namespace) -> int:
-    from .errors import ClstrError
+    from ..errors import ClstrError
 
     _check_key(args.key)
     data = _read_payload(args.payload)
@@ -954,8 +954,8 @@ def _run_control(args: argparse.Namespace) -> int:
 async def _control(args: argparse.Namespace) -> int:
     import json
 
-    from .errors import NoShardOwnerError, RequestTimeoutError
-    from .membership import control_subject
+    from ..errors import NoShardOwnerError, RequestTimeoutError
+    from ..membership import control_subject
 
     async with _transport(args) as transport:
         subject = control_subject(args.prefix, args.node_id)
@@ -987,7 +987,7 @@ def _run_status(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     import json
 
-    from ._status import gather_view, render_table
+    from ..observe import gather_view, render_table
 
     loop = asyncio.get_running_loop()
     async with _transport(args) as transport:

@@ -24,16 +24,14 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar, Final, Self
+from typing import Final, Self
 
 import msgpack
 import structlog
 
-from ._clock import Timeouts, monotonic
-from ._tasks import cancel_and_wait
-from ._watchdog import DEFAULT_STALL_THRESHOLD as DEFAULT_LOOP_STALL_THRESHOLD
-from ._watchdog import LoopWatchdog
-from .codec import (
+from .._clock import Timeouts, monotonic
+from .._tasks import cancel_and_wait
+from ..codec import (
     DEFAULT_LIMITS,
     Limits,
     decode_request,
@@ -42,8 +40,8 @@ from .codec import (
     encode_reply,
     error_reply_for,
 )
-from .envelope import Envelope
-from .errors import (
+from ..envelope import Envelope
+from ..errors import (
     BadRequestError,
     ConfigurationError,
     EnvelopeExpiredError,
@@ -56,27 +54,17 @@ from .errors import (
     RequestError,
     ShardOutOfRangeError,
 )
-from .handlers import Handler, shard_released, start_handler, stop_handler
-from .hashing import validate_num_shards
-from .membership import FixedShards, Membership, StaticMembership
-from .metrics import NOOP_METRICS, Metrics
-from .transports.base import Subscription, Transport
+from ..handlers import Handler, shard_released, start_handler, stop_handler
+from ..hashing import validate_num_shards
+from ..metrics import NOOP_METRICS, Metrics
+from ..protocol import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo
+from ..protocol import shard_subject as shard_subject
+from ..transports.base import Subscription, Transport
+from ._ownership import FixedShards, Membership, StaticMembership
+from ._watchdog import DEFAULT_STALL_THRESHOLD as DEFAULT_LOOP_STALL_THRESHOLD
+from ._watchdog import LoopWatchdog
 
-__all__ = [
-    "NODE_INFO_TYPE",
-    "NodeInfo",
-    "Node",
-    "NodeState",
-    "NodeStats",
-    "shard_subject",
-    "DEFAULT_PREFIX",
-]
-
-#: The message type of the built-in node-info request (same as the Go original).
-NODE_INFO_TYPE: Final = "clstr.node.info"
-
-#: The default subject prefix: shard ``s`` is served on ``clstr.shard.<s>``.
-DEFAULT_PREFIX: Final = "clstr"
+__all__ = ["Node", "NodeState", "NodeStats", "ReplyCache"]
 
 # How long cancelled handlers get to end before stop (or a handoff) goes on
 # without them: stop() returns within stop_timeout plus twice this.
@@ -85,24 +73,6 @@ _CANCEL_GRACE: Final = 1.0
 # Message types are chosen by senders: past this many distinct ones, metrics
 # label the rest "other", so that hostile senders cannot grow them without bound.
 _MAX_TYPE_LABELS: Final = 256
-
-
-def shard_subject(prefix: str, shard: int) -> str:
-    """The NATS subject of ``shard`` under ``prefix``."""
-    return f"{prefix}.shard.{shard}"
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    """What a node says about itself (reply to :data:`NODE_INFO_TYPE`)."""
-
-    message_type: ClassVar[str] = NODE_INFO_TYPE
-
-    node_id: str
-    shards: list[int] = field(default_factory=list)
-    #: The message types the node's handler accepts (a :class:`Router`'s
-    #: routes), or ``None`` when the handler does not say (any type may do).
-    message_types: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -210,10 +180,10 @@ class Node:
         if membership is None:
             if nodes is not None:
                 membership = StaticMembership(nodes, weights=weights)
-                membership._wanted(self)  # fail now if this node is not in the list
+                membership.wanted(self)  # fail now if this node is not in the list
             else:
                 membership = FixedShards(shards)
-                for s in membership._wanted(self):
+                for s in membership.wanted(self):
                     if not 0 <= s < self.num_shards:
                         raise ShardOutOfRangeError(
                             f"shard {s} is out of range 0..{self.num_shards - 1}"

@@ -49,8 +49,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from .testing import NatsServer, find_nats_server
-from .testing._processes import DEFAULT_READY_TIMEOUT, LogSink, NodeProcess
+from ..testing import NatsServer, find_nats_server
+from ..testing._processes import DEFAULT_READY_TIMEOUT, LogSink, NodeProcess
 
 __all__ = ["DEFAULT_NATS_PORT", "DevCluster"]
 

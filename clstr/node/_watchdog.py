@@ -31,7 +31,7 @@ from typing import Final
 
 import structlog
 
-from .errors import ConfigurationError, LifecycleError
+from ..errors import ConfigurationError, LifecycleError
 
 __all__ = ["DEFAULT_STALL_THRESHOLD", "LoopWatchdog", "StallCallback"]
 

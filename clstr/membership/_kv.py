@@ -1,257 +1,38 @@
-"""Membership: who is alive, and which shards each node serves.
+"""Dynamic membership on NATS JetStream KV (see docs/membership.md).
 
-Three implementations behind one interface (:class:`Membership`):
-
-* :class:`FixedShards` — the node serves a given list of shards.
-* :class:`StaticMembership` — a fixed list of node ids; each node serves the
-  shards HRW gives it (parity with the Go original).
-* :class:`KvMembership` — dynamic, on NATS JetStream KV: heartbeats with a
-  TTL in a members bucket, shard ownership as compare-and-set keys in a shards
-  bucket, handoff that drains before it releases, and a lease that fences a
-  node that lost its connection or its heartbeat. See docs/membership.md.
+Heartbeats with a TTL in a members bucket, shard ownership as compare-and-set
+keys in a shards bucket, handoff that drains before it releases, and a lease
+that fences a node that lost its connection or its heartbeat.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
-import enum
 import json
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import structlog
 
-from ._tasks import cancel_and_wait
-from .errors import ConfigurationError, LifecycleError, ShardOutOfRangeError, TransportError
-from .hashing import assign_shards, shards_for_node
+from .._tasks import cancel_and_wait
+from ..errors import ConfigurationError, LifecycleError, TransportError
+from ..hashing import assign_shards
+from ..node import (
+    ClusterState,
+    MemberInfo,
+    Membership,
+    MembershipEventKind,
+    ShardHost,
+)
+from ..transports.base import ConnectionEvent, Subscription
 
-if TYPE_CHECKING:
-    from .node import Node
-    from .transports.base import Subscription
-
-__all__ = [
-    "Membership",
-    "FixedShards",
-    "StaticMembership",
-    "KvMembership",
-    "MemberInfo",
-    "ClusterState",
-    "MembershipEvent",
-    "MembershipEventKind",
-    "MembershipListener",
-    "KvSettings",
-    "control_subject",
-]
+__all__ = ["KvMembership", "KvSettings", "control_subject"]
 
 _log = structlog.get_logger("clstr.membership")
-
-
-@dataclass(frozen=True, slots=True)
-class MemberInfo:
-    """What a live node announces about itself."""
-
-    node_id: str
-    weight: float = 1.0
-    started_at: float = 0.0
-    host: str = ""
-    pid: int = 0
-    cordoned: bool = False
-    incarnation: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterState:
-    """A snapshot of the cluster as one node sees it.
-
-    ``owners`` maps each shard to the node that holds it now (absent: nobody);
-    ``desired`` to the node HRW places it on given the live, uncordoned members.
-    """
-
-    members: dict[str, MemberInfo]
-    owners: dict[int, str]
-    desired: dict[int, str]
-    num_shards: int
-
-    def shards_of(self, node_id: str) -> list[int]:
-        """The shards ``node_id`` holds now, sorted."""
-        return sorted(s for s, n in self.owners.items() if n == node_id)
-
-    @property
-    def unowned(self) -> list[int]:
-        """Shards nobody holds right now."""
-        return [s for s in range(self.num_shards) if s not in self.owners]
-
-    @property
-    def balanced(self) -> bool:
-        """Whether every shard is held by its desired owner."""
-        return self.owners == self.desired and len(self.owners) == self.num_shards
-
-
-class MembershipEventKind(enum.Enum):
-    """What a :class:`MembershipEvent` reports."""
-
-    NODE_JOINED = "node_joined"
-    NODE_LEFT = "node_left"
-    SHARD_ACQUIRED = "shard_acquired"
-    SHARD_RELEASED = "shard_released"
-
-
-@dataclass(frozen=True, slots=True)
-class MembershipEvent:
-    """A node joined or left, or a shard changed hands."""
-
-    kind: MembershipEventKind
-    node_id: str
-    shard: int | None = None
-
-
-#: Called synchronously for each event; must not block.
-MembershipListener = Callable[[MembershipEvent], None]
-
-
-class Membership(abc.ABC):
-    """Decides which shards a node serves, and tells the node.
-
-    The node calls :meth:`join` from ``Node.start`` and :meth:`leave` from
-    ``Node.stop``; the membership calls ``node.acquire(shard)`` and
-    ``node.release(shard)``.
-    """
-
-    def __init__(self) -> None:
-        self._listeners: list[MembershipListener] = []
-
-    @abc.abstractmethod
-    async def join(self, node: Node) -> None:
-        """Start serving the shards this node should own; return once they are served."""
-
-    @abc.abstractmethod
-    async def leave(self) -> None:
-        """Hand every shard back (draining in-flight messages first) and leave."""
-
-    @abc.abstractmethod
-    def cluster_state(self) -> ClusterState:
-        """The cluster as this node sees it now."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        """Release what the membership runs (tasks, watchers), also when
-        :meth:`leave` was cut short by the node's stop bound. Idempotent."""
-
-    def add_listener(self, listener: MembershipListener) -> None:
-        """Call ``listener`` for every :class:`MembershipEvent`."""
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener: MembershipListener) -> None:
-        """Stop calling ``listener``."""
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def _emit(self, kind: MembershipEventKind, node_id: str, shard: int | None = None) -> None:
-        event = MembershipEvent(kind, node_id, shard)
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                _log.exception("membership listener failed", kind=kind.value)
-
-
-class _LocalMembership(Membership):
-    """Base of the memberships whose shard set is known up front."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._node: Node | None = None
-
-    def _wanted(self, node: Node) -> list[int]:
-        raise NotImplementedError
-
-    def _members(self) -> dict[str, MemberInfo]:
-        raise NotImplementedError
-
-    async def join(self, node: Node) -> None:
-        self._node = node
-        wanted = self._wanted(node)
-        for shard in wanted:
-            if not 0 <= shard < node.num_shards:
-                raise ShardOutOfRangeError(
-                    f"shard {shard} is out of range 0..{node.num_shards - 1}"
-                )
-        await asyncio.gather(*(node.acquire(s) for s in wanted))
-        self._emit(MembershipEventKind.NODE_JOINED, node.node_id)
-        for shard in wanted:
-            self._emit(MembershipEventKind.SHARD_ACQUIRED, node.node_id, shard)
-
-    async def leave(self) -> None:
-        node = self._node
-        if node is None:
-            return
-        held = node.shards
-        await asyncio.gather(*(node.release(s) for s in held))
-        for shard in held:
-            self._emit(MembershipEventKind.SHARD_RELEASED, node.node_id, shard)
-        self._emit(MembershipEventKind.NODE_LEFT, node.node_id)
-
-    def cluster_state(self) -> ClusterState:
-        node = self._node
-        if node is None:
-            raise LifecycleError("membership has not joined a node yet")
-        members = self._members()
-        desired = self._desired(node)
-        owners = dict.fromkeys(node.shards, node.node_id)
-        # Other static members are assumed to serve what HRW gives them.
-        owners.update({s: n for s, n in desired.items() if n != node.node_id})
-        return ClusterState(members, owners, desired, node.num_shards)
-
-    def _desired(self, node: Node) -> dict[int, str]:
-        return dict.fromkeys(self._wanted(node), node.node_id)
-
-
-class FixedShards(_LocalMembership):
-    """Serve exactly these shards (all of them when ``shards`` is ``None``)."""
-
-    def __init__(self, shards: Iterable[int] | None = None) -> None:
-        super().__init__()
-        self._shards = None if shards is None else sorted(set(shards))
-
-    def _wanted(self, node: Node) -> list[int]:
-        return list(range(node.num_shards)) if self._shards is None else list(self._shards)
-
-    def _members(self) -> dict[str, MemberInfo]:
-        assert self._node is not None
-        return {self._node.node_id: MemberInfo(self._node.node_id)}
-
-
-class StaticMembership(_LocalMembership):
-    """A fixed list of node ids (this one included); shards placed by HRW."""
-
-    def __init__(
-        self, node_ids: Collection[str], *, weights: Mapping[str, float] | None = None
-    ) -> None:
-        super().__init__()
-        if isinstance(node_ids, str):
-            raise ConfigurationError("node_ids must be a collection of ids, not one string")
-        self.node_ids = sorted(set(node_ids))
-        self.weights = dict(weights) if weights else None
-
-    def _wanted(self, node: Node) -> list[int]:
-        if node.node_id not in self.node_ids:
-            raise ConfigurationError(
-                f"node id {node.node_id!r} is not in the node list {self.node_ids}; "
-                "a static cluster lists every member, this one included"
-            )
-        return shards_for_node(
-            node.node_id, self.node_ids, node.num_shards, node.seed, weights=self.weights
-        )
-
-    def _desired(self, node: Node) -> dict[int, str]:
-        return assign_shards(self.node_ids, node.num_shards, node.seed, weights=self.weights)
-
-    def _members(self) -> dict[str, MemberInfo]:
-        return {n: MemberInfo(n, weight=(self.weights or {}).get(n, 1.0)) for n in self.node_ids}
 
 
 # -- dynamic membership on JetStream KV --------------------------------------
@@ -351,7 +132,7 @@ class KvMembership(Membership):
                 "or the node fences itself between heartbeats"
             )
         self.weight = weight
-        self._node: Node | None = None
+        self._node: ShardHost | None = None
         self._members: dict[str, MemberInfo] = {}
         self._holders: dict[int, _Holder] = {}
         self._held: dict[int, int] = {}  # shard -> revision of our key
@@ -426,8 +207,8 @@ class KvMembership(Membership):
 
     # -- lifecycle ------------------------------------------------------------
 
-    async def join(self, node: Node) -> None:
-        from .transports.nats import NatsTransport
+    async def join(self, node: ShardHost) -> None:
+        from ..transports.nats import NatsTransport
 
         if not isinstance(node.transport, NatsTransport):
             raise ConfigurationError(
@@ -537,7 +318,7 @@ class KvMembership(Membership):
 
     # -- internals ------------------------------------------------------------
 
-    def _require_node(self) -> Node:
+    def _require_node(self) -> ShardHost:
         if self._node is None:
             raise LifecycleError("membership has not joined a node yet")
         return self._node
@@ -732,8 +513,6 @@ class KvMembership(Membership):
         self._tasks.append(task)
 
     def _on_connection(self, event: Any) -> None:
-        from .transports.base import ConnectionEvent
-
         node = self._require_node()
         if event is ConnectionEvent.DISCONNECTED:
             self._connected = False

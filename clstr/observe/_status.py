@@ -23,10 +23,10 @@ from typing import Any, Final
 
 import nats.errors
 
-from .client import Client
-from .discovery import control_subject, discover
-from .errors import ConfigurationError, NoShardOwnerError, RequestError, TransportError
-from .transports.nats import NatsTransport
+from ..client import Client
+from ..errors import ConfigurationError, NoShardOwnerError, RequestError, TransportError
+from ..transports.nats import NatsTransport
+from ._discovery import control_subject, discover
 
 __all__ = [
     "ClusterView",

@@ -1,0 +1,15 @@
+"""The client layer: hashes keys to shards, builds envelopes, sends, maps errors."""
+
+from __future__ import annotations
+
+from ._client import DEFAULT_TIMEOUT, Client, ClientState, ScopedClient
+from ._retry import DEFAULT_RETRY, RetryPolicy
+
+__all__ = [
+    "Client",
+    "ClientState",
+    "ScopedClient",
+    "RetryPolicy",
+    "DEFAULT_RETRY",
+    "DEFAULT_TIMEOUT",
+]

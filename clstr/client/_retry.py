@@ -1,0 +1,51 @@
+"""Retry policy: when and how often a request is sent again."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Final
+
+from ..errors import ConfigurationError
+
+__all__ = ["RetryPolicy", "DEFAULT_RETRY"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """When and how often a request is retried (see :class:`Client`).
+
+    Waits between attempts grow from ``initial_backoff`` by ``multiplier`` up
+    to ``max_backoff``, each drawn uniformly from zero to that bound ("full
+    jitter", so that clients retrying together spread out). Retries stop at
+    the request's deadline, or after ``max_attempts`` attempts when given.
+
+    ``attempt_timeout`` bounds each attempt: an attempt without a reply by
+    then (its node died with the request, say) is sent again, under the same
+    request id. Without it an attempt may use the whole deadline.
+    """
+
+    initial_backoff: float = 0.01
+    max_backoff: float = 0.5
+    multiplier: float = 2.0
+    max_attempts: int | None = None
+    attempt_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_backoff <= self.max_backoff or self.multiplier < 1:
+            raise ConfigurationError(
+                "RetryPolicy needs 0 < initial_backoff <= max_backoff and multiplier >= 1"
+            )
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.attempt_timeout is not None and not self.attempt_timeout > 0:
+            raise ConfigurationError(f"attempt_timeout must be > 0, got {self.attempt_timeout}")
+
+    def backoff(self, attempt: int) -> float:
+        """The pause before retry number ``attempt + 1``."""
+        bound = min(self.max_backoff, self.initial_backoff * self.multiplier**attempt)
+        return random.uniform(0, bound)
+
+
+#: A sensible retry policy for clusters whose shards move (dynamic membership).
+DEFAULT_RETRY: Final = RetryPolicy()
