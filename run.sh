@@ -8,7 +8,7 @@
 #                     serves until Ctrl-C (then nothing is left running);
 #                     ./run.sh demo --once exits after the requests
 #   ./run.sh test     the test suite (extra arguments go to pytest)
-#   ./run.sh lint     ruff and mypy --strict
+#   ./run.sh lint     ruff, the layer rule (lint-imports) and mypy --strict
 #   ./run.sh clstr …  any clstr command
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -46,6 +46,7 @@ case "$job" in
   lint)
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check clstr tests examples benchmarks
+    "$VENV/bin/lint-imports"
     exec "$VENV/bin/mypy" --strict clstr
     ;;
   clstr) exec "$VENV/bin/clstr" "$@" ;;

@@ -101,7 +101,7 @@ async def rig(connect: Connect) -> AsyncIterator[Rig]:
     finally:
         handler.release.set()  # let a stubborn handler end, so that no task is left
         await node.stop()
-        await eventually(lambda: not node._workers)
+        await eventually(lambda: not node._dispatch.workers)
 
 
 class TestNeverReturns:
@@ -175,7 +175,7 @@ class TestIgnoresCancellation:
             await stubborn
         # Once the handler gives in, its task ends: nothing leaks.
         rig.handler.release.set()
-        await eventually(lambda: not rig.node._workers)
+        await eventually(lambda: not rig.node._dispatch.workers)
 
 
 class TestAlwaysRaises:
@@ -245,4 +245,4 @@ class TestAllAtOnce:
         expected = [NotOwnerError, RequestTimeoutError, RemoteHandlerError]
         assert [type(r) for r in results] == expected
         rig.handler.release.set()
-        await eventually(lambda: not rig.node._workers)
+        await eventually(lambda: not rig.node._dispatch.workers)

@@ -10,7 +10,7 @@ memberships above this layer never reach into the node's internals).
 from __future__ import annotations
 
 from ..protocol import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
-from ._node import Node, NodeState, NodeStats, ReplyCache
+from ._node import Node
 from ._ownership import (
     ClusterState,
     FixedShards,
@@ -22,6 +22,8 @@ from ._ownership import (
     ShardHost,
     StaticMembership,
 )
+from ._replies import ReplyCache
+from ._state import NodeState, NodeStats
 
 __all__ = [
     "Node",

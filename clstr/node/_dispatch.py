@@ -1,0 +1,576 @@
+"""The message path of a node: intake, per-key lanes, workers, the handler run, replies.
+
+Flow of one message: the transport hands bytes to :meth:`Dispatcher.on_message`
+(synchronously, on its delivery path); it decodes them, refuses what is
+malformed, stale or over the queue bound, and files the rest into a lane. A
+lane holds the queued messages of one key (a message without a key gets a
+lane of its own); at most one worker serves a lane at a time, so one key's
+messages run one at a time in arrival order, while up to
+``max_concurrency`` workers serve different lanes at once. A worker takes
+one message from a lane, runs the handler under the envelope's remaining
+time, replies, and puts the lane back at the end of the ready queue if it
+still has messages (fairness between keys). Workers exit as soon as no lane
+is ready, so an idle node holds no worker task and no empty lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import structlog
+
+from .._clock import Timeouts, monotonic
+from .._tasks import cancel_and_wait
+from ..codec import (
+    Limits,
+    decode_request,
+    encode_error_reply,
+    encode_payload,
+    encode_reply,
+    error_reply_for,
+)
+from ..envelope import Envelope
+from ..errors import (
+    BadRequestError,
+    EnvelopeExpiredError,
+    HandlerTimeoutError,
+    NoHandlerError,
+    NotOwnerError,
+    OverloadedError,
+    RemoteHandlerError,
+    RequestError,
+)
+from ..handlers import Handler
+from ..metrics import Metrics
+from ..protocol import NODE_INFO_TYPE, NodeInfo
+from ..transports.base import Transport
+from ._replies import ReplyCache
+from ._state import NodeStats
+
+__all__ = ["Dispatcher", "Owner", "cancel_tasks"]
+
+# How long cancelled handlers get to end before stop (or a handoff) goes on
+# without them: stop() returns within stop_timeout plus twice this.
+_CANCEL_GRACE: Final = 1.0
+
+# Message types are chosen by senders: past this many distinct ones, metrics
+# label the rest "other", so that hostile senders cannot grow them without bound.
+_MAX_TYPE_LABELS: Final = 256
+
+# A message, where to reply, and when it arrived (monotonic; 0.0 unmetered).
+_Work = tuple[Envelope, "str | None", float]
+
+
+class _Lane:
+    __slots__ = ("items", "key", "shard")
+
+    def __init__(self, shard: int, key: str | None) -> None:
+        self.shard = shard
+        self.key = key
+        self.items: deque[_Work] = deque()
+
+
+class Owner(Protocol):
+    """What the message path reads of its node (:class:`~clstr.Node` is one):
+    settings, where to count, and whether a shard's messages may be taken."""
+
+    node_id: str
+    handler: Handler
+    transport: Transport
+    limits: Limits
+    clock_skew: float
+    max_pending: int
+    max_concurrency: int
+    stats: NodeStats
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def metered(self) -> bool:
+        """Whether :attr:`metrics` is a real sink (the no-op one is skipped)."""
+        ...
+
+    @property
+    def shards(self) -> list[int]: ...
+
+    @property
+    def fenced(self) -> bool: ...
+
+    @property
+    def accepting(self) -> bool:
+        """Whether workers may still start (not once the node stopped)."""
+        ...
+
+    def serving(self, shard: int) -> bool:
+        """Whether a message of ``shard`` may be taken now."""
+        ...
+
+    def fence_reason(self, shard: int) -> str:
+        """Why a message of ``shard`` is refused with ``not_owner``."""
+        ...
+
+
+class Dispatcher:
+    """Takes a node's messages and runs its handler on them (see the module docstring).
+
+    Reads the node's settings and ownership through ``node`` (an :class:`Owner`);
+    holds everything of the message path itself. ``wall_clock`` judges the
+    staleness of a sender's timestamp.
+    """
+
+    def __init__(
+        self,
+        node: Owner,
+        reply_cache: ReplyCache,
+        *,
+        wall_clock: Callable[[], float],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._node = node
+        self._log = log
+        self._wall_clock = wall_clock
+        #: The loop workers run on (set when the node starts).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.reply_cache = reply_cache
+        self._type_labels: set[str] = set()
+        self._lanes: dict[tuple[int, str], _Lane] = {}
+        self._ready: deque[_Lane] = deque()
+        self.workers: set[asyncio.Task[None]] = set()
+        self._spare: asyncio.Task[None] | None = None  # a worker that has not run yet
+        self._current: dict[asyncio.Task[None], int] = {}  # worker -> shard it runs
+        self._chores: set[asyncio.Task[None]] = set()  # evictions scheduled from callbacks
+        self._evicting: list[Callable[[int], bool]] = []  # shards being evicted now
+        self._load: dict[int, int] = {}  # shard -> messages queued or running
+        self._idle_waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self.queued = 0
+        self.running = 0
+        # Since when messages are refused as overloaded (None: keeping up).
+        self._behind_since: float | None = None
+        # Set when nothing is queued or running, while stop() waits for that.
+        self._quiet: asyncio.Future[None] | None = None
+        self._timeouts: Timeouts[asyncio.Task[None]] | None = None  # handler deadlines
+        # Workers whose handler ran past its deadline and were cancelled for it.
+        self._overdue: set[asyncio.Task[None]] = set()
+        # Idempotency: ids still in flight, and who else waits for their reply.
+        self._in_flight: dict[str, list[str]] = {}
+        # The handlers that started last (for the loop-stall report).
+        self.last_started: tuple[Envelope, float] | None = None
+        self.before_last: tuple[Envelope, float] | None = None
+
+    # -- waiting for the path to empty (handoff, stop) -------------------------
+
+    def busy(self, shard: int) -> bool:
+        """Whether ``shard`` has messages queued or running."""
+        return bool(self._load.get(shard))
+
+    async def wait_idle(self, shard: int) -> None:
+        """Return once ``shard`` has no message queued or running."""
+        if self._load.get(shard):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle_waiters.setdefault(shard, []).append(waiter)
+            await waiter
+
+    async def wait_quiet(self) -> None:
+        """Return once no message is queued or running."""
+        if self.queued or self.running:
+            self._quiet = asyncio.get_running_loop().create_future()
+            await self._quiet
+
+    async def close(self, reason: str) -> None:
+        """Cancel the scheduled evictions, evict everything, end every worker."""
+        await cancel_tasks(list(self._chores))
+        await self.evict(lambda s: True, reason)
+        await cancel_tasks(list(self.workers))
+
+    # -- intake (synchronous, on the transport's delivery path) ---------------
+
+    def on_message(self, shard: int, data: bytes, reply: str | None) -> None:
+        node = self._node
+        try:
+            env = decode_request(data, shard=shard, limits=node.limits)
+        except BadRequestError as exc:
+            self._rejected("bad_request")
+            self._log.debug("bad request", shard=shard, error=str(exc))
+            self.reply(reply, error_reply_for(exc))
+            return
+        # (Its deadline was just set from the TTL: only the sender's clock can
+        # say that it is stale.)
+        if env.ttl is not None and self._wall_clock() - env.created_at > env.ttl + node.clock_skew:
+            # Only this copy's reply: a copy of the same id may be running.
+            self._rejected("expired")
+            self.reply(reply, self._expired_reply(env))
+            return
+        if env.type == NODE_INFO_TYPE:
+            types = getattr(node.handler, "message_types", None)
+            info = NodeInfo(
+                node_id=node.node_id,
+                shards=node.shards,
+                message_types=list(types) if isinstance(types, list | tuple) else None,
+            )
+            self.reply(reply, encode_reply(encode_payload(info)))
+            return
+        if not node.serving(shard):
+            # Fenced, or a late delivery for a shard it no longer serves.
+            self._rejected("not_owner")
+            self.reply(reply, error_reply_for(NotOwnerError(node.fence_reason(shard))))
+            return
+        request_id = env.id
+        if request_id is not None:
+            cached = self.reply_cache.get(request_id)
+            if cached is not None:
+                node.stats.reject("duplicate")
+                self.reply(reply, cached)
+                return
+            waiting = self._in_flight.get(request_id)
+            if waiting is not None:
+                # A retry of a request still queued or running: answer both at once.
+                if reply is not None:
+                    waiting.append(reply)
+                return
+        if self.queued >= node.max_pending and self._full(env):
+            self._overloaded(reply)
+            return
+        if request_id is not None:
+            self._in_flight[request_id] = []
+        self._enqueue(env, reply)
+
+    def _full(self, env: Envelope) -> bool:
+        """Whether taking ``env`` would leave more than ``max_pending`` messages
+        waiting: queued ones that no idle worker is about to start (a queued
+        message of a busy key waits; the first of a new key may start at once)."""
+        ready = len(self._ready)
+        if env.key is None or (env.shard, env.key) not in self._lanes:
+            ready += 1  # it would start a lane of its own
+        starting = min(self._node.max_concurrency - self.running, ready)
+        return self.queued + 1 - starting > self._node.max_pending
+
+    def _overloaded(self, reply: str | None) -> None:
+        """Refuse a message for want of room; log when the node falls behind."""
+        node = self._node
+        self._rejected("overloaded")
+        if self._behind_since is None:
+            self._behind_since = monotonic()
+            self._log.warning(
+                "node overloaded: refusing messages until the queue drains",
+                queued=self.queued,
+                running=self.running,
+                max_pending=node.max_pending,
+            )
+        self.reply(
+            reply,
+            error_reply_for(
+                OverloadedError(
+                    f"node {node.node_id} has {self.queued} messages queued "
+                    f"(max_pending={node.max_pending}); retry later"
+                )
+            ),
+        )
+
+    def _rejected(self, reason: str) -> None:
+        self._node.stats.reject(reason)
+        self._node.metrics.envelope_rejected(reason)
+
+    def _type_label(self, msg_type: str) -> str:
+        """The metric label of ``msg_type``: itself, or "other" past _MAX_TYPE_LABELS."""
+        labels = self._type_labels
+        if msg_type in labels:
+            return msg_type
+        if len(labels) < _MAX_TYPE_LABELS:
+            labels.add(msg_type)
+            return msg_type
+        return "other"
+
+    def _expired_reply(self, env: Envelope) -> bytes:
+        message = f"envelope {env.type!r} for shard {env.shard} expired before its handler ran"
+        return error_reply_for(EnvelopeExpiredError(message))
+
+    def _enqueue(self, env: Envelope, reply: str | None) -> None:
+        node = self._node
+        node.stats.received += 1
+        self.queued += 1
+        received = 0.0
+        if node.metered:
+            received = monotonic()
+            node.metrics.pending_messages(node.node_id, self.queued)
+        shard = env.shard
+        self._load[shard] = self._load.get(shard, 0) + 1
+        key = env.key
+        if key is None:
+            lane = _Lane(shard, None)
+        else:
+            existing = self._lanes.get((shard, key))
+            if existing is not None:
+                # Busy or already ready: its worker puts it back when done.
+                existing.items.append((env, reply, received))
+                return
+            lane = self._lanes[shard, key] = _Lane(shard, key)
+        lane.items.append((env, reply, received))
+        self._ready.append(lane)
+        if self._spare is None:
+            self._spawn_worker()
+
+    # -- workers --------------------------------------------------------------
+
+    def _spawn_worker(self) -> None:
+        """Make sure a worker that has not started yet is there for the ready lanes.
+
+        One such spare at a time: a worker runs ready lanes one after the other
+        for as long as its handlers finish without waiting, and before each
+        handler it calls this, so that the rest of the queue has a worker of
+        its own should that handler wait. A burst delivered in one go thus
+        starts one or two tasks, not one per message, and lanes still run
+        concurrently (up to ``max_concurrency``) as soon as handlers wait.
+        """
+        node = self._node
+        if self._spare is None and len(self.workers) < node.max_concurrency and node.accepting:
+            loop = self.loop or asyncio.get_running_loop()
+            task = self._spare = loop.create_task(self._work())
+            self.workers.add(task)
+            task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self.workers.discard(task)
+        if self._spare is task:  # cancelled before it started
+            self._spare = None
+        self._current.pop(task, None)
+        # A worker cancelled for a shard's handoff may leave other lanes behind.
+        if self._ready:
+            self._spawn_worker()
+
+    def _settled(self, shard: int) -> None:
+        """One message of ``shard`` finished (or was dropped)."""
+        left = self._load[shard] - 1
+        if left:
+            self._load[shard] = left
+        else:
+            del self._load[shard]
+            for waiter in self._idle_waiters.pop(shard, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        if self._behind_since is not None and self.queued <= self._node.max_pending // 2:
+            self._log.info(
+                "node caught up",
+                behind_for=round(monotonic() - self._behind_since, 3),
+                refused_total=self._node.stats.rejected.get("overloaded", 0),
+            )
+            self._behind_since = None
+        quiet = self._quiet
+        if quiet is not None and not self.queued and not self.running and not quiet.done():
+            quiet.set_result(None)
+
+    async def _work(self) -> None:
+        ready = self._ready
+        me = asyncio.current_task()
+        assert me is not None
+        self._spare = None
+        node = self._node
+        while ready:
+            lane = ready.popleft()
+            if ready and self._spare is None:
+                self._spawn_worker()
+            env, reply, received = lane.items.popleft()
+            self.queued -= 1
+            if node.metered:
+                node.metrics.pending_messages(node.node_id, self.queued)
+            self._current[me] = lane.shard
+            try:
+                await self._run(env, reply, me, received)
+            finally:
+                del self._current[me]
+                if lane.items:
+                    ready.append(lane)
+                elif lane.key is not None:
+                    self._lanes.pop((lane.shard, lane.key), None)
+                self._settled(lane.shard)
+
+    def _overrun(self, task: asyncio.Task[None]) -> None:
+        """A handler's deadline passed: cancel its worker (see :meth:`_run`)."""
+        self._overdue.add(task)
+        task.cancel()
+
+    async def _run(
+        self, env: Envelope, reply: str | None, me: asyncio.Task[None], received: float
+    ) -> None:
+        node = self._node
+        if env.expired():
+            self._rejected("expired")
+            self._finish(env, reply, self._expired_reply(env), cache=False)
+            return
+        if node.fenced or (self._evicting and self._refusing(env.shard)):
+            # Not cached: a retry after unfencing must run the handler.
+            self._rejected("not_owner")
+            refusal = error_reply_for(NotOwnerError(node.fence_reason(env.shard)))
+            self._finish(env, reply, refusal, cache=False)
+            return
+        self.running += 1
+        if node.metered:
+            node.metrics.handlers_active(node.node_id, self.running)
+        started = time.perf_counter()
+        self.before_last, self.last_started = self.last_started, (env, started)
+        ok = False
+        failure: BaseException | None = None
+        body: bytes | None = None
+        try:
+            deadline = env.deadline
+            if deadline is None:
+                result = await node.handler(env)
+            else:
+                # Not an asyncio.timeout (a context manager, a current_task(),
+                # a timer handle and loop look-ups per message).
+                timeouts = self._timeouts
+                if timeouts is None:
+                    timeouts = self._timeouts = Timeouts(asyncio.get_running_loop(), self._overrun)
+                slot = timeouts.add(deadline, me)
+                try:
+                    result = await node.handler(env)
+                except asyncio.CancelledError:
+                    if me not in self._overdue:
+                        raise
+                    self._overdue.discard(me)
+                    me.uncancel()
+                    raise HandlerTimeoutError(
+                        f"handler for {env.type!r} ran past the deadline "
+                        f"({env.ttl:.3f}s TTL) and was cancelled"
+                    ) from None
+                finally:
+                    timeouts.discard(slot, me)
+                    if me in self._overdue:  # the handler swallowed the cancellation
+                        self._overdue.discard(me)
+                        me.uncancel()
+            if result is None:
+                result = b""
+            elif not isinstance(result, bytes | bytearray | memoryview):
+                raise TypeError(
+                    f"handler for {env.type!r} returned {type(result).__name__}; "
+                    "a raw handler returns bytes (use a Router for typed replies)"
+                )
+            ok = True
+            if reply is not None or env.id is not None:
+                body = encode_reply(bytes(result))
+        except asyncio.CancelledError:
+            self._finish(
+                env,
+                reply,
+                error_reply_for(
+                    NotOwnerError(f"node {node.node_id} stopped the handler before it finished")
+                ),
+                cache=False,
+            )
+            raise
+        except RequestError as exc:
+            # Raised on purpose by the handler (or the timeout): its code goes back.
+            failure = exc
+            node.stats.last_error = f"{exc.code}: {exc}"
+            self._log.debug("handler refused", type=env.type, code=exc.code, error=str(exc))
+            body = error_reply_for(exc)
+        except Exception as exc:
+            node.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self._log.warning(
+                "handler raised", type=env.type, shard=env.shard, error=repr(exc), exc_info=True
+            )
+            body = encode_error_reply(RemoteHandlerError.code, type(exc).__name__, str(exc))
+        finally:
+            elapsed = time.perf_counter() - started
+            self.running -= 1
+            stats = node.stats
+            stats.processing_time += elapsed
+            if ok:
+                stats.handled += 1
+            else:
+                stats.errors += 1
+            if node.metered:
+                node.metrics.handlers_active(node.node_id, self.running)
+                # Types nobody handles do not take one of the few label slots.
+                unknown = isinstance(failure, NoHandlerError)
+                label = "_unknown" if unknown else self._type_label(env.type)
+                node.metrics.handler_completed(label, ok, elapsed)
+                node.metrics.request_served(label, ok, monotonic() - received)
+        self._finish(env, reply, body)
+
+    def _finish(
+        self, env: Envelope, reply: str | None, body: bytes | None, *, cache: bool = True
+    ) -> None:
+        """Answer ``reply`` and every retry of the same id that waited, and remember
+        the reply for later retries when the handler ran (``cache``)."""
+        self.reply(reply, body)
+        request_id = env.id
+        if request_id is None:
+            return
+        for waiting in self._in_flight.pop(request_id, ()):
+            self.reply(waiting, body)
+        if cache and body is not None:
+            self.reply_cache.put(request_id, body, env.shard)
+
+    # -- eviction (stop, handoff timeout, fencing) ----------------------------
+
+    def evict_soon(self, which: Callable[[int], bool], reason: str) -> None:
+        """Schedule :meth:`evict` from synchronous code (callbacks)."""
+        if not self._current and not any(which(lane.shard) for lane in self._ready):
+            return
+        task = asyncio.get_running_loop().create_task(self.evict(which, reason))
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def evict(self, which: Callable[[int], bool], reason: str) -> None:
+        """Cancel running handlers and drop queued messages of the shards ``which``
+        selects; their callers get ``not_owner``."""
+        # Until the shards' lanes are emptied, a worker that picks one up (a
+        # replacement for a cancelled one, say) refuses it rather than run it.
+        self._evicting.append(which)
+        try:
+            await self._evict_now(which, reason)
+        finally:
+            self._evicting.remove(which)
+
+    def _refusing(self, shard: int) -> bool:
+        return any(which(shard) for which in self._evicting)
+
+    async def _evict_now(self, which: Callable[[int], bool], reason: str) -> None:
+        victims = [t for t, s in self._current.items() if which(s)]
+        await cancel_tasks(victims)
+        error = error_reply_for(NotOwnerError(reason))
+        keep: deque[_Lane] = deque()
+        for lane in self._ready:
+            if not which(lane.shard):
+                keep.append(lane)
+                continue
+            while lane.items:
+                env, reply, _ = lane.items.popleft()
+                self.queued -= 1
+                self._finish(env, reply, error, cache=False)
+                self._settled(lane.shard)
+            if lane.key is not None:
+                self._lanes.pop((lane.shard, lane.key), None)
+        # In place: workers hold a reference to this deque.
+        self._ready.clear()
+        self._ready.extend(keep)
+
+    # -- replies ------------------------------------------------------------
+
+    def reply(self, reply: str | None, body: bytes | None) -> None:
+        """Send a reply at once, without waiting (callable from synchronous code)."""
+        if reply is None or body is None:
+            return
+        try:
+            self._node.transport.publish_nowait(reply, body)
+        except Exception as exc:
+            self._log.warning("cannot send reply", error=repr(exc))
+
+
+async def cancel_tasks(tasks: list[asyncio.Task[None]], grace: float = _CANCEL_GRACE) -> None:
+    """Cancel ``tasks`` and wait up to ``grace`` seconds for them to end, without
+    swallowing our own cancellation. A task still running then (a handler that
+    catches CancelledError and goes on) is logged and left to finish on its own:
+    asyncio cannot force it, and waiting for it would hang ``stop`` forever."""
+    stuck = await cancel_and_wait(tasks, grace)
+    if stuck:
+        structlog.get_logger("clstr.node").error(
+            "tasks ignored cancellation; left running (a handler catches CancelledError?)",
+            tasks=sorted(t.get_name() for t in stuck),
+            grace=grace,
+        )
