@@ -221,7 +221,7 @@ class TestLeaving:
         await harness.start("a")
         await harness.start("b")
         await harness.settled("a", {"a", "b"})
-        members = harness.kv("a")._members_kv
+        members = harness.kv("a")._beat().kv
         assert (await members.get("b")).value
         await harness.nodes.pop("b").stop()
         with pytest.raises((nats.js.errors.KeyDeletedError, nats.js.errors.KeyNotFoundError)):
@@ -388,7 +388,7 @@ class TestReplyHandoff:
 
         await start("b")
         held_shard = shard_for_key(held_key, NUM_SHARDS)
-        await eventually(lambda: held_shard in harness.kv("a")._releasing)  # draining it
+        await eventually(lambda: held_shard in harness.kv("a")._shards()._releasing)  # draining it
         counting.gate.set()
         assert await held == b"1"
         await harness.settled("a", {"a", "b"})
@@ -533,14 +533,14 @@ class TestFencing:
             client = Client(await harness.connect("client"), num_shards=NUM_SHARDS, timeout=5)
             assert await client.request_shard(0, "x") == b"b"
             checking, gate = asyncio.Event(), asyncio.Event()
-            read_key = kv_b._shards_kv.get
+            read_key = kv_b._shards().kv.get
 
             async def held_get(key: str) -> object:
                 checking.set()
                 await gate.wait()
                 return await read_key(key)
 
-            monkeypatch.setattr(kv_b._shards_kv, "get", held_get)
+            monkeypatch.setattr(kv_b._shards().kv, "get", held_get)
             await proxy.cut()
             await eventually(lambda: b.fenced)
             await proxy.heal()

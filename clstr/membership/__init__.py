@@ -24,7 +24,9 @@ from ..node import (
     MembershipListener,
     StaticMembership,
 )
-from ._kv import KvMembership, KvSettings, control_subject
+from ._control import control_subject
+from ._kv import KvMembership
+from ._settings import KvSettings
 
 __all__ = [
     "Membership",

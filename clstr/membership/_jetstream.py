@@ -1,0 +1,112 @@
+"""What the KV membership needs of JetStream beyond nats-py's API: bucket names
+and creation, compare-and-set failures, retries while a stream settles, and
+watchers that stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import structlog
+
+from .._tasks import cancel_and_wait
+
+__all__ = ["bucket_names", "is_cas_failure", "open_bucket", "settling", "stop_watcher"]
+
+_log = structlog.get_logger("clstr.membership")
+
+T = TypeVar("T")
+
+# JetStream's "wrong last sequence" error codes: a compare-and-set lost.
+_CAS_CODES: Final = (10071, 10164)
+
+
+def is_cas_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a compare-and-set (expected revision) lost."""
+    import nats.js.errors
+
+    if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _CAS_CODES
+
+
+def bucket_names(prefix: str) -> tuple[str, str, str]:
+    """The members, shards and handoff buckets of the cluster under ``prefix``."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix)
+    return f"{safe}_members", f"{safe}_shards", f"{safe}_handoff"
+
+
+async def open_bucket(
+    js: Any,
+    name: str,
+    *,
+    replicas: int,
+    marker_ttl: float | None = None,
+    max_age: float | None = None,
+) -> Any:
+    """The KV bucket ``name``, created (history 1) when it does not exist yet.
+
+    ``marker_ttl`` makes expired keys leave a marker for that long (so that
+    watchers see a per-key TTL run out); ``max_age`` bounds every entry's life.
+    """
+    import nats.js.errors
+
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    kwargs: dict[str, Any] = {"bucket": name, "history": 1, "replicas": replicas}
+    if marker_ttl is not None:
+        kwargs["limit_marker_ttl"] = marker_ttl
+    if max_age is not None:
+        kwargs["ttl"] = max_age
+    try:
+        return await js.create_key_value(**kwargs)
+    except nats.js.errors.BadRequestError:
+        # Created by another node at the same moment.
+        return await js.key_value(name)
+
+
+async def settling(op: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
+    """Run ``op``, retrying while JetStream settles (a fresh replicated stream
+    may have no leader yet and answer "no responders" for a moment)."""
+    import nats.errors
+    import nats.js.errors
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    pause = 0.05
+    while True:
+        try:
+            return await op()
+        except (
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.js.errors.NoStreamResponseError,
+        ):
+            if loop.time() + pause >= deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+
+async def stop_watcher(watcher: Any) -> None:
+    """Stop a KV watcher, also when its connection is already closed.
+
+    nats-py cancels the ordered consumer's heartbeat and flow-control tasks
+    only when unsubscribing succeeds; on a closed connection it raises first
+    and the tasks live on, so they are cancelled here.
+    """
+    try:
+        await watcher.stop()
+    except Exception as exc:
+        _log.debug("watcher stop failed", error=repr(exc))
+    push = getattr(watcher, "_sub", None)  # the JetStream push subscription
+    jsi = getattr(getattr(push, "_sub", None), "_jsi", None)  # on its core subscription
+    leftovers = [
+        task
+        for task in (getattr(jsi, "_hbtask", None), getattr(jsi, "_fctask", None))
+        if isinstance(task, asyncio.Task)
+    ]
+    await cancel_and_wait(leftovers, insist=True)
