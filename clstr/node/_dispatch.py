@@ -19,14 +19,13 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final
 
 import structlog
 
 from .._clock import Timeouts, monotonic
 from .._tasks import cancel_and_wait
 from ..codec import (
-    Limits,
     decode_request,
     encode_error_reply,
     encode_payload,
@@ -44,14 +43,11 @@ from ..errors import (
     RemoteHandlerError,
     RequestError,
 )
-from ..handlers import Handler
-from ..metrics import Metrics
 from ..protocol import NODE_INFO_TYPE, NodeInfo
-from ..transports.base import Transport
 from ._replies import ReplyCache
-from ._state import NodeStats
+from ._state import Owner
 
-__all__ = ["Dispatcher", "Owner", "cancel_tasks"]
+__all__ = ["Dispatcher", "cancel_tasks"]
 
 # How long cancelled handlers get to end before stop (or a handoff) goes on
 # without them: stop() returns within stop_timeout plus twice this.
@@ -72,47 +68,6 @@ class _Lane:
         self.shard = shard
         self.key = key
         self.items: deque[_Work] = deque()
-
-
-class Owner(Protocol):
-    """What the message path reads of its node (:class:`~clstr.Node` is one):
-    settings, where to count, and whether a shard's messages may be taken."""
-
-    node_id: str
-    handler: Handler
-    transport: Transport
-    limits: Limits
-    clock_skew: float
-    max_pending: int
-    max_concurrency: int
-    stats: NodeStats
-
-    @property
-    def metrics(self) -> Metrics: ...
-
-    @property
-    def metered(self) -> bool:
-        """Whether :attr:`metrics` is a real sink (the no-op one is skipped)."""
-        ...
-
-    @property
-    def shards(self) -> list[int]: ...
-
-    @property
-    def fenced(self) -> bool: ...
-
-    @property
-    def accepting(self) -> bool:
-        """Whether workers may still start (not once the node stopped)."""
-        ...
-
-    def serving(self, shard: int) -> bool:
-        """Whether a message of ``shard`` may be taken now."""
-        ...
-
-    def fence_reason(self, shard: int) -> str:
-        """Why a message of ``shard`` is refused with ``not_owner``."""
-        ...
 
 
 class Dispatcher:

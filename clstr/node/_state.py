@@ -1,11 +1,17 @@
-"""The node's lifecycle states and counters."""
+"""The node's lifecycle states, its counters, and what its message path reads of it."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["NodeState", "NodeStats"]
+from ..codec import Limits
+from ..handlers import Handler
+from ..metrics import Metrics
+from ..transports.base import Transport
+
+__all__ = ["NodeState", "NodeStats", "Owner"]
 
 
 @dataclass(slots=True)
@@ -31,3 +37,44 @@ class NodeState(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+class Owner(Protocol):
+    """What the message path reads of its node (:class:`~clstr.Node` is one):
+    settings, where to count, and whether a shard's messages may be taken."""
+
+    node_id: str
+    handler: Handler
+    transport: Transport
+    limits: Limits
+    clock_skew: float
+    max_pending: int
+    max_concurrency: int
+    stats: NodeStats
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def metered(self) -> bool:
+        """Whether :attr:`metrics` is a real sink (the no-op one is skipped)."""
+        ...
+
+    @property
+    def shards(self) -> list[int]: ...
+
+    @property
+    def fenced(self) -> bool: ...
+
+    @property
+    def accepting(self) -> bool:
+        """Whether workers may still start (not once the node stopped)."""
+        ...
+
+    def serving(self, shard: int) -> bool:
+        """Whether a message of ``shard`` may be taken now."""
+        ...
+
+    def fence_reason(self, shard: int) -> str:
+        """Why a message of ``shard`` is refused with ``not_owner``."""
+        ...
