@@ -17,6 +17,7 @@ from .errors import (
     DeadlineExceededError,
     EnvelopeExpiredError,
     HandlerTimeoutError,
+    IdempotencyKeyReusedError,
     KeyRequiredError,
     LifecycleError,
     LimitExceededError,
@@ -27,12 +28,14 @@ from .errors import (
     OverloadedError,
     PayloadError,
     RemoteHandlerError,
+    ReplyTooLargeError,
     RequestError,
     RequestTimeoutError,
     ReservedHeaderError,
     ShardOutOfRangeError,
     TransportClosedError,
     TransportError,
+    WrongShardError,
 )
 from .handlers import Handler, KeyHandler, Router
 from .hashing import ShardMapper, assign_shards, owner_of, shard_for_key, shards_for_node
@@ -108,6 +111,9 @@ __all__ = [
     "RequestTimeoutError",
     "OverloadedError",
     "BadRequestError",
+    "WrongShardError",
+    "IdempotencyKeyReusedError",
+    "ReplyTooLargeError",
     "KeyRequiredError",
     "NoHandlerError",
     "RemoteHandlerError",

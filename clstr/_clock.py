@@ -90,6 +90,13 @@ class Timeouts(Generic[T]):
         """How many loop timers are live."""
         return len(self._timers)
 
+    def close(self) -> None:
+        """Cancel every timer: nothing fires any more."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._slots.clear()
+
     def _expire(self, slot: int) -> None:
         self._timers.pop(slot, None)
         for item in self._slots.pop(slot, ()):

@@ -22,6 +22,9 @@
         │   └── RequestTimeoutError          no reply arrived before the deadline
         ├── OverloadedError                  the node's queue is full (retryable)
         ├── BadRequestError                  the node could not decode the message
+        │   └── WrongShardError              the key belongs to another shard
+        ├── IdempotencyKeyReusedError        the request id was used for another request
+        ├── ReplyTooLargeError               the handler's reply is over max_payload
         ├── KeyRequiredError                 the handler needs a key, none was sent
         ├── NoHandlerError                   no handler for the message type
         └── RemoteHandlerError               the handler raised; carries its type/message
@@ -55,6 +58,9 @@ __all__ = [
     "RequestTimeoutError",
     "OverloadedError",
     "BadRequestError",
+    "WrongShardError",
+    "IdempotencyKeyReusedError",
+    "ReplyTooLargeError",
     "KeyRequiredError",
     "NoHandlerError",
     "RemoteHandlerError",
@@ -170,6 +176,32 @@ class BadRequestError(RequestError):
     code = "bad_request"
 
 
+class WrongShardError(BadRequestError):
+    """The message's key belongs to another shard than the one it was sent to.
+
+    The sender computes shards with another ``num_shards`` or ``seed`` than the
+    node (or routes by hand): handled here, one key's state would split across
+    two nodes. Fix the sender's settings; retrying the same message cannot help.
+    """
+
+    code = "wrong_shard"
+
+
+class IdempotencyKeyReusedError(RequestError):
+    """The request id was already used for a different request (another type,
+    key, shard or payload). A request id names exactly one request: give each
+    new request a new id, and reuse an id only to retry the very same request."""
+
+    code = "id_reused"
+
+
+class ReplyTooLargeError(RequestError):
+    """The handler ran, but its reply is larger than the messaging system carries
+    (NATS ``max_payload``). Return less data per reply (page it, or stream it)."""
+
+    code = "reply_too_large"
+
+
 class KeyRequiredError(RequestError):
     """The handler needs a key and the message carried none; send it with a key."""
 
@@ -204,6 +236,9 @@ _BY_CODE: dict[str, type[RequestError]] = {
         RequestTimeoutError,
         OverloadedError,
         BadRequestError,
+        WrongShardError,
+        IdempotencyKeyReusedError,
+        ReplyTooLargeError,
         KeyRequiredError,
         NoHandlerError,
         RemoteHandlerError,

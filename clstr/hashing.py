@@ -49,15 +49,21 @@ comparing UTF-8 bytes).
 Weights
 -------
 With ``weights`` (capacity; a node missing from the mapping weighs 1.0), the
-score is that of weighted rendezvous hashing::
+score is that of weighted rendezvous hashing, in IEEE-754 doubles::
 
-    u     = ((score >> 11) + 0.5) / 2**53          # in (0, 1), exact in a double
-    score = -w / ln(u)
+    u       = ((score >> 12) + 0.5) * 2**-52      # exact: 2**-53 <= u <= 1 - 2**-53
+    score_w = w / -ln(u)                          # ln as in _ln below
 
-so a node's expected share of shards is proportional to its weight. ``u`` takes
-the top 53 bits of the integer score so that it is exactly representable and
-never 0 or 1. When every node has the same weight the integer score is used,
-so equal weights place shards exactly as no weights do.
+so a node's expected share of shards is proportional to its weight. ``u``
+keeps the top 52 bits of the integer score: ``m + 0.5`` with ``m < 2**52``
+needs 53 significant bits, so ``u`` is exact, never 0 and never 1 (53 bits,
+as before, let ``(2**53 - 1 + 0.5) / 2**53`` round to 1.0, whose log is 0).
+``ln`` is not the platform's ``log`` (libms differ in the last bit, which
+would make rare near-ties land on different nodes in different languages)
+but :func:`_ln`, a fixed sequence of correctly rounded double operations
+(``frexp``, ``+ - * /``) that every IEEE-754 implementation computes to the
+same bits. When every node has the same weight the integer score is used, so
+equal weights place shards exactly as no weights do.
 """
 
 from __future__ import annotations
@@ -90,7 +96,13 @@ MAX_SHARDS: Final = 1 << 20
 _M64: Final = (1 << 64) - 1
 _C1: Final = 0xFF51AFD7ED558CCD
 _C2: Final = 0xC4CEB9FE1A85EC53
-_TWO_POW_MINUS_53: Final = 2.0**-53
+_TWO_POW_MINUS_52: Final = 2.0**-52
+# The double nearest ln(2), and the one nearest sqrt(1/2) (hex: exact).
+_LN2: Final = float.fromhex("0x1.62e42fefa39efp-1")
+_SQRT_HALF: Final = float.fromhex("0x1.6a09e667f3bcdp-1")
+# 1/(2k+1) for k = 11 down to 0: the atanh series' coefficients after the
+# highest, 1/25 (each the double nearest the quotient).
+_ATANH: Final = tuple(1.0 / (2 * k + 1) for k in range(11, -1, -1))
 _LANE_BITS: Final = 128
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 # Bound once: looking the classmethod up on int costs as much as the call.
@@ -248,6 +260,39 @@ def _fmix64(k: int) -> int:
     return k ^ (k >> 33)
 
 
+def _ln(u: float) -> float:
+    """ln(u) for 0 < u < 1, bit-identical in every IEEE-754 implementation.
+
+    Only exact steps and correctly rounded double operations, in this order
+    (no fused multiply-add; in Go, wrap each product in ``float64()``)::
+
+        f, e = frexp(u)                      # u = f * 2**e, 0.5 <= f < 1 (exact)
+        if f < SQRT_HALF: f = 2*f; e = e - 1  # f in [sqrt(1/2), sqrt(2)) (exact)
+        s = (f - 1) / (f + 1);  z = s * s
+        p = 1/25;  for c in 1/23, 1/21, ..., 1/3, 1: p = p * z + c
+        ln(u) = e * LN2 + (2*s) * p          # LN2, SQRT_HALF: the doubles nearest
+
+    ``ln f = 2 atanh(s)``; with ``|s| <= 0.1716`` the 13 terms leave an error
+    far below a double's last bit, so it differs from ``math.log`` by at most
+    one or two ulps, and the same bits come out everywhere.
+    """
+    f, e = math.frexp(u)
+    if f < _SQRT_HALF:
+        f *= 2.0
+        e -= 1
+    s = (f - 1.0) / (f + 1.0)
+    z = s * s
+    p = 1.0 / 25
+    for c in _ATANH:
+        p = p * z + c
+    return e * _LN2 + (2.0 * s) * p
+
+
+def _weighted(score: int, weight: float) -> float:
+    """The weighted rendezvous score of an integer ``score`` (see the module docs)."""
+    return weight / -_ln(((score >> 12) + 0.5) * _TWO_POW_MINUS_52)
+
+
 def _check_shard(shard: int) -> int:
     if isinstance(shard, bool) or not isinstance(shard, int):
         raise TypeError(f"shard must be an int, got {type(shard).__name__}")
@@ -355,7 +400,7 @@ def _owners(
         b"".join(key.to_bytes(lane, "little") for key in node_keys), "little"
     )
     nbytes = n * lane
-    c1, c2, u64, log = _C1, _C2, _u64, math.log
+    c1, c2, u64, weighted_score = _C1, _C2, _u64, _weighted
     owners: list[str] = []
     append = owners.append
     for shard in shards:
@@ -373,8 +418,7 @@ def _owners(
             append(nodes[low.index(max(low))])
         else:
             weighted = [
-                -w / log(((s >> 11) + 0.5) * _TWO_POW_MINUS_53)
-                for s, w in zip(scores[::2], weights, strict=True)
+                weighted_score(s, w) for s, w in zip(scores[::2], weights, strict=True)
             ]
             append(nodes[weighted.index(max(weighted))])
     return owners

@@ -452,7 +452,7 @@ class TestDeadlines:
 
         nodes = await start_nodes(watched, ["a"], lambda n: recorder)
         requester = await connect("raw")
-        subject = clstr.shard_subject("clstr", 0)
+        subject = clstr.shard_subject("clstr", clstr.shard_for_key("k", NUM_SHARDS))
         try:
             first = asyncio.create_task(
                 requester.request(subject, encode_request(Envelope("hold", key="k")), 5)

@@ -22,6 +22,7 @@ from clstr import (
     Client,
     ConfigurationError,
     Envelope,
+    EnvelopeExpiredError,
     HandlerTimeoutError,
     MemoryNetwork,
     Node,
@@ -123,14 +124,17 @@ class TestVirtualTime:
         assert handler.counts["a"] == 0
 
     async def test_queued_envelope_expires_before_its_handler(self) -> None:
-        """A message queued behind a slow one for the same key times out and never runs."""
-        async with virtual_time():
+        """A message queued behind a slow one for the same key is answered expired at its
+        deadline (before the caller's own timeout) and never runs."""
+        async with virtual_time() as clock:
             handler = Tally(sleep=20)
             async with cluster(MemoryNetwork(), handler, timeout=60) as client:
                 first = asyncio.create_task(client.request_key("a", "inc"))
                 await handler.entered.wait()
-                with pytest.raises(RequestTimeoutError):
+                sent = clock.time()
+                with pytest.raises(EnvelopeExpiredError):
                     await client.request_key("a", "inc", timeout=10)
+                assert clock.time() - sent < 10
                 assert await first == b"1"
                 assert handler.calls == 1
                 assert handler.counts["a"] == 1

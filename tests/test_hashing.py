@@ -101,6 +101,28 @@ class TestVectors:
             assert hrw_score(v["shard"], v["node"], v["seed"]) == v["score"], v
             assert int(v["score_hex"], 16) == v["score"]
 
+    def test_weighted_scores_match_bit_for_bit(self) -> None:
+        """The weighted transform gives each vector's u, ln(u) and weighted score to the
+        last bit, the top-most integer scores included (where u once rounded to 1.0)."""
+        from clstr.hashing import _ln, _weighted
+
+        for v in HRW_VECTORS["weighted_scores"]:
+            score = int(v["score_hex"], 16)
+            u = ((score >> 12) + 0.5) * 2.0**-52
+            assert 0.0 < u < 1.0
+            assert u.hex() == v["u_hex"], v
+            assert _ln(u).hex() == v["ln_u_hex"], v
+            assert _weighted(score, v["weight"]).hex() == v["weighted_hex"], v
+        assert {v["score_hex"] for v in HRW_VECTORS["weighted_scores"]} >= {"f" * 16, "0" * 16}
+
+    def test_ln_is_within_two_ulps_of_the_platform_log(self) -> None:
+        """The exact ln agrees with math.log to two ulps over the whole range of u."""
+        from clstr.hashing import _ln
+
+        for m in [0, 1, 2**26, 2**51, 2**52 - 1, *range(12345, 2**52, 2**40 + 17)]:
+            u = (m + 0.5) * 2.0**-52
+            assert abs(_ln(u) - math.log(u)) <= 2 * math.ulp(math.log(u)), u
+
     def test_assignments_match(self) -> None:
         """assign_shards, owner_of and shards_for_node reproduce each vector's assignment."""
         for v in HRW_VECTORS["assignments"]:

@@ -20,6 +20,7 @@ import pytest_asyncio
 from clstr import (
     ConfigurationError,
     Envelope,
+    IdempotencyKeyReusedError,
     MemoryTransport,
     Node,
     NotOwnerError,
@@ -400,6 +401,11 @@ class TestReplyHandoff:
         assert [r for r in counting.runs if r[0] == "b"] == []
         # A new id does run on the new owner.
         assert await client.request_key(done_key, "inc", request_id="done-2") == b"2"
+        # The id of a handed-over reply names its request there too: reused for
+        # another request, it is refused, not answered with the old reply.
+        with pytest.raises(IdempotencyKeyReusedError):
+            await client.request_key(done_key, "inc", b"other", request_id="done-1")
+        assert counting.counts == {done_key: 2, held_key: 1}
 
 
 class TestEvents:

@@ -22,6 +22,7 @@ from clstr import (
     Client,
     DeadlineExceededError,
     Envelope,
+    EnvelopeExpiredError,
     HandlerTimeoutError,
     Node,
     NotOwnerError,
@@ -151,10 +152,11 @@ class TestIgnoresCancellation:
         assert (await rig.ok()) < 0.2  # other keys are unaffected
 
     async def test_same_key_waits_behind_it(self, rig: Rig) -> None:
-        """Per-key order holds: the next message for that key waits, and times out."""
+        """Per-key order holds: the next message for that key waits, and is answered
+        expired at its deadline (it never runs)."""
         stubborn = asyncio.create_task(rig.client.request_key("s", "stubborn", timeout=0.2))
         await rig.handler.stubborn_entered.wait()
-        with pytest.raises(RequestTimeoutError):
+        with pytest.raises(EnvelopeExpiredError):
             await rig.client.request_key("s", "ok", timeout=0.3)
         with pytest.raises(DeadlineExceededError):
             await stubborn

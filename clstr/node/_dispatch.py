@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
@@ -37,14 +37,18 @@ from ..errors import (
     BadRequestError,
     EnvelopeExpiredError,
     HandlerTimeoutError,
+    IdempotencyKeyReusedError,
     NoHandlerError,
     NotOwnerError,
     OverloadedError,
     RemoteHandlerError,
+    ReplyTooLargeError,
     RequestError,
+    WrongShardError,
 )
+from ..hashing import ShardMapper
 from ..protocol import NODE_INFO_TYPE, NodeInfo
-from ._replies import ReplyCache
+from ._replies import NOT_STORED, ReplyCache, fingerprint
 from ._state import Owner
 
 __all__ = ["Dispatcher", "cancel_tasks"]
@@ -57,8 +61,10 @@ _CANCEL_GRACE: Final = 1.0
 # label the rest "other", so that hostile senders cannot grow them without bound.
 _MAX_TYPE_LABELS: Final = 256
 
-# A message, where to reply, and when it arrived (monotonic; 0.0 unmetered).
-_Work = tuple[Envelope, "str | None", float]
+# A message, where to reply, when it arrived (monotonic; 0.0 unmetered), and
+# its _Waiting while it waits behind others with a deadline (else None). A
+# list, not an object: it is made for every message.
+_Job = list[Any]
 
 
 class _Lane:
@@ -67,7 +73,21 @@ class _Lane:
     def __init__(self, shard: int, key: str | None) -> None:
         self.shard = shard
         self.key = key
-        self.items: deque[_Work] = deque()
+        self.items: deque[_Job] = deque()
+
+
+class _Waiting:
+    """A queued message whose deadline may pass before a worker reaches it: it is
+    answered ``expired`` at the deadline and left in its lane, answered, for the
+    worker to skip."""
+
+    __slots__ = ("answered", "job", "shard", "slot")
+
+    def __init__(self, job: _Job, shard: int) -> None:
+        self.job = job
+        self.shard = shard
+        self.slot = 0
+        self.answered = False
 
 
 class Dispatcher:
@@ -111,8 +131,12 @@ class Dispatcher:
         self._timeouts: Timeouts[asyncio.Task[None]] | None = None  # handler deadlines
         # Workers whose handler ran past its deadline and were cancelled for it.
         self._overdue: set[asyncio.Task[None]] = set()
-        # Idempotency: ids still in flight, and who else waits for their reply.
-        self._in_flight: dict[str, list[str]] = {}
+        # Idempotency: ids still in flight: their request's fingerprint, and
+        # who else waits for their reply.
+        self._in_flight: dict[str, tuple[bytes, list[str]]] = {}
+        # Queued messages answered at their deadline (see _Waiting).
+        self._queue_timeouts: Timeouts[_Waiting] | None = None
+        self._shard_of = ShardMapper(node.num_shards, node.seed).shard
         # The handlers that started last (for the loop-stall report).
         self.last_started: tuple[Envelope, float] | None = None
         self.before_last: tuple[Envelope, float] | None = None
@@ -141,6 +165,9 @@ class Dispatcher:
         await cancel_tasks(list(self._chores))
         await self.evict(lambda s: True, reason)
         await cancel_tasks(list(self.workers))
+        for timeouts in (self._timeouts, self._queue_timeouts):
+            if timeouts is not None:
+                timeouts.close()
 
     # -- intake (synchronous, on the transport's delivery path) ---------------
 
@@ -169,6 +196,11 @@ class Dispatcher:
             )
             self.reply(reply, encode_reply(encode_payload(info)))
             return
+        key = env.key
+        if key is not None and self._shard_of(key) != shard:
+            self._rejected("wrong_shard")
+            self.reply(reply, error_reply_for(self._wrong_shard(key, shard)))
+            return
         if not node.serving(shard):
             # Fenced, or a late delivery for a shard it no longer serves.
             self._rejected("not_owner")
@@ -176,22 +208,31 @@ class Dispatcher:
             return
         request_id = env.id
         if request_id is not None:
+            print_ = fingerprint(env)
             cached = self.reply_cache.get(request_id)
             if cached is not None:
+                if cached[1] != print_:
+                    self._reused(env, reply)
+                    return
                 node.stats.reject("duplicate")
-                self.reply(reply, cached)
+                self.reply(reply, cached[0])
                 return
-            waiting = self._in_flight.get(request_id)
-            if waiting is not None:
+            running = self._in_flight.get(request_id)
+            if running is not None:
+                if running[0] != print_:
+                    self._reused(env, reply)
+                    return
                 # A retry of a request still queued or running: answer both at once.
                 if reply is not None:
-                    waiting.append(reply)
+                    running[1].append(reply)
                 return
-        if self.queued >= node.max_pending and self._full(env):
+            if self.queued >= node.max_pending and self._full(env):
+                self._overloaded(reply)
+                return
+            self._in_flight[request_id] = (print_, [])
+        elif self.queued >= node.max_pending and self._full(env):
             self._overloaded(reply)
             return
-        if request_id is not None:
-            self._in_flight[request_id] = []
         self._enqueue(env, reply)
 
     def _full(self, env: Envelope) -> bool:
@@ -226,6 +267,23 @@ class Dispatcher:
             ),
         )
 
+    def _wrong_shard(self, key: str, shard: int) -> WrongShardError:
+        node = self._node
+        return WrongShardError(
+            f"key {key[:64]!r} belongs to shard {self._shard_of(key)}, not {shard} "
+            f"({node.num_shards} shards, seed {node.seed!r}); the sender's num_shards or "
+            "seed differs from the node's: fix its settings"
+        )
+
+    def _reused(self, env: Envelope, reply: str | None) -> None:
+        """Refuse a request whose id names another request."""
+        self._rejected("id_reused")
+        message = (
+            f"request id {env.id!r} was used before for another request (type, key, shard "
+            "or payload differ); give each new request a new id"
+        )
+        self.reply(reply, error_reply_for(IdempotencyKeyReusedError(message)))
+
     def _rejected(self, reason: str) -> None:
         self._node.stats.reject(reason)
         self._node.metrics.envelope_rejected(reason)
@@ -255,19 +313,47 @@ class Dispatcher:
         shard = env.shard
         self._load[shard] = self._load.get(shard, 0) + 1
         key = env.key
+        job: _Job = [env, reply, received, None]
         if key is None:
             lane = _Lane(shard, None)
         else:
             existing = self._lanes.get((shard, key))
             if existing is not None:
                 # Busy or already ready: its worker puts it back when done.
-                existing.items.append((env, reply, received))
+                existing.items.append(job)
+                if env.deadline is not None:
+                    self._watch(job, env.deadline, shard)
                 return
             lane = self._lanes[shard, key] = _Lane(shard, key)
-        lane.items.append((env, reply, received))
+        lane.items.append(job)
         self._ready.append(lane)
         if self._spare is None:
             self._spawn_worker()
+        if env.deadline is not None and len(self.workers) >= node.max_concurrency:
+            self._watch(job, env.deadline, shard)  # every worker is busy: it waits
+
+    def _watch(self, job: _Job, deadline: float, shard: int) -> None:
+        """Answer ``job`` at ``deadline`` should it still wait then."""
+        timeouts = self._queue_timeouts
+        if timeouts is None:
+            loop = self.loop or asyncio.get_running_loop()
+            timeouts = self._queue_timeouts = Timeouts(loop, self._expired_in_queue)
+        waiting = job[3] = _Waiting(job, shard)
+        waiting.slot = timeouts.add(deadline, waiting)
+
+    def _expired_in_queue(self, waiting: _Waiting) -> None:
+        """A queued message's deadline passed: answer it now and free its room in
+        the queue; its worker will skip it."""
+        if waiting.answered:
+            return
+        waiting.answered = True
+        env, reply = waiting.job[0], waiting.job[1]
+        self.queued -= 1
+        if self._node.metered:
+            self._node.metrics.pending_messages(self._node.node_id, self.queued)
+        self._rejected("expired")
+        self._finish(env, reply, self._expired_reply(env), cache=False)
+        self._settled(waiting.shard)
 
     # -- workers --------------------------------------------------------------
 
@@ -328,7 +414,13 @@ class Dispatcher:
             lane = ready.popleft()
             if ready and self._spare is None:
                 self._spawn_worker()
-            env, reply, received = lane.items.popleft()
+            env, reply, received, waiting = lane.items.popleft()
+            if waiting is not None:
+                if waiting.answered:  # expired while it waited: answered then
+                    self._lane_next(lane)
+                    continue
+                waiting.answered = True
+                self._queue_timeouts.discard(waiting.slot, waiting)  # type: ignore[union-attr]
             self.queued -= 1
             if node.metered:
                 node.metrics.pending_messages(node.node_id, self.queued)
@@ -337,11 +429,15 @@ class Dispatcher:
                 await self._run(env, reply, me, received)
             finally:
                 del self._current[me]
-                if lane.items:
-                    ready.append(lane)
-                elif lane.key is not None:
-                    self._lanes.pop((lane.shard, lane.key), None)
+                self._lane_next(lane)
                 self._settled(lane.shard)
+
+    def _lane_next(self, lane: _Lane) -> None:
+        """``lane``'s message is done: back in line if it holds more, else gone."""
+        if lane.items:
+            self._ready.append(lane)
+        elif lane.key is not None:
+            self._lanes.pop((lane.shard, lane.key), None)
 
     def _overrun(self, task: asyncio.Task[None]) -> None:
         """A handler's deadline passed: cancel its worker (see :meth:`_run`)."""
@@ -370,6 +466,7 @@ class Dispatcher:
         ok = False
         failure: BaseException | None = None
         body: bytes | None = None
+        store = True  # the outcome of a handler that ran is kept for retries
         try:
             deadline = env.deadline
             if deadline is None:
@@ -420,6 +517,7 @@ class Dispatcher:
         except RequestError as exc:
             # Raised on purpose by the handler (or the timeout): its code goes back.
             failure = exc
+            store = exc.code not in NOT_STORED
             node.stats.last_error = f"{exc.code}: {exc}"
             self._log.debug("handler refused", type=env.type, code=exc.code, error=str(exc))
             body = error_reply_for(exc)
@@ -445,7 +543,21 @@ class Dispatcher:
                 label = "_unknown" if unknown else self._type_label(env.type)
                 node.metrics.handler_completed(label, ok, elapsed)
                 node.metrics.request_served(label, ok, monotonic() - received)
-        self._finish(env, reply, body)
+        if body is not None and len(body) > node.transport.max_payload:
+            body = self._too_large(env, len(body))
+        self._finish(env, reply, body, cache=store)
+
+    def _too_large(self, env: Envelope, size: int) -> bytes:
+        """The reply that stands for one too large to send (the handler ran)."""
+        limit = self._node.transport.max_payload
+        self._rejected("reply_too_large")
+        self._log.warning("reply too large", type=env.type, size=size, max_payload=limit)
+        return error_reply_for(
+            ReplyTooLargeError(
+                f"the reply to {env.type!r} is {size} bytes, over the max_payload of {limit} "
+                "bytes; return less per reply (page it, or stream it)"
+            )
+        )
 
     def _finish(
         self, env: Envelope, reply: str | None, body: bytes | None, *, cache: bool = True
@@ -456,10 +568,14 @@ class Dispatcher:
         request_id = env.id
         if request_id is None:
             return
-        for waiting in self._in_flight.pop(request_id, ()):
-            self.reply(waiting, body)
+        running = self._in_flight.pop(request_id, None)
+        if running is None:
+            return
+        print_, waiting = running
+        for other in waiting:
+            self.reply(other, body)
         if cache and body is not None:
-            self.reply_cache.put(request_id, body, env.shard)
+            self.reply_cache.put(request_id, body, env.shard, print_)
 
     # -- eviction (stop, handoff timeout, fencing) ----------------------------
 
@@ -495,7 +611,11 @@ class Dispatcher:
                 keep.append(lane)
                 continue
             while lane.items:
-                env, reply, _ = lane.items.popleft()
+                env, reply, _, waiting = lane.items.popleft()
+                if waiting is not None:
+                    if waiting.answered:
+                        continue
+                    waiting.answered = True
                 self.queued -= 1
                 self._finish(env, reply, error, cache=False)
                 self._settled(lane.shard)

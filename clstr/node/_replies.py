@@ -1,14 +1,57 @@
-"""Recent replies by request id (idempotent retries), and their handoff to a shard's next owner."""
+"""Recent replies by request id (idempotent retries), and their handoff to a shard's next owner.
+
+A request id names one request, as an idempotency key does in payment APIs:
+the cache keeps, with each reply, the :func:`fingerprint` of the request it
+answered, and only outcomes of a handler that ran (see
+:data:`NOT_STORED`); a later request under the same id gets the stored reply
+if its fingerprint matches, and ``id_reused`` otherwise.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Final
 
 import msgpack
+from blake3 import blake3
 
 from .._clock import monotonic
+from ..envelope import Envelope
 
-__all__ = ["ReplyCache", "pack_handoff", "unpack_handoff"]
+__all__ = ["NOT_STORED", "ReplyCache", "fingerprint", "pack_handoff", "unpack_handoff"]
+
+#: Error codes of refusals that ran no handler: never stored, so that a
+#: corrected retry under the same id runs (docs/protocol.md, idempotency).
+NOT_STORED: Final = frozenset(
+    {
+        "bad_request",
+        "wrong_shard",
+        "no_handler",
+        "key_required",
+        "expired",
+        "overloaded",
+        "not_owner",
+        "no_owner",
+        "id_reused",
+    }
+)
+
+
+def fingerprint(env: Envelope) -> bytes:
+    """16 bytes that tell one request from another under the same id: BLAKE3 of
+    ``len(type) ‖ type ‖ len(key)+1 (0: no key) ‖ key ‖ shard ‖ payload``
+    (lengths and shard as u32 big-endian, strings as UTF-8). Headers and the
+    deadline are left out: a retry may carry other ones."""
+    t = env.type.encode()
+    k = b"" if env.key is None else env.key.encode()
+    head = b"%s%s%s%s%s" % (
+        len(t).to_bytes(4, "big"),
+        t,
+        (0 if env.key is None else len(k) + 1).to_bytes(4, "big"),
+        k,
+        env.shard.to_bytes(4, "big"),
+    )
+    return blake3(head).update(env.data).digest(16)
 
 
 class ReplyCache:
@@ -19,25 +62,32 @@ class ReplyCache:
     def __init__(self, size: int, ttl: float) -> None:
         self.size = size
         self.ttl = ttl
-        self._items: OrderedDict[str, tuple[float, bytes, int]] = OrderedDict()
+        # id -> (until, reply body, shard, fingerprint of the request)
+        self._items: OrderedDict[str, tuple[float, bytes, int, bytes]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, request_id: str) -> bytes | None:
+    def get(self, request_id: str) -> tuple[bytes, bytes] | None:
+        """The live reply stored under ``request_id`` and its request's
+        fingerprint, or ``None``."""
         item = self._items.get(request_id)
         if item is None:
             return None
         if item[0] <= monotonic():
             del self._items[request_id]
             return None
-        return item[1]
+        return item[1], item[3]
 
-    def put(self, request_id: str, body: bytes, shard: int, ttl: float | None = None) -> None:
+    def put(
+        self, request_id: str, body: bytes, shard: int, print_: bytes, ttl: float | None = None
+    ) -> None:
+        """Store ``body`` as the reply to the request ``print_`` under ``request_id``."""
         if not self.size:
             return
         items = self._items
-        items[request_id] = (monotonic() + (self.ttl if ttl is None else ttl), body, shard)
+        until = monotonic() + (self.ttl if ttl is None else ttl)
+        items[request_id] = (until, body, shard, print_)
         items.move_to_end(request_id)
         while len(items) > self.size:
             items.popitem(last=False)
@@ -49,29 +99,29 @@ class ReplyCache:
                 break
             items.popitem(last=False)
 
-    def export(self, shard: int, budget: int) -> list[tuple[str, float, bytes]]:
-        """``shard``'s live replies as (id, seconds left, body), newest first,
-        as many as fit in about ``budget`` bytes."""
+    def export(self, shard: int, budget: int) -> list[tuple[str, float, bytes, bytes]]:
+        """``shard``'s live replies as (id, seconds left, body, fingerprint),
+        newest first, as many as fit in about ``budget`` bytes."""
         now = monotonic()
-        out: list[tuple[str, float, bytes]] = []
-        for request_id, (until, body, owner) in reversed(self._items.items()):
+        out: list[tuple[str, float, bytes, bytes]] = []
+        for request_id, (until, body, owner, print_) in reversed(self._items.items()):
             if owner != shard or until <= now:
                 continue
-            budget -= len(request_id) + len(body) + 16
+            budget -= len(request_id) + len(body) + 32
             if budget < 0:
                 break
-            out.append((request_id, until - now, body))
+            out.append((request_id, until - now, body, print_))
         return out
 
 
 def pack_handoff(cache: ReplyCache, shard: int, budget: int) -> bytes | None:
-    """``shard``'s recent replies as msgpack ``[[id, ms_left, body], ...]`` (newest
-    first, about ``budget`` bytes at most), or ``None`` when there are none."""
+    """``shard``'s recent replies as msgpack ``[[id, ms_left, body, fingerprint], ...]``
+    (newest first, about ``budget`` bytes at most), or ``None`` when there are none."""
     replies = cache.export(shard, budget)
     if not replies:
         return None
     packed: bytes = msgpack.packb(
-        [[rid, max(1, int(left * 1000)), body] for rid, left, body in replies],
+        [[rid, max(1, int(left * 1000)), body, fp] for rid, left, body, fp in replies],
         use_bin_type=True,
     )
     return packed
@@ -82,10 +132,15 @@ def unpack_handoff(cache: ReplyCache, shard: int, data: bytes) -> int:
     were new. Raises ``ValueError``/``TypeError`` (msgpack's or ours) on malformed data."""
     items = msgpack.unpackb(data, raw=False, max_bin_len=len(data), max_str_len=1024)
     taken = 0
-    for rid, ms_left, body in reversed(items):  # oldest first: the newest end newest
-        if not (isinstance(rid, str) and isinstance(ms_left, int) and isinstance(body, bytes)):
-            raise TypeError(f"bad entry types {type(rid)}, {type(ms_left)}, {type(body)}")
+    for rid, ms_left, body, print_ in reversed(items):  # oldest first: newest end newest
+        if not (
+            isinstance(rid, str)
+            and isinstance(ms_left, int)
+            and isinstance(body, bytes)
+            and isinstance(print_, bytes)
+        ):
+            raise TypeError(f"bad entry types {[type(x).__name__ for x in (rid, ms_left, body)]}")
         if cache.get(rid) is None:
-            cache.put(rid, body, shard, ttl=ms_left / 1000)
+            cache.put(rid, body, shard, print_, ttl=ms_left / 1000)
             taken += 1
     return taken

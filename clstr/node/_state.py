@@ -44,6 +44,8 @@ class Owner(Protocol):
     settings, where to count, and whether a shard's messages may be taken."""
 
     node_id: str
+    num_shards: int
+    seed: str
     handler: Handler
     transport: Transport
     limits: Limits

@@ -68,9 +68,23 @@ def ref_score(shard: int, node: str, seed: str = "") -> int:
     return fmix64(shard_hash(shard, seed) ^ node_hash(node, seed))
 
 
+def ref_ln(u: float) -> float:
+    """ln(u), 0 < u < 1, by the exact sequence of double operations of the spec."""
+    f, e = math.frexp(u)
+    if f < float.fromhex("0x1.6a09e667f3bcdp-1"):
+        f, e = f * 2.0, e - 1
+    s = (f - 1.0) / (f + 1.0)
+    z = s * s
+    p = 1.0 / 25
+    for k in range(11, -1, -1):
+        p = p * z + 1.0 / (2 * k + 1)
+    return e * float.fromhex("0x1.62e42fefa39efp-1") + (2.0 * s) * p
+
+
 def ref_weighted_score(score: int, weight: float) -> float:
-    u = ((score >> 11) + 0.5) / 2.0**53
-    return -weight / math.log(u)
+    u = ((score >> 12) + 0.5) / 2.0**52
+    assert 0.0 < u < 1.0
+    return weight / -ref_ln(u)
 
 
 def ref_assign(
@@ -165,6 +179,22 @@ def shard_vectors() -> dict[str, Any]:
     }
 
 
+# Integer scores at the edges of the weighted transform (the top 52 bits all
+# ones or all zeros, where a 53-bit u once rounded to 1.0) and a few between.
+WEIGHTED_SCORES = [
+    0,
+    1,
+    (1 << 12) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+    (1 << 64) - (1 << 11),
+    0x0123456789ABCDEF,
+    0xFEDCBA9876543210,
+    0x5A5A5A5A5A5A5A5A,
+    0xB504F333F9DE6484,
+]
+
+
 def hrw_vectors() -> dict[str, Any]:
     scores = []
     for seed in HRW_SEEDS:
@@ -189,6 +219,19 @@ def hrw_vectors() -> dict[str, Any]:
         for num_shards in HRW_SHARD_COUNTS
     ]
     cases += HRW_WEIGHTED
+    weighted = []
+    for score in WEIGHTED_SCORES:
+        u = ((score >> 12) + 0.5) / 2.0**52
+        for weight in (1.0, 0.5, 3.0, 1e-3, 1e6):
+            weighted.append(
+                {
+                    "score_hex": f"{score:016x}",
+                    "weight": weight,
+                    "u_hex": u.hex(),
+                    "ln_u_hex": ref_ln(u).hex(),
+                    "weighted_hex": ref_weighted_score(score, weight).hex(),
+                }
+            )
     assignments = [
         {
             "nodes": nodes,
@@ -210,12 +253,15 @@ def hrw_vectors() -> dict[str, Any]:
             "score = fmix64(hs ^ hn) (MurmurHash3 64-bit finalizer). The owner of a shard is "
             "the node with the highest score, ties to the smallest node id. With weights "
             "(missing node = 1.0) that are not all equal: "
-            "score = -w / ln(((score >> 11) + 0.5) / 2**53). score_hex repeats score for "
-            "JSON parsers that lose integer precision above 2**53. "
+            "u = ((score >> 12) + 0.5) * 2**-52, score_w = w / -ln(u), ln computed by the "
+            "exact sequence of IEEE-754 double operations in docs/protocol.md; "
+            "weighted_scores pins u, ln(u) and score_w bit for bit (as float.hex). "
+            "score_hex repeats score for JSON parsers that lose integer precision above 2**53. "
             "Change only with a wire-format version bump."
         ),
         "wire_version": WIRE_VERSION,
         "scores": scores,
+        "weighted_scores": weighted,
         "assignments": assignments,
     }
 
