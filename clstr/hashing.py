@@ -417,9 +417,7 @@ def _owners(
             low = scores[::2]
             append(nodes[low.index(max(low))])
         else:
-            weighted = [
-                weighted_score(s, w) for s, w in zip(scores[::2], weights, strict=True)
-            ]
+            weighted = [weighted_score(s, w) for s, w in zip(scores[::2], weights, strict=True)]
             append(nodes[weighted.index(max(weighted))])
     return owners
 
