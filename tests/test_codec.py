@@ -7,7 +7,6 @@ import inspect
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import msgpack
@@ -44,8 +43,6 @@ from clstr.codec import (
 )
 from clstr.envelope import _envelope, _Unfrozen
 from clstr.errors import ConfigurationError, KeyRequiredError, NotOwnerError
-
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
 @dataclass
@@ -371,33 +368,3 @@ class TestLimits:
         """Headers over max_headers_bytes raise LimitExceededError."""
         with pytest.raises(LimitExceededError, match="headers take"):
             check_limits(Envelope("t", headers={"a": "v" * 20_000}), DEFAULT_LIMITS)
-
-
-def _doc_hex_blocks() -> list[bytes]:
-    text = DOCS.read_text()
-    blocks = re.findall(r"```\n((?:[0-9a-f]{2}[ \n])+)```", text)
-    return [bytes.fromhex(b.replace("\n", " ")) for b in blocks]
-
-
-class TestProtocolDocument:
-    def test_worked_example_decodes_as_documented(self) -> None:
-        """The request bytes in docs/protocol.md decode to the envelope the doc describes."""
-        request, ok_reply, error_reply = _doc_hex_blocks()
-        env = decode_request(request, received=0.0)
-        assert (env.type, env.key, dict(env.headers), env.id) == (
-            "Greet",
-            "user-42",
-            {"tenant": "acme"},
-            "req-1",
-        )
-        assert env.ttl == 4.95
-        assert env.created_at == 1_795_000_000
-        assert msgpack.unpackb(env.data) == {"name": "ada"}
-        assert len(request) == 79
-        assert msgpack.unpackb(decode_reply(ok_reply)) == {
-            "text": "hello ada",
-            "node": "node-2",
-            "visits": 1,
-        }
-        with pytest.raises(NoHandlerError, match="no handler for message type 'Greet'"):
-            decode_reply(error_reply)

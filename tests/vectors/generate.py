@@ -1,4 +1,4 @@
-"""Generate the clstr hashing test vectors: shard_for_key.json and hrw.json.
+"""Generate the clstr test vectors: shard_for_key.json, hrw.json and wire.json.
 
     python tests/vectors/generate.py
 
@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from blake3 import blake3
 
 HERE = Path(__file__).resolve().parent
@@ -266,6 +267,143 @@ def hrw_vectors() -> dict[str, Any]:
     }
 
 
+# --- wire bodies ----------------------------------------------------------------
+
+
+def fingerprint(t: str, key: str | None, shard: int, data: bytes) -> str:
+    """The idempotency fingerprint of docs/protocol.md, in hex."""
+    tb = t.encode("utf-8")
+    kb = b"" if key is None else key.encode("utf-8")
+    key_len = 0 if key is None else len(kb) + 1
+    head = (
+        len(tb).to_bytes(4, "big") + tb + key_len.to_bytes(4, "big") + kb + shard.to_bytes(4, "big")
+    )
+    return blake3(head + data).digest()[:16].hex()
+
+
+# (name, fields in wire order, shard it is sent to (the key's), num_shards)
+WIRE_REQUESTS: list[tuple[str, dict[str, Any], int]] = [
+    ("minimal", {"v": 1, "t": "ping"}, 64),
+    (
+        "keyed",
+        {"v": 1, "t": "Greet", "d": msgpack.packb({"name": "ada"}), "k": "user-42", "ts": 0},
+        64,
+    ),
+    (
+        "everything",
+        {
+            "v": 1,
+            "t": "Greet",
+            "d": msgpack.packb({"name": "ada"}),
+            "k": "user-42",
+            "h": {"tenant": "acme"},
+            "ttl": 4950,
+            "ts": 1795000000000,
+            "id": "req-1",
+        },
+        64,
+    ),
+    ("empty key", {"v": 1, "t": "x", "k": ""}, 16),
+    (
+        "unicode",
+        {"v": 1, "t": "größe", "d": b"\x00\xff", "k": "種-ключ", "ts": 1, "id": "é"},
+        16,
+    ),
+    ("node info", {"v": 1, "t": "clstr.node.info", "ts": 1795000000000}, 8),
+]
+
+WIRE_BAD: list[tuple[str, bytes]] = [
+    ("not msgpack", b"\xc1"),
+    ("not a map", msgpack.packb([1, "ping"])),
+    ("version 2", msgpack.packb({"v": 2, "t": "x"})),
+    ("no version", msgpack.packb({"t": "x"})),
+    ("no type", msgpack.packb({"v": 1})),
+    ("empty type", msgpack.packb({"v": 1, "t": ""})),
+    ("payload as str", msgpack.packb({"v": 1, "t": "x", "d": "text"})),
+    ("negative ttl", msgpack.packb({"v": 1, "t": "x", "ttl": -1})),
+    ("boolean ttl", msgpack.packb({"v": 1, "t": "x", "ttl": True})),
+    ("header value not str", msgpack.packb({"v": 1, "t": "x", "h": {"a": 1}})),
+    ("reserved header", msgpack.packb({"v": 1, "t": "x", "h": {"X-CLSTR-trace": "1"}})),
+    ("type of 257 bytes", msgpack.packb({"v": 1, "t": "t" * 257})),
+]
+
+WIRE_ERRORS = [
+    ("bad_request", "BadRequestError"),
+    ("wrong_shard", "WrongShardError"),
+    ("no_handler", "NoHandlerError"),
+    ("key_required", "KeyRequiredError"),
+    ("expired", "EnvelopeExpiredError"),
+    ("overloaded", "OverloadedError"),
+    ("not_owner", "NotOwnerError"),
+    ("id_reused", "IdempotencyKeyReusedError"),
+    ("timeout", "HandlerTimeoutError"),
+    ("handler_error", "ValueError"),
+    ("reply_too_large", "ReplyTooLargeError"),
+]
+
+
+def _jsonable(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in fields.items()}
+
+
+def wire_vectors() -> dict[str, Any]:
+    requests = []
+    for name, fields, num_shards in WIRE_REQUESTS:
+        key = fields.get("k")
+        shard = ref_shard(key.encode("utf-8"), num_shards) if key is not None else 0
+        requests.append(
+            {
+                "name": name,
+                "hex": msgpack.packb(fields, use_bin_type=True).hex(),
+                "fields": _jsonable(fields),
+                "num_shards": num_shards,
+                "shard": shard,
+                "fingerprint_hex": fingerprint(fields["t"], key, shard, fields.get("d", b"")),
+            }
+        )
+    replies = [
+        {
+            "name": "ok",
+            "hex": msgpack.packb({"v": 1, "ok": True, "d": b"hello"}, use_bin_type=True).hex(),
+            "ok": True,
+            "d_hex": b"hello".hex(),
+        },
+        {
+            "name": "ok, empty",
+            "hex": msgpack.packb({"v": 1, "ok": True, "d": b""}, use_bin_type=True).hex(),
+            "ok": True,
+            "d_hex": "",
+        },
+    ]
+    for code, type_name in WIRE_ERRORS:
+        message = f"what went wrong ({code}) and what to do"
+        body = {"v": 1, "ok": False, "e": {"code": code, "type": type_name, "msg": message}}
+        replies.append(
+            {
+                "name": code,
+                "hex": msgpack.packb(body, use_bin_type=True).hex(),
+                "ok": False,
+                "code": code,
+                "type": type_name,
+                "msg": message,
+            }
+        )
+    return {
+        "description": (
+            "clstr wire v1 vectors (docs/protocol.md). requests: a msgpack request body "
+            "(hex) and its fields (bin fields as hex), the shard its key belongs to among "
+            "num_shards (no seed; 0 without a key), and its idempotency fingerprint on that "
+            "shard. bad_requests: bodies a node must answer bad_request. replies: reply "
+            "bodies and what they decode to. Hashing and placement: shard_for_key.json, "
+            "hrw.json. Change only with a wire-format version bump."
+        ),
+        "wire_version": WIRE_VERSION,
+        "requests": requests,
+        "bad_requests": [{"name": n, "hex": b.hex()} for n, b in WIRE_BAD],
+        "replies": replies,
+    }
+
+
 def render(data: Mapping[str, Any]) -> str:
     """The exact file text for ``data`` (stable, so regenerating is a no-op)."""
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
@@ -274,6 +412,7 @@ def render(data: Mapping[str, Any]) -> str:
 FILES = {
     "shard_for_key.json": shard_vectors,
     "hrw.json": hrw_vectors,
+    "wire.json": wire_vectors,
 }
 
 
