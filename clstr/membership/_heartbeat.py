@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..node import MemberInfo
-from ._jetstream import is_cas_failure
+from ..transports.jetstream import is_cas_failure
 from ._settings import KvSettings
 
 __all__ = ["Heartbeat"]
@@ -66,7 +66,7 @@ class Heartbeat:
     async def renew(self, cordoned: bool) -> float:
         """Rewrite our key with a fresh TTL if nobody else wrote it since; return
         when it was sent. Raises JetStream's error (see
-        :func:`~clstr.membership._jetstream.is_cas_failure`) when it expired."""
+        :func:`~clstr.transports.jetstream.is_cas_failure`) when it expired."""
         sent = asyncio.get_running_loop().time()
         await self._renew(cordoned)
         return sent

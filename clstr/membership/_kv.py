@@ -28,9 +28,9 @@ from ..node import (
     ShardHost,
 )
 from ..transports.base import ConnectionEvent, Subscription
+from ..transports.jetstream import bucket_names, is_cas_failure, open_bucket, settling, stop_watcher
 from ._control import control_subject, parse_op, run_op
 from ._heartbeat import Heartbeat
-from ._jetstream import bucket_names, is_cas_failure, open_bucket, settling, stop_watcher
 from ._settings import KvSettings
 from ._shards import Holder, ShardKeys
 

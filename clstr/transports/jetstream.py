@@ -1,6 +1,9 @@
-"""What the KV membership needs of JetStream beyond nats-py's API: bucket names
-and creation, compare-and-set failures, retries while a stream settles, and
-watchers that stop cleanly."""
+"""JetStream helpers for everything that keeps durable state (membership, ids,
+entity state, persisted messages): bucket creation, compare-and-set failures,
+retries while a stream settles, and watchers that stop cleanly.
+
+nats-py is imported where used: importing this module does not import it.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,16 @@ import structlog
 
 from .._tasks import cancel_and_wait
 
-__all__ = ["bucket_names", "is_cas_failure", "open_bucket", "settling", "stop_watcher"]
+__all__ = [
+    "bucket_name",
+    "bucket_names",
+    "is_cas_failure",
+    "open_bucket",
+    "settling",
+    "stop_watcher",
+]
 
-_log = structlog.get_logger("clstr.membership")
+_log = structlog.get_logger("clstr.jetstream")
 
 T = TypeVar("T")
 
@@ -31,10 +41,20 @@ def is_cas_failure(exc: BaseException) -> bool:
     return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _CAS_CODES
 
 
+def bucket_name(prefix: str, what: str) -> str:
+    """The name of the cluster's bucket (or stream) ``what`` under ``prefix``:
+    ``<prefix>_<what>``, with characters JetStream does not allow replaced by ``_``."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix)
+    return f"{safe}_{what}"
+
+
 def bucket_names(prefix: str) -> tuple[str, str, str]:
     """The members, shards and handoff buckets of the cluster under ``prefix``."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix)
-    return f"{safe}_members", f"{safe}_shards", f"{safe}_handoff"
+    return (
+        bucket_name(prefix, "members"),
+        bucket_name(prefix, "shards"),
+        bucket_name(prefix, "handoff"),
+    )
 
 
 async def open_bucket(
