@@ -1,4 +1,5 @@
-"""Names every implementation of the wire protocol shares: subjects and node info.
+"""What every implementation of the wire protocol shares: subjects, node info, and
+the fingerprint that ties a request id to one request.
 
 These belong to the protocol (docs/protocol.md), not to the node or the
 client: both sides, and peers in other languages, derive them the same way.
@@ -9,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
-__all__ = ["DEFAULT_PREFIX", "NODE_INFO_TYPE", "NodeInfo", "shard_subject"]
+from blake3 import blake3
+
+from .envelope import Envelope
+
+__all__ = ["DEFAULT_PREFIX", "NODE_INFO_TYPE", "NodeInfo", "fingerprint", "shard_subject"]
 
 #: The message type of the built-in node-info request (same as the Go original).
 NODE_INFO_TYPE: Final = "clstr.node.info"
@@ -34,3 +39,20 @@ class NodeInfo:
     #: The message types the node's handler accepts (a :class:`Router`'s
     #: routes), or ``None`` when the handler does not say (any type may do).
     message_types: list[str] | None = None
+
+
+def fingerprint(env: Envelope) -> bytes:
+    """16 bytes that tell one request from another under the same id: BLAKE3 of
+    ``len(type) ‖ type ‖ len(key)+1 (0: no key) ‖ key ‖ shard ‖ payload``
+    (lengths and shard as u32 big-endian, strings as UTF-8). Headers and the
+    deadline are left out: a retry may carry other ones."""
+    t = env.type.encode()
+    k = b"" if env.key is None else env.key.encode()
+    head = b"%s%s%s%s%s" % (
+        len(t).to_bytes(4, "big"),
+        t,
+        (0 if env.key is None else len(k) + 1).to_bytes(4, "big"),
+        k,
+        env.shard.to_bytes(4, "big"),
+    )
+    return blake3(head).update(env.data).digest(16)

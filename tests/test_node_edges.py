@@ -152,7 +152,7 @@ class TestLateDeliveries:
         raw = transport.connect("c")
         inbox = "replies.test"
         await raw.subscribe(inbox, lambda data, reply: replies.append(data))
-        node._dispatch.on_message(0, encode_request(Envelope("x")), inbox)  # as a late delivery
+        node._intake.on_message(0, encode_request(Envelope("x")), inbox)  # as a late delivery
         await eventually(lambda: bool(replies))
         with pytest.raises(NotOwnerError):
             decode_reply(replies[0])

@@ -16,7 +16,8 @@ from clstr import Envelope, NoHandlerError, shard_for_key
 from clstr.codec import DEFAULT_LIMITS, decode_reply, decode_request, encode_request
 from clstr.errors import BadRequestError, RequestError, error_for_code
 from clstr.hashing import _C1, _C2, _LN2, _SQRT_HALF
-from clstr.node._replies import NOT_STORED, fingerprint
+from clstr.node._replies import NOT_STORED
+from clstr.protocol import fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = (ROOT / "docs" / "protocol.md").read_text()

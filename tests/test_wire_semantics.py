@@ -32,7 +32,8 @@ from clstr import (
 )
 from clstr.codec import decode_reply, encode_request
 from clstr.node import ReplyCache
-from clstr.node._replies import fingerprint, pack_handoff, unpack_handoff
+from clstr.node._replies import pack_handoff, unpack_handoff
+from clstr.protocol import fingerprint
 from clstr.testing import virtual_time
 
 Connect = Callable[[str], Awaitable[Transport]]

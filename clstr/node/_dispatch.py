@@ -19,36 +19,30 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
 from .._clock import Timeouts, monotonic
 from .._tasks import cancel_and_wait
 from ..codec import (
-    decode_request,
     encode_error_reply,
-    encode_payload,
     encode_reply,
     error_reply_for,
 )
 from ..envelope import Envelope
 from ..errors import (
-    BadRequestError,
     EnvelopeExpiredError,
     HandlerTimeoutError,
-    IdempotencyKeyReusedError,
     NoHandlerError,
     NotOwnerError,
     OverloadedError,
     RemoteHandlerError,
     ReplyTooLargeError,
     RequestError,
-    WrongShardError,
 )
-from ..hashing import ShardMapper
-from ..protocol import NODE_INFO_TYPE, NodeInfo
-from ._replies import NOT_STORED, ReplyCache, fingerprint
+from ._lanes import Job, Lane, Waiting
+from ._replies import NOT_STORED, ReplyCache
 from ._state import Owner
 
 __all__ = ["Dispatcher", "cancel_tasks"]
@@ -61,41 +55,12 @@ _CANCEL_GRACE: Final = 1.0
 # label the rest "other", so that hostile senders cannot grow them without bound.
 _MAX_TYPE_LABELS: Final = 256
 
-# A message, where to reply, when it arrived (monotonic; 0.0 unmetered), and
-# its _Waiting while it waits behind others with a deadline (else None). A
-# list, not an object: it is made for every message.
-_Job = list[Any]
-
-
-class _Lane:
-    __slots__ = ("items", "key", "shard")
-
-    def __init__(self, shard: int, key: str | None) -> None:
-        self.shard = shard
-        self.key = key
-        self.items: deque[_Job] = deque()
-
-
-class _Waiting:
-    """A queued message whose deadline may pass before a worker reaches it: it is
-    answered ``expired`` at the deadline and left in its lane, answered, for the
-    worker to skip."""
-
-    __slots__ = ("answered", "job", "shard", "slot")
-
-    def __init__(self, job: _Job, shard: int) -> None:
-        self.job = job
-        self.shard = shard
-        self.slot = 0
-        self.answered = False
-
 
 class Dispatcher:
     """Takes a node's messages and runs its handler on them (see the module docstring).
 
     Reads the node's settings and ownership through ``node`` (an :class:`Owner`);
-    holds everything of the message path itself. ``wall_clock`` judges the
-    staleness of a sender's timestamp.
+    holds everything of the message path after the intake.
     """
 
     def __init__(
@@ -103,18 +68,16 @@ class Dispatcher:
         node: Owner,
         reply_cache: ReplyCache,
         *,
-        wall_clock: Callable[[], float],
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._node = node
         self._log = log
-        self._wall_clock = wall_clock
         #: The loop workers run on (set when the node starts).
         self.loop: asyncio.AbstractEventLoop | None = None
         self.reply_cache = reply_cache
         self._type_labels: set[str] = set()
-        self._lanes: dict[tuple[int, str], _Lane] = {}
-        self._ready: deque[_Lane] = deque()
+        self._lanes: dict[tuple[int, str], Lane] = {}
+        self._ready: deque[Lane] = deque()
         self.workers: set[asyncio.Task[None]] = set()
         self._spare: asyncio.Task[None] | None = None  # a worker that has not run yet
         self._current: dict[asyncio.Task[None], int] = {}  # worker -> shard it runs
@@ -131,12 +94,11 @@ class Dispatcher:
         self._timeouts: Timeouts[asyncio.Task[None]] | None = None  # handler deadlines
         # Workers whose handler ran past its deadline and were cancelled for it.
         self._overdue: set[asyncio.Task[None]] = set()
-        # Idempotency: ids still in flight: their request's fingerprint, and
-        # who else waits for their reply.
-        self._in_flight: dict[str, tuple[bytes, list[str]]] = {}
-        # Queued messages answered at their deadline (see _Waiting).
-        self._queue_timeouts: Timeouts[_Waiting] | None = None
-        self._shard_of = ShardMapper(node.num_shards, node.seed).shard
+        #: Idempotency: ids still in flight: their request's fingerprint, and
+        #: who else waits for their reply.
+        self.in_flight: dict[str, tuple[bytes, list[str]]] = {}
+        # Queued messages answered at their deadline (see Waiting).
+        self._queue_timeouts: Timeouts[Waiting] | None = None
         # The handlers that started last (for the loop-stall report).
         self.last_started: tuple[Envelope, float] | None = None
         self.before_last: tuple[Envelope, float] | None = None
@@ -169,73 +131,7 @@ class Dispatcher:
             if timeouts is not None:
                 timeouts.close()
 
-    # -- intake (synchronous, on the transport's delivery path) ---------------
-
-    def on_message(self, shard: int, data: bytes, reply: str | None) -> None:
-        node = self._node
-        try:
-            env = decode_request(data, shard=shard, limits=node.limits)
-        except BadRequestError as exc:
-            self._rejected("bad_request")
-            self._log.debug("bad request", shard=shard, error=str(exc))
-            self.reply(reply, error_reply_for(exc))
-            return
-        # (Its deadline was just set from the TTL: only the sender's clock can
-        # say that it is stale.)
-        if env.ttl is not None and self._wall_clock() - env.created_at > env.ttl + node.clock_skew:
-            # Only this copy's reply: a copy of the same id may be running.
-            self._rejected("expired")
-            self.reply(reply, self._expired_reply(env))
-            return
-        if env.type == NODE_INFO_TYPE:
-            types = getattr(node.handler, "message_types", None)
-            info = NodeInfo(
-                node_id=node.node_id,
-                shards=node.shards,
-                message_types=list(types) if isinstance(types, list | tuple) else None,
-            )
-            self.reply(reply, encode_reply(encode_payload(info)))
-            return
-        key = env.key
-        if key is not None and self._shard_of(key) != shard:
-            self._rejected("wrong_shard")
-            self.reply(reply, error_reply_for(self._wrong_shard(key, shard)))
-            return
-        if not node.serving(shard):
-            # Fenced, or a late delivery for a shard it no longer serves.
-            self._rejected("not_owner")
-            self.reply(reply, error_reply_for(NotOwnerError(node.fence_reason(shard))))
-            return
-        request_id = env.id
-        if request_id is not None:
-            print_ = fingerprint(env)
-            cached = self.reply_cache.get(request_id)
-            if cached is not None:
-                if cached[1] != print_:
-                    self._reused(env, reply)
-                    return
-                node.stats.reject("duplicate")
-                self.reply(reply, cached[0])
-                return
-            running = self._in_flight.get(request_id)
-            if running is not None:
-                if running[0] != print_:
-                    self._reused(env, reply)
-                    return
-                # A retry of a request still queued or running: answer both at once.
-                if reply is not None:
-                    running[1].append(reply)
-                return
-            if self.queued >= node.max_pending and self._full(env):
-                self._overloaded(reply)
-                return
-            self._in_flight[request_id] = (print_, [])
-        elif self.queued >= node.max_pending and self._full(env):
-            self._overloaded(reply)
-            return
-        self._enqueue(env, reply)
-
-    def _full(self, env: Envelope) -> bool:
+    def full(self, env: Envelope) -> bool:
         """Whether taking ``env`` would leave more than ``max_pending`` messages
         waiting: queued ones that no idle worker is about to start (a queued
         message of a busy key waits; the first of a new key may start at once)."""
@@ -245,10 +141,10 @@ class Dispatcher:
         starting = min(self._node.max_concurrency - self.running, ready)
         return self.queued + 1 - starting > self._node.max_pending
 
-    def _overloaded(self, reply: str | None) -> None:
+    def overloaded(self, reply: str | None) -> None:
         """Refuse a message for want of room; log when the node falls behind."""
         node = self._node
-        self._rejected("overloaded")
+        self.rejected("overloaded")
         if self._behind_since is None:
             self._behind_since = monotonic()
             self._log.warning(
@@ -267,24 +163,7 @@ class Dispatcher:
             ),
         )
 
-    def _wrong_shard(self, key: str, shard: int) -> WrongShardError:
-        node = self._node
-        return WrongShardError(
-            f"key {key[:64]!r} belongs to shard {self._shard_of(key)}, not {shard} "
-            f"({node.num_shards} shards, seed {node.seed!r}); the sender's num_shards or "
-            "seed differs from the node's: fix its settings"
-        )
-
-    def _reused(self, env: Envelope, reply: str | None) -> None:
-        """Refuse a request whose id names another request."""
-        self._rejected("id_reused")
-        message = (
-            f"request id {env.id!r} was used before for another request (type, key, shard "
-            "or payload differ); give each new request a new id"
-        )
-        self.reply(reply, error_reply_for(IdempotencyKeyReusedError(message)))
-
-    def _rejected(self, reason: str) -> None:
+    def rejected(self, reason: str) -> None:
         self._node.stats.reject(reason)
         self._node.metrics.envelope_rejected(reason)
 
@@ -298,11 +177,11 @@ class Dispatcher:
             return msg_type
         return "other"
 
-    def _expired_reply(self, env: Envelope) -> bytes:
+    def expired_reply(self, env: Envelope) -> bytes:
         message = f"envelope {env.type!r} for shard {env.shard} expired before its handler ran"
         return error_reply_for(EnvelopeExpiredError(message))
 
-    def _enqueue(self, env: Envelope, reply: str | None) -> None:
+    def enqueue(self, env: Envelope, reply: str | None) -> None:
         node = self._node
         node.stats.received += 1
         self.queued += 1
@@ -313,9 +192,9 @@ class Dispatcher:
         shard = env.shard
         self._load[shard] = self._load.get(shard, 0) + 1
         key = env.key
-        job: _Job = [env, reply, received, None]
+        job: Job = [env, reply, received, None]
         if key is None:
-            lane = _Lane(shard, None)
+            lane = Lane(shard, None)
         else:
             existing = self._lanes.get((shard, key))
             if existing is not None:
@@ -324,7 +203,7 @@ class Dispatcher:
                 if env.deadline is not None:
                     self._watch(job, env.deadline, shard)
                 return
-            lane = self._lanes[shard, key] = _Lane(shard, key)
+            lane = self._lanes[shard, key] = Lane(shard, key)
         lane.items.append(job)
         self._ready.append(lane)
         if self._spare is None:
@@ -332,16 +211,16 @@ class Dispatcher:
         if env.deadline is not None and len(self.workers) >= node.max_concurrency:
             self._watch(job, env.deadline, shard)  # every worker is busy: it waits
 
-    def _watch(self, job: _Job, deadline: float, shard: int) -> None:
+    def _watch(self, job: Job, deadline: float, shard: int) -> None:
         """Answer ``job`` at ``deadline`` should it still wait then."""
         timeouts = self._queue_timeouts
         if timeouts is None:
             loop = self.loop or asyncio.get_running_loop()
             timeouts = self._queue_timeouts = Timeouts(loop, self._expired_in_queue)
-        waiting = job[3] = _Waiting(job, shard)
+        waiting = job[3] = Waiting(job, shard)
         waiting.slot = timeouts.add(deadline, waiting)
 
-    def _expired_in_queue(self, waiting: _Waiting) -> None:
+    def _expired_in_queue(self, waiting: Waiting) -> None:
         """A queued message's deadline passed: answer it now and free its room in
         the queue; its worker will skip it."""
         if waiting.answered:
@@ -351,8 +230,8 @@ class Dispatcher:
         self.queued -= 1
         if self._node.metered:
             self._node.metrics.pending_messages(self._node.node_id, self.queued)
-        self._rejected("expired")
-        self._finish(env, reply, self._expired_reply(env), cache=False)
+        self.rejected("expired")
+        self._finish(env, reply, self.expired_reply(env), cache=False)
         self._settled(waiting.shard)
 
     # -- workers --------------------------------------------------------------
@@ -432,7 +311,7 @@ class Dispatcher:
                 self._lane_next(lane)
                 self._settled(lane.shard)
 
-    def _lane_next(self, lane: _Lane) -> None:
+    def _lane_next(self, lane: Lane) -> None:
         """``lane``'s message is done: back in line if it holds more, else gone."""
         if lane.items:
             self._ready.append(lane)
@@ -449,12 +328,12 @@ class Dispatcher:
     ) -> None:
         node = self._node
         if env.expired():
-            self._rejected("expired")
-            self._finish(env, reply, self._expired_reply(env), cache=False)
+            self.rejected("expired")
+            self._finish(env, reply, self.expired_reply(env), cache=False)
             return
         if node.fenced or (self._evicting and self._refusing(env.shard)):
             # Not cached: a retry after unfencing must run the handler.
-            self._rejected("not_owner")
+            self.rejected("not_owner")
             refusal = error_reply_for(NotOwnerError(node.fence_reason(env.shard)))
             self._finish(env, reply, refusal, cache=False)
             return
@@ -550,7 +429,7 @@ class Dispatcher:
     def _too_large(self, env: Envelope, size: int) -> bytes:
         """The reply that stands for one too large to send (the handler ran)."""
         limit = self._node.transport.max_payload
-        self._rejected("reply_too_large")
+        self.rejected("reply_too_large")
         self._log.warning("reply too large", type=env.type, size=size, max_payload=limit)
         return error_reply_for(
             ReplyTooLargeError(
@@ -568,7 +447,7 @@ class Dispatcher:
         request_id = env.id
         if request_id is None:
             return
-        running = self._in_flight.pop(request_id, None)
+        running = self.in_flight.pop(request_id, None)
         if running is None:
             return
         print_, waiting = running
@@ -605,7 +484,7 @@ class Dispatcher:
         victims = [t for t, s in self._current.items() if which(s)]
         await cancel_tasks(victims)
         error = error_reply_for(NotOwnerError(reason))
-        keep: deque[_Lane] = deque()
+        keep: deque[Lane] = deque()
         for lane in self._ready:
             if not which(lane.shard):
                 keep.append(lane)

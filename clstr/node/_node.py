@@ -3,7 +3,8 @@
 :class:`Node` holds the settings, the lifecycle and the ownership surface a
 membership uses (:class:`~clstr.node.ShardHost`: acquire, release, fence,
 lease, handoff); the message path itself (intake, per-key lanes, workers,
-replies) is its :class:`~clstr.node._dispatch.Dispatcher`.
+replies) is its :class:`~clstr.node._intake.Intake` (arrival) and
+:class:`~clstr.node._dispatch.Dispatcher` (queue, workers, replies).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..metrics import NOOP_METRICS, Metrics
 from ..protocol import DEFAULT_PREFIX, shard_subject
 from ..transports.base import Subscription, Transport
 from ._dispatch import Dispatcher
+from ._intake import Intake
 from ._ownership import FixedShards, Membership, StaticMembership
 from ._replies import ReplyCache, pack_handoff, unpack_handoff
 from ._state import NodeState, NodeStats
@@ -125,7 +127,8 @@ class Node:
         self._lease_timer: asyncio.TimerHandle | None = None
         # Idempotency: replies by request id (they move with their shard).
         self._reply_cache = ReplyCache(reply_cache_size, reply_cache_ttl)
-        self._dispatch = Dispatcher(self, self._reply_cache, wall_clock=wall_clock, log=self._log)
+        self._dispatch = Dispatcher(self, self._reply_cache, log=self._log)
+        self._intake = Intake(self, self._dispatch, wall_clock=wall_clock, log=self._log)
         # Blocking handlers: the loop's stalls are reported, naming the handler
         # that started last before the stall (it has returned by the report,
         # and one more may have started since: the last two are kept).
@@ -209,7 +212,7 @@ class Node:
         try:
             sub = await self.transport.subscribe(
                 shard_subject(self.prefix, shard),
-                functools.partial(self._dispatch.on_message, shard),
+                functools.partial(self._intake.on_message, shard),
                 queue=self.prefix,
             )
         finally:

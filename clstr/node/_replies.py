@@ -1,7 +1,7 @@
 """Recent replies by request id (idempotent retries), and their handoff to a shard's next owner.
 
 A request id names one request, as an idempotency key does in payment APIs:
-the cache keeps, with each reply, the :func:`fingerprint` of the request it
+the cache keeps, with each reply, the :func:`~clstr.protocol.fingerprint` of the request it
 answered, and only outcomes of a handler that ran (see
 :data:`NOT_STORED`); a later request under the same id gets the stored reply
 if its fingerprint matches, and ``id_reused`` otherwise.
@@ -13,12 +13,10 @@ from collections import OrderedDict
 from typing import Final
 
 import msgpack
-from blake3 import blake3
 
 from .._clock import monotonic
-from ..envelope import Envelope
 
-__all__ = ["NOT_STORED", "ReplyCache", "fingerprint", "pack_handoff", "unpack_handoff"]
+__all__ = ["NOT_STORED", "ReplyCache", "pack_handoff", "unpack_handoff"]
 
 #: Error codes of refusals that ran no handler: never stored, so that a
 #: corrected retry under the same id runs (docs/protocol.md, idempotency).
@@ -35,23 +33,6 @@ NOT_STORED: Final = frozenset(
         "id_reused",
     }
 )
-
-
-def fingerprint(env: Envelope) -> bytes:
-    """16 bytes that tell one request from another under the same id: BLAKE3 of
-    ``len(type) ‖ type ‖ len(key)+1 (0: no key) ‖ key ‖ shard ‖ payload``
-    (lengths and shard as u32 big-endian, strings as UTF-8). Headers and the
-    deadline are left out: a retry may carry other ones."""
-    t = env.type.encode()
-    k = b"" if env.key is None else env.key.encode()
-    head = b"%s%s%s%s%s" % (
-        len(t).to_bytes(4, "big"),
-        t,
-        (0 if env.key is None else len(k) + 1).to_bytes(4, "big"),
-        k,
-        env.shard.to_bytes(4, "big"),
-    )
-    return blake3(head).update(env.data).digest(16)
 
 
 class ReplyCache:

@@ -1,0 +1,125 @@
+"""The intake of a node: what happens to a message as it arrives.
+
+Synchronous, on the transport's delivery path: decode, then the checks of
+docs/protocol.md in their order (staleness, node info, the key's shard,
+ownership, the request id, room in the queue); a message that passes them
+all goes to the :class:`~clstr.node._dispatch.Dispatcher`'s queue, every
+other one is answered at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from ..codec import decode_request, encode_payload, encode_reply, error_reply_for
+from ..envelope import Envelope
+from ..errors import BadRequestError, IdempotencyKeyReusedError, NotOwnerError, WrongShardError
+from ..hashing import ShardMapper
+from ..protocol import NODE_INFO_TYPE, NodeInfo, fingerprint
+from ._dispatch import Dispatcher
+from ._state import Owner
+
+__all__ = ["Intake"]
+
+
+class Intake:
+    """Takes a node's messages as they arrive (see the module docstring)."""
+
+    def __init__(
+        self,
+        node: Owner,
+        dispatch: Dispatcher,
+        *,
+        wall_clock: Callable[[], float],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._node = node
+        self._dispatch = dispatch
+        self._wall_clock = wall_clock
+        self._log = log
+        self._shard_of = ShardMapper(node.num_shards, node.seed).shard
+
+    def on_message(self, shard: int, data: bytes, reply: str | None) -> None:
+        """Take one message of ``shard`` (the transport's callback)."""
+        node = self._node
+        dispatch = self._dispatch
+        try:
+            env = decode_request(data, shard=shard, limits=node.limits)
+        except BadRequestError as exc:
+            dispatch.rejected("bad_request")
+            self._log.debug("bad request", shard=shard, error=str(exc))
+            dispatch.reply(reply, error_reply_for(exc))
+            return
+        # (Its deadline was just set from the TTL: only the sender's clock can
+        # say that it is stale.)
+        if env.ttl is not None and self._wall_clock() - env.created_at > env.ttl + node.clock_skew:
+            # Only this copy's reply: a copy of the same id may be running.
+            dispatch.rejected("expired")
+            dispatch.reply(reply, dispatch.expired_reply(env))
+            return
+        if env.type == NODE_INFO_TYPE:
+            types = getattr(node.handler, "message_types", None)
+            info = NodeInfo(
+                node_id=node.node_id,
+                shards=node.shards,
+                message_types=list(types) if isinstance(types, list | tuple) else None,
+            )
+            dispatch.reply(reply, encode_reply(encode_payload(info)))
+            return
+        key = env.key
+        if key is not None and self._shard_of(key) != shard:
+            dispatch.rejected("wrong_shard")
+            dispatch.reply(reply, error_reply_for(self._wrong_shard(key, shard)))
+            return
+        if not node.serving(shard):
+            # Fenced, or a late delivery for a shard it no longer serves.
+            dispatch.rejected("not_owner")
+            dispatch.reply(reply, error_reply_for(NotOwnerError(node.fence_reason(shard))))
+            return
+        request_id = env.id
+        if request_id is not None:
+            print_ = fingerprint(env)
+            cached = dispatch.reply_cache.get(request_id)
+            if cached is not None:
+                if cached[1] != print_:
+                    self._reused(env, reply)
+                    return
+                node.stats.reject("duplicate")
+                dispatch.reply(reply, cached[0])
+                return
+            running = dispatch.in_flight.get(request_id)
+            if running is not None:
+                if running[0] != print_:
+                    self._reused(env, reply)
+                    return
+                # A retry of a request still queued or running: answer both at once.
+                if reply is not None:
+                    running[1].append(reply)
+                return
+            if dispatch.queued >= node.max_pending and dispatch.full(env):
+                dispatch.overloaded(reply)
+                return
+            dispatch.in_flight[request_id] = (print_, [])
+        elif dispatch.queued >= node.max_pending and dispatch.full(env):
+            dispatch.overloaded(reply)
+            return
+        dispatch.enqueue(env, reply)
+
+    def _wrong_shard(self, key: str, shard: int) -> WrongShardError:
+        node = self._node
+        return WrongShardError(
+            f"key {key[:64]!r} belongs to shard {self._shard_of(key)}, not {shard} "
+            f"({node.num_shards} shards, seed {node.seed!r}); the sender's num_shards or "
+            "seed differs from the node's: fix its settings"
+        )
+
+    def _reused(self, env: Envelope, reply: str | None) -> None:
+        """Refuse a request whose id names another request."""
+        self._dispatch.rejected("id_reused")
+        message = (
+            f"request id {env.id!r} was used before for another request (type, key, shard "
+            "or payload differ); give each new request a new id"
+        )
+        self._dispatch.reply(reply, error_reply_for(IdempotencyKeyReusedError(message)))
