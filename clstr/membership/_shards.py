@@ -123,7 +123,7 @@ class ShardKeys:
         self.held[shard] = revision
         try:
             await self._take_handoff(shard)
-            await node.acquire(shard)
+            await node.acquire(shard, token=revision)
         except BaseException:
             # Not served: give the key back rather than hold it unserved.
             self.held.pop(shard, None)

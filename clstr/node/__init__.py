@@ -10,6 +10,7 @@ memberships above this layer never reach into the node's internals).
 from __future__ import annotations
 
 from ..protocol import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
+from ._bound import ShardContext, ShardTask
 from ._node import Node
 from ._ownership import (
     ClusterState,
@@ -23,7 +24,7 @@ from ._ownership import (
     StaticMembership,
 )
 from ._replies import ReplyCache
-from ._state import NodeState, NodeStats
+from ._state import NodeEvent, NodeEventKind, NodeListener, NodeState, NodeStats
 
 __all__ = [
     "Node",
@@ -34,6 +35,12 @@ __all__ = [
     "DEFAULT_PREFIX",
     "shard_subject",
     "ReplyCache",
+    # shard-bound tasks and node events
+    "ShardContext",
+    "ShardTask",
+    "NodeEvent",
+    "NodeEventKind",
+    "NodeListener",
     # ownership: the node's contract with its membership
     "ShardHost",
     "Membership",

@@ -28,11 +28,12 @@ from ..hashing import validate_num_shards
 from ..metrics import NOOP_METRICS, Metrics
 from ..protocol import DEFAULT_PREFIX, shard_subject
 from ..transports.base import Subscription, Transport
+from ._bound import BoundTasks, ShardContext, ShardTask
 from ._dispatch import Dispatcher
 from ._intake import Intake
 from ._ownership import FixedShards, Membership, StaticMembership
 from ._replies import ReplyCache, pack_handoff, unpack_handoff
-from ._state import NodeState, NodeStats
+from ._state import NodeEvent, NodeEventKind, NodeListener, NodeState, NodeStats
 from ._watchdog import DEFAULT_STALL_THRESHOLD as DEFAULT_LOOP_STALL_THRESHOLD
 from ._watchdog import LoopWatchdog
 
@@ -125,6 +126,9 @@ class Node:
         self._fenced: str | None = None
         self._lease_until: float | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
+        self._was_fenced = False
+        self._listeners: list[NodeListener] = []
+        self._bound = BoundTasks(self.node_id, self._emit)
         # Idempotency: replies by request id (they move with their shard).
         self._reply_cache = ReplyCache(reply_cache_size, reply_cache_ttl)
         self._dispatch = Dispatcher(self, self._reply_cache, log=self._log)
@@ -199,8 +203,9 @@ class Node:
             raise
         self._log.info("node started", shards=len(self._subs), num_shards=self.num_shards)
 
-    async def acquire(self, shard: int) -> None:
-        """Start serving ``shard`` (subscribe with the cluster's queue group).
+    async def acquire(self, shard: int, *, token: int = 0) -> None:
+        """Start serving ``shard`` (subscribe with the cluster's queue group), under
+        fencing ``token`` (given to its shard-bound tasks, see :meth:`bind`).
 
         Called by the membership; returns once the server routes the shard to us.
         """
@@ -219,6 +224,8 @@ class Node:
             self._acquiring.discard(shard)
         self._subs[shard] = sub
         self.metrics.shards_owned(self.node_id, len(self._subs))
+        self._emit(NodeEvent(NodeEventKind.SHARD_ACQUIRED, shard))
+        self._bound.shard_up(shard, token)
 
     async def release(self, shard: int, *, timeout: float | None = None) -> None:
         """Stop taking ``shard``'s messages, let those already taken finish for up to
@@ -241,9 +248,12 @@ class Node:
                 await self._dispatch.evict(
                     lambda s: s == shard, f"shard {shard} moved away from {self.node_id}"
                 )
+        await self._bound.shard_down(shard)
         if sub is not None and self.state is NodeState.RUNNING:
             # A handoff (on stop, on_stop cleans up everything at once).
             await shard_released(self.handler, shard)
+        if sub is not None:
+            self._emit(NodeEvent(NodeEventKind.SHARD_RELEASED, shard))
 
     def handoff_state(self, shard: int) -> bytes | None:
         """What the next owner of ``shard`` needs to answer retries as this node
@@ -275,12 +285,14 @@ class Node:
             self._log.warning("fenced", reason=reason)
         self._fenced = reason
         self._dispatch.evict_soon(lambda s: True, f"node {self.node_id} is fenced: {reason}")
+        self._fence_changed()
 
     def unfence(self) -> None:
         """Resume handling after :meth:`fence`."""
         if self._fenced is not None:
             self._log.info("unfenced")
         self._fenced = None
+        self._fence_changed()
 
     def set_lease(self, until: float | None) -> None:
         """Handle messages only until ``until`` (loop time), or always (``None``).
@@ -294,12 +306,74 @@ class Node:
             self._lease_timer = None
         if until is not None:
             self._lease_timer = asyncio.get_running_loop().call_at(until, self._lease_expired)
+        self._fence_changed()
 
     def _lease_expired(self) -> None:
         self._lease_timer = None
         if self._lease_until is not None and monotonic() >= self._lease_until:
             self._log.warning("lease expired: not handling until renewed")
             self._dispatch.evict_soon(lambda s: True, f"node {self.node_id}'s lease expired")
+        self._fence_changed()
+
+    def _fence_changed(self) -> None:
+        """Stop the shard-bound tasks when the node becomes fenced (explicitly or by
+        its lease), start them again when it no longer is."""
+        fenced = self.fenced
+        if fenced == self._was_fenced or self.state is not NodeState.RUNNING:
+            return
+        self._was_fenced = fenced
+        if fenced:
+            self._bound.pause()
+            self._emit(NodeEvent(NodeEventKind.FENCED, reason=self._fenced or "lease expired"))
+        else:
+            self._bound.resume()
+            self._emit(NodeEvent(NodeEventKind.UNFENCED))
+
+    # -- shard-bound tasks and events -----------------------------------------
+
+    def bind(
+        self,
+        name: str,
+        run: ShardTask,
+        *,
+        shards: Iterable[int] | None = None,
+        grace: float = 5.0,
+    ) -> None:
+        """Run ``run(ctx)`` for each of ``shards`` (``None``: every shard) while this
+        node serves it and is not fenced: at most one node runs a shard's task at
+        a time, under the same ownership, lease and fencing as its messages (see
+        :mod:`clstr.node._bound`). ``ctx.stopping`` is set when it must end; it is
+        cancelled ``grace`` seconds later. A task that returns or fails while its
+        shard is still served is started again after a pause.
+
+        Raises :class:`~clstr.ConfigurationError` for a name already bound.
+        """
+        self._bound.bind(name, run, shards=shards, grace=grace)
+
+    async def unbind(self, name: str) -> None:
+        """Stop the tasks of binding ``name`` and forget it."""
+        await self._bound.unbind(name)
+
+    @property
+    def bound_tasks(self) -> list[ShardContext]:
+        """The shard-bound tasks running on this node now."""
+        return self._bound.running()
+
+    def add_listener(self, listener: NodeListener) -> None:
+        """Call ``listener`` for every :class:`~clstr.node.NodeEvent` of this node."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: NodeListener) -> None:
+        """Stop calling ``listener``."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _emit(self, event: NodeEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                self._log.exception("node listener failed", kind=event.kind.value)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully: take no new messages, let queued and running ones
@@ -327,6 +401,7 @@ class Node:
         for shard in list(self._subs):
             await self.release(shard, timeout=0)
         await self._dispatch.close(f"node {self.node_id} stopped")
+        await self._bound.close()
         if self._lease_timer is not None:
             self._lease_timer.cancel()
         if self._watchdog is not None:

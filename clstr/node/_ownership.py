@@ -77,8 +77,10 @@ class ShardHost(Protocol):
         """Seconds a reply is kept for retries (the life of handed-over replies)."""
         ...
 
-    async def acquire(self, shard: int) -> None:
-        """Serve ``shard``; return once the server routes it to the node."""
+    async def acquire(self, shard: int, *, token: int = 0) -> None:
+        """Serve ``shard`` under fencing ``token`` (a number that grows with every
+        new owner, 0 when the membership has none); return once the server
+        routes it to the node."""
 
     async def release(self, shard: int, *, timeout: float | None = None) -> None:
         """Stop taking ``shard``'s messages, drain them for up to ``timeout``."""

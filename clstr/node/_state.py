@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -11,7 +12,7 @@ from ..handlers import Handler
 from ..metrics import Metrics
 from ..transports.base import Transport
 
-__all__ = ["NodeState", "NodeStats", "Owner"]
+__all__ = ["NodeEvent", "NodeEventKind", "NodeListener", "NodeState", "NodeStats", "Owner"]
 
 
 @dataclass(slots=True)
@@ -80,3 +81,29 @@ class Owner(Protocol):
     def fence_reason(self, shard: int) -> str:
         """Why a message of ``shard`` is refused with ``not_owner``."""
         ...
+
+
+class NodeEventKind(enum.Enum):
+    """What a :class:`NodeEvent` reports (all about this node)."""
+
+    SHARD_ACQUIRED = "shard_acquired"
+    SHARD_RELEASED = "shard_released"
+    FENCED = "fenced"
+    UNFENCED = "unfenced"
+    TASK_STARTED = "task_started"
+    TASK_STOPPED = "task_stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEvent:
+    """Something that happened on this node: a shard it took or gave up, a fence,
+    a shard-bound task (``name``) that started or stopped."""
+
+    kind: NodeEventKind
+    shard: int | None = None
+    name: str = ""
+    reason: str = ""
+
+
+#: Called synchronously for each :class:`NodeEvent`; must not block.
+NodeListener = Callable[[NodeEvent], None]
