@@ -59,6 +59,9 @@ class Metrics(Protocol):
         """A node's event loop was blocked for ``duration`` seconds (a handler
         doing blocking work); see ``Node(loop_stall_threshold=...)``."""
 
+    def entities_active(self, node_id: str, entity_type: str, count: int) -> None:
+        """A node holds ``count`` live instances of ``entity_type`` now."""
+
 
 class NoopMetrics:
     """Records nothing: every :class:`Metrics` method does nothing. The default
@@ -95,6 +98,9 @@ class NoopMetrics:
         pass
 
     def loop_stalled(self, node_id: str, duration: float) -> None:
+        pass
+
+    def entities_active(self, node_id: str, entity_type: str, count: int) -> None:
         pass
 
 
@@ -201,6 +207,12 @@ class PrometheusMetrics:
             ["node_id"],
             registry=registry,
         )
+        self._entities = Gauge(
+            "clstr_cluster_entities_active",
+            "Live entity instances on the node, by entity type",
+            ["node_id", "entity_type"],
+            registry=registry,
+        )
         self._stalled = Counter(
             "clstr_cluster_event_loop_stalled_seconds",
             "Seconds a node's event loop spent blocked past the stall threshold",
@@ -244,6 +256,9 @@ class PrometheusMetrics:
     def loop_stalled(self, node_id: str, duration: float) -> None:
         self._stalls.labels(node_id).inc()
         self._stalled.labels(node_id).inc(duration)
+
+    def entities_active(self, node_id: str, entity_type: str, count: int) -> None:
+        self._entities.labels(node_id, entity_type).set(count)
 
 
 def _flag(success: bool) -> str:

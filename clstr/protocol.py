@@ -13,14 +13,60 @@ from typing import ClassVar, Final
 from blake3 import blake3
 
 from .envelope import Envelope
+from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_PREFIX", "NODE_INFO_TYPE", "NodeInfo", "fingerprint", "shard_subject"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "ENTITY_SEPARATOR",
+    "NODE_INFO_TYPE",
+    "NodeInfo",
+    "entity_key",
+    "entity_type_name",
+    "fingerprint",
+    "shard_subject",
+    "split_entity_key",
+]
 
 #: The message type of the built-in node-info request (same as the Go original).
 NODE_INFO_TYPE: Final = "clstr.node.info"
 
 #: The default subject prefix: shard ``s`` is served on ``clstr.shard.<s>``.
 DEFAULT_PREFIX: Final = "clstr"
+
+
+#: Between an entity's type and its id in the entity's routing key.
+ENTITY_SEPARATOR: Final = "/"
+
+
+def entity_key(entity_type: str, entity_id: str) -> str:
+    """The routing key of entity ``entity_id`` of type ``entity_type``:
+    ``<type>/<id>``. Its shard is that key's shard, so an entity's messages
+    route, queue and hash like any keyed message (docs/entities.md).
+
+    Raises :class:`~clstr.ConfigurationError` for an empty type or id, or a
+    type holding the separator (ids may hold anything).
+    """
+    if not isinstance(entity_type, str) or not entity_type or ENTITY_SEPARATOR in entity_type:
+        raise ConfigurationError(
+            f"entity type must be a non-empty str without {ENTITY_SEPARATOR!r}, got {entity_type!r}"
+        )
+    if not isinstance(entity_id, str) or not entity_id:
+        raise ConfigurationError(f"entity id must be a non-empty str, got {entity_id!r}")
+    return f"{entity_type}{ENTITY_SEPARATOR}{entity_id}"
+
+
+def entity_type_name(cls: type) -> str:
+    """The type name of an entity class: its ``type_name`` attribute, else its name."""
+    name = getattr(cls, "type_name", None)
+    return name if isinstance(name, str) and name else cls.__name__
+
+
+def split_entity_key(key: str) -> tuple[str, str] | None:
+    """``(type, id)`` of an entity key, or ``None`` when ``key`` is not one."""
+    entity_type, sep, entity_id = key.partition(ENTITY_SEPARATOR)
+    if not sep or not entity_type or not entity_id:
+        return None
+    return entity_type, entity_id
 
 
 def shard_subject(prefix: str, shard: int) -> str:
@@ -39,6 +85,8 @@ class NodeInfo:
     #: The message types the node's handler accepts (a :class:`Router`'s
     #: routes), or ``None`` when the handler does not say (any type may do).
     message_types: list[str] | None = None
+    #: Live entity instances per entity type, when the node hosts entities.
+    entities: dict[str, int] | None = None
 
 
 def fingerprint(env: Envelope) -> bytes:

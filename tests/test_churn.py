@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,66 +25,24 @@ from clstr.hashing import assign_shards
 from clstr.testing import NatsServer
 from clstr.transports.nats import NatsTransport
 
+from _support import ScriptNode
+
 NODE_SCRIPT = Path(__file__).with_name("_churn_node.py")
 NUM_SHARDS = 24
 HEARTBEAT_TTL = 1.0  # as in _churn_node.SETTINGS
-
-
-class NodeProcess:
-    """A node in its own OS process; never left behind."""
-
-    def __init__(self, node_id: str) -> None:
-        self.node_id = node_id
-        self.process: asyncio.subprocess.Process | None = None
-        self.killed_at: float | None = None
-
-    async def start(self, url: str, record: Path) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(NODE_SCRIPT),
-            url,
-            self.node_id,
-            str(NUM_SHARDS),
-            str(record),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        assert self.process.stdout is not None
-        async with asyncio.timeout(20):
-            line = await self.process.stdout.readline()
-        assert line.strip() == b"ready", f"{self.node_id} did not start: {line!r}"
-
-    async def terminate(self) -> None:
-        """Graceful stop (SIGTERM), waited for."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            assert await self.process.wait() == 0
-
-    async def kill(self) -> None:
-        """SIGKILL: no goodbye, no handoff."""
-        assert self.process is not None
-        self.process.kill()
-        self.killed_at = time.time()
-        await self.process.wait()
-
-    async def cleanup(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
 
 
 @dataclass
 class Churn:
     url: str
     record: Path
-    nodes: dict[str, NodeProcess] = field(default_factory=dict)
+    nodes: dict[str, ScriptNode] = field(default_factory=dict)
     client: Client | None = None
 
-    async def add(self, node_id: str) -> NodeProcess:
-        proc = NodeProcess(node_id)
+    async def add(self, node_id: str) -> ScriptNode:
+        proc = ScriptNode(NODE_SCRIPT, node_id)
         self.nodes[node_id] = proc
-        await proc.start(self.url, self.record)
+        await proc.start(self.url, node_id, str(NUM_SHARDS), str(self.record))
         return proc
 
     async def owners(self) -> dict[int, str | None]:

@@ -45,7 +45,14 @@ from ..errors import (
 )
 from ..hashing import ShardMapper
 from ..metrics import NOOP_METRICS, Metrics
-from ..protocol import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
+from ..protocol import (
+    DEFAULT_PREFIX,
+    NODE_INFO_TYPE,
+    NodeInfo,
+    entity_key,
+    entity_type_name,
+    shard_subject,
+)
 from ..transports.base import Transport
 from ._retry import RetryPolicy
 
@@ -372,6 +379,18 @@ class Client:
     def key(self, key: str, *options: EnvelopeOption) -> ScopedClient:
         """A client bound to ``key``: every call goes to its owner, with the key."""
         return ScopedClient(self, self._shard_of_key(key), key, options)
+
+    def entity(
+        self, entity_type: type | str, entity_id: str, *options: EnvelopeOption
+    ) -> ScopedClient:
+        """A client bound to one entity: ``entity_type`` is an entity class (its
+        ``type_name``, else its name) or a type name; calls go to the entity's owner
+        with the key ``<type>/<id>`` (see :func:`~clstr.protocol.entity_key`)::
+
+            total = await client.entity(Cart, "cart-42").call(AddItem("tea"), Total)
+        """
+        name = entity_type if isinstance(entity_type, str) else entity_type_name(entity_type)
+        return self.key(entity_key(name, entity_id), *options)
 
     def shard(self, shard: int, *options: EnvelopeOption) -> ScopedClient:
         """A client bound to ``shard`` (no key)."""

@@ -13,13 +13,21 @@ and hands a shard to another node.
 from __future__ import annotations
 
 from ._keyed import EvictHook, KeyHandler
-from ._router import Handler, Router, shard_released, start_handler, stop_handler
+from ._router import (
+    Handler,
+    Router,
+    decode_message,
+    shard_released,
+    start_handler,
+    stop_handler,
+)
 
 __all__ = [
     "Handler",
     "Router",
     "KeyHandler",
     "EvictHook",
+    "decode_message",
     "start_handler",
     "stop_handler",
     "shard_released",

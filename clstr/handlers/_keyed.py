@@ -35,7 +35,8 @@ EvictHook = Callable[[str, Handler], Awaitable[None] | None]
 class KeyHandler:
     """One handler per key, created on first use, like the Go ``NewKeyHandler``.
 
-    ``factory(key)`` builds the key's handler (sync or async). At most
+    ``factory(key)`` builds the key's handler (sync or async; a factory that
+    takes a second argument gets the envelope of the first message too). At most
     ``max_keys`` are kept (least recently used go first; one that is handling
     a message is never evicted); one unused for ``idle_timeout`` seconds is
     evicted too. ``on_evict(key, handler)`` runs for every eviction, also for
@@ -50,7 +51,8 @@ class KeyHandler:
 
     def __init__(
         self,
-        factory: Callable[[str], Handler | Awaitable[Handler]],
+        factory: Callable[[str], Handler | Awaitable[Handler]]
+        | Callable[[str, Envelope], Handler | Awaitable[Handler]],
         *,
         max_keys: int = 1024,
         idle_timeout: float | None = 600.0,
@@ -62,6 +64,7 @@ class KeyHandler:
         if idle_timeout is not None and not idle_timeout > 0:
             raise ConfigurationError(f"idle_timeout must be > 0 or None, got {idle_timeout}")
         self._factory = factory
+        self._factory_env = _takes_two(factory)
         self.max_keys = max_keys
         self.idle_timeout = idle_timeout
         self._on_evict = on_evict
@@ -91,7 +94,7 @@ class KeyHandler:
             while (evicting := self._evicting.get(key)) is not None:
                 # Its state is being saved: build the new entity from what is saved.
                 await evicting[1].wait()
-            made = self._factory(key)
+            made = self._factory(key, env) if self._factory_env else self._factory(key)  # type: ignore[call-arg]
             handler = await made if inspect.isawaitable(made) else made
             # A concurrent caller (not through a node) may have made one meanwhile.
             entry = self._entries.get(key)
@@ -188,6 +191,10 @@ class KeyHandler:
     async def on_start(self) -> None:
         """Start the idle sweeper (when ``idle_timeout`` is set): every
         ``idle_timeout / 2`` seconds it evicts the keys idle for longer."""
+        self.start_sweeper()
+
+    def start_sweeper(self) -> None:
+        """:meth:`on_start` for callers that cannot await (idempotent)."""
         if self.idle_timeout is not None and self._sweeper is None:
             self._stop_sweeping = asyncio.Event()
             self._sweeper = asyncio.create_task(
@@ -205,3 +212,12 @@ class KeyHandler:
             # propagates (never swallowed).
             await sweeper
         await self.evict_all()
+
+
+def _takes_two(fn: Callable[..., object]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2

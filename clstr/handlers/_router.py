@@ -28,7 +28,14 @@ from ..errors import (
     PayloadError,
 )
 
-__all__ = ["Handler", "Router", "start_handler", "stop_handler", "shard_released"]
+__all__ = [
+    "Handler",
+    "Router",
+    "decode_message",
+    "start_handler",
+    "stop_handler",
+    "shard_released",
+]
 
 #: The shape of every handler a node runs.
 Handler = Callable[[Envelope], Awaitable[bytes | None]]
@@ -182,21 +189,29 @@ class Router:
 _HOOKS = ("on_start", "on_stop", "on_shard_released")
 
 
+def decode_message(env: Envelope, cls: type[M]) -> M:
+    """The payload of ``env`` as a ``cls``, validated (its ``validate()``, when it has
+    one: peers in other languages may skip the sender-side check).
+
+    Raises :class:`BadRequestError` saying why it does not decode or is invalid.
+    """
+    try:
+        msg = decode_payload(env.data, cls)
+        validate = getattr(msg, "validate", None)
+        if callable(validate):
+            validate()
+    except PayloadError as exc:
+        raise BadRequestError(f"payload of {env.type!r} does not decode: {exc}") from exc
+    except Exception as exc:
+        raise BadRequestError(f"invalid {env.type!r} payload: {exc}") from exc
+    return msg
+
+
 def _typed(cls: type[Any], fn: Callable[..., Awaitable[Any]]) -> Handler:
     pass_env = _wants_envelope(fn)
 
-    validates = callable(getattr(cls, "validate", None))
-
     async def typed(env: Envelope) -> bytes:
-        try:
-            msg = decode_payload(env.data, cls)
-            if validates:
-                # Peers in other languages may skip the sender-side check.
-                msg.validate()
-        except PayloadError as exc:
-            raise BadRequestError(f"payload of {env.type!r} does not decode: {exc}") from exc
-        except Exception as exc:
-            raise BadRequestError(f"invalid {env.type!r} payload: {exc}") from exc
+        msg = decode_message(env, cls)
         result = await (fn(msg, env) if pass_env else fn(msg))
         return b"" if result is None else encode_payload(result)
 

@@ -60,11 +60,14 @@ class Intake:
             dispatch.reply(reply, dispatch.expired_reply(env))
             return
         if env.type == NODE_INFO_TYPE:
-            types = getattr(node.handler, "message_types", None)
+            handler = node.handler
+            types = getattr(handler, "message_types", None)
+            entities = getattr(handler, "entity_counts", None)
             info = NodeInfo(
                 node_id=node.node_id,
                 shards=node.shards,
                 message_types=list(types) if isinstance(types, list | tuple) else None,
+                entities=dict(entities) if isinstance(entities, dict) else None,
             )
             dispatch.reply(reply, encode_reply(encode_payload(info)))
             return

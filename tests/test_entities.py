@@ -1,0 +1,341 @@
+"""Entities: typed, stateful instances per id, on the memory transport (the KV and
+crash parts run on a real nats-server in tests/test_entities_nats.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from clstr import (
+    Client,
+    ConfigurationError,
+    IdempotencyKeyReusedError,
+    MemoryNetwork,
+    MemoryTransport,
+    NodeInfo,
+    NoHandlerError,
+    NotOwnerError,
+    PrometheusMetrics,
+    RemoteHandlerError,
+)
+from clstr.entities import (
+    Entity,
+    EntityHost,
+    EntityRegistered,
+    MemoryStateStore,
+    Record,
+    ShardId,
+    Sharding,
+    handles,
+)
+from clstr.protocol import entity_key
+from clstr.testing import virtual_time
+
+from _support import eventually
+
+NUM_SHARDS = 8
+
+
+@dataclass
+class AddItem:
+    item: str
+
+
+@dataclass
+class Checkout:
+    pass
+
+
+@dataclass
+class Total:
+    count: int
+    items: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CartState:
+    items: list[str] = field(default_factory=list)
+
+
+class Cart(Entity[CartState]):
+    state_type = CartState
+    started: ClassVar[list[tuple[str, list[str]]]] = []
+    stopped: ClassVar[list[str]] = []
+
+    async def on_start(self) -> None:
+        Cart.started.append((self.id, list(self.state.items)))
+
+    async def on_stop(self) -> None:
+        Cart.stopped.append(self.id)
+
+    @handles
+    async def add(self, msg: AddItem) -> Total:
+        if msg.item == "bomb":
+            self.state.items.append(msg.item)  # changed, then fails: rolled back
+            raise ValueError("no bombs in carts")
+        self.state.items.append(msg.item)
+        return Total(len(self.state.items), list(self.state.items))
+
+    @handles(Checkout)
+    async def checkout(self, msg: Checkout) -> Total:
+        return Total(len(self.state.items), list(self.state.items))
+
+
+class Counter(Entity[None]):
+    """No state type: kept in memory only while live."""
+
+    type_name = "counter"
+    max_instances = 2
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.value = 0
+
+    @handles
+    async def bump(self, msg: AddItem) -> int:
+        self.value += 1
+        return self.value
+
+
+@pytest.fixture(autouse=True)
+def _reset_hooks() -> None:
+    Cart.started.clear()
+    Cart.stopped.clear()
+
+
+@pytest.fixture
+async def sharding() -> AsyncIterator[Sharding]:
+    network = MemoryNetwork()
+    runner = Sharding(MemoryTransport(network), num_shards=NUM_SHARDS, store=MemoryStateStore())
+    runner.register_entity(Cart)
+    runner.register_entity(Counter)
+    async with runner:
+        yield runner
+
+
+class TestCalls:
+    async def test_typed_call_keeps_state_per_entity(self, sharding: Sharding) -> None:
+        """Each entity id has its own state; a typed call returns the typed reply."""
+        cart = sharding.entity(Cart, "c1")
+        assert await cart.call(AddItem("tea"), Total) == Total(1, ["tea"])
+        assert await cart.call(AddItem("jam"), Total) == Total(2, ["tea", "jam"])
+        other = sharding.make_client(Cart)("c2")
+        assert await other.call(Checkout(), Total) == Total(0, [])
+        assert sharding.active_entity_count(Cart) == 2
+
+    async def test_a_plain_client_reaches_entities_by_type_and_id(self, sharding: Sharding) -> None:
+        """Client.entity(Cart, id) is the same address as the runner's client."""
+        client = Client(sharding.transport, num_shards=NUM_SHARDS)
+        await sharding.entity(Cart, "c1").call(AddItem("tea"), Total)
+        assert await client.entity(Cart, "c1").call(Checkout(), Total) == Total(1, ["tea"])
+        assert await client.entity("Cart", "c1").call(Checkout(), Total) == Total(1, ["tea"])
+
+    async def test_unknown_message_and_type_are_refused(self, sharding: Sharding) -> None:
+        """A message type the entity does not handle, or an unregistered entity type,
+        is no_handler, naming what is known."""
+        with pytest.raises(NoHandlerError, match="known types"):
+            await sharding.entity(Cart, "c1").call(Total(1), Total)
+        with pytest.raises(NoHandlerError, match="no entity type 'Nope'"):
+            await sharding.entity("Nope", "x").call(AddItem("a"), Total)
+
+    async def test_a_failed_message_leaves_the_state_as_stored(self, sharding: Sharding) -> None:
+        """A handler that raises after changing the state leaves it as before."""
+        cart = sharding.entity(Cart, "c1")
+        await cart.call(AddItem("tea"), Total)
+        with pytest.raises(RemoteHandlerError, match="no bombs"):
+            await cart.call(AddItem("bomb"), Total)
+        assert await cart.call(Checkout(), Total) == Total(1, ["tea"])
+
+
+class TestPlacement:
+    async def test_shard_of_an_entity_is_its_keys_shard(self, sharding: Sharding) -> None:
+        """get_shard_id is the shard of the key <type>/<id>; has_shard_id says whether
+        this runner serves it."""
+        shard_id = sharding.get_shard_id(Cart, "c1")
+        assert shard_id == ShardId("default", sharding.clients["default"].shard_for("Cart/c1"))
+        assert shard_id.shard == sharding.get_shard_id("Cart", "c1").shard
+        assert entity_key("Cart", "c1") == "Cart/c1"
+        assert sharding.has_shard_id(shard_id)
+        assert not sharding.has_shard_id(ShardId("other", 0))
+
+    def test_entity_type_names_cannot_hold_the_separator(self) -> None:
+        """An entity type named with '/' is refused (ids may hold anything)."""
+
+        class Bad(Entity[None]):
+            type_name = "a/b"
+
+            @handles
+            async def any(self, msg: AddItem) -> None:
+                return None
+
+        with pytest.raises(ConfigurationError, match="may not contain"):
+            EntityHost().register(Bad)
+
+
+class TestPassivation:
+    async def test_idle_entities_passivate_and_come_back_with_their_state(self) -> None:
+        """An idle entity passivates (on_stop, state saved) and its next message
+        brings it back with the saved state (on_start sees it)."""
+        store = MemoryStateStore()
+
+        class IdleCart(Cart):
+            type_name = "IdleCart"
+            idle_timeout = 10.0
+
+        async with virtual_time():
+            runner = Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store)
+            runner.register_entity(IdleCart)
+            async with runner:
+                cart = runner.entity(IdleCart, "c1")
+                await cart.call(AddItem("tea"), Total)
+                await eventually(lambda: runner.active_entity_count() == 0, timeout=60)
+                assert Cart.stopped == ["c1"]
+                loaded = await store.load("IdleCart", "c1")
+                assert loaded is not None
+                assert loaded[0].state
+                assert await cart.call(AddItem("jam"), Total) == Total(2, ["tea", "jam"])
+                assert Cart.started == [("c1", []), ("c1", ["tea"])]
+
+    async def test_past_max_instances_the_least_recent_passivate(self, sharding: Sharding) -> None:
+        """Over max_instances live instances of a type, the least recently used
+        passivates (here: the in-memory counter of the first id starts over)."""
+        for entity_id in ("a", "b", "c"):
+            await sharding.entity(Counter, entity_id).call(AddItem("x"), int)
+        assert sharding.active_entity_count(Counter) == 2
+        assert await sharding.entity(Counter, "a").call(AddItem("x"), int) == 1
+
+
+class TestDurability:
+    async def test_write_through_saves_before_the_reply(self) -> None:
+        """With save_every=1 the state is in the store when the call returns."""
+        store = MemoryStateStore()
+        async with Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store) as r:
+            r.register_entity(Cart)
+            await r.entity(Cart, "c1").call(AddItem("tea"), Total, request_id="r1")
+            record, revision = await store.load("Cart", "c1") or (None, 0)
+            assert record is not None
+            assert revision == 1
+            assert [rid for rid, _, _ in record.replies] == ["r1"]
+
+    async def test_every_n_messages_saves_in_batches(self) -> None:
+        """With save_every=3 the store is written on the third message, not before."""
+        store = MemoryStateStore()
+
+        class Batched(Cart):
+            type_name = "Batched"
+            save_every = 3
+
+        async with Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store) as r:
+            r.register_entity(Batched)
+            for item in ("a", "b"):
+                await r.entity(Batched, "c1").call(AddItem(item), Total)
+            assert await store.load("Batched", "c1") is None
+            await r.entity(Batched, "c1").call(AddItem("c"), Total)
+            assert await store.load("Batched", "c1") is not None
+
+    async def test_a_retry_after_a_crash_gets_the_stored_reply(self) -> None:
+        """The replies saved with the state answer a retried request on the next
+        owner (here: a new runner on the same store, as after a crash) without
+        applying it twice; the id used for another request is refused."""
+        store = MemoryStateStore()
+        first = Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store)
+        first.register_entity(Cart)
+        await first.start()
+        reply = await first.entity(Cart, "c1").call(AddItem("tea"), Total, request_id="r1")
+        # A crash: the node is gone without passivating; its reply cache with it.
+        second = Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store)
+        second.register_entity(Cart)
+        async with second:
+            cart = second.entity(Cart, "c1")
+            assert await cart.call(AddItem("tea"), Total, request_id="r1") == reply
+            assert await cart.call(Checkout(), Total) == Total(1, ["tea"])
+            with pytest.raises(IdempotencyKeyReusedError):
+                await cart.call(AddItem("jam"), Total, request_id="r1")
+        await first.shutdown()
+
+    async def test_a_stale_owner_cannot_overwrite_newer_state(self) -> None:
+        """Writes are conditional on the revision loaded: an instance whose state was
+        written elsewhere meanwhile gets not_owner (nothing overwritten) and reloads."""
+        store = MemoryStateStore()
+        async with Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store) as r:
+            r.register_entity(Cart)
+            cart = r.entity(Cart, "c1")
+            await cart.call(AddItem("tea"), Total)
+            newer = Record(b"\x81\xa5items\x91\xa5other", [])
+            await store.save("Cart", "c1", newer, 1)  # another owner wrote revision 2
+            with pytest.raises(NotOwnerError, match="written by another owner"):
+                await cart.call(AddItem("jam"), Total)
+            assert await cart.call(Checkout(), Total) == Total(1, ["other"])
+
+
+class TestObservability:
+    async def test_counts_in_node_info_and_metrics(self) -> None:
+        """Live instances per type show in node info and in the Prometheus gauge."""
+        registry = CollectorRegistry()
+        runner = Sharding(
+            MemoryTransport(MemoryNetwork()),
+            num_shards=2,
+            store=MemoryStateStore(),
+            metrics=PrometheusMetrics(registry),
+        )
+        runner.register_entity(Cart)
+        async with runner:
+            await runner.entity(Cart, "c1").call(AddItem("tea"), Total)
+            shard = runner.get_shard_id(Cart, "c1").shard
+            info = await runner.clients["default"].shard(shard).node_info()
+            assert isinstance(info, NodeInfo)
+            assert info.entities == {"Cart": 1}
+            assert "AddItem" in (info.message_types or [])
+            gauge = registry.get_sample_value(
+                "clstr_cluster_entities_active",
+                {"node_id": runner.node_id, "entity_type": "Cart"},
+            )
+            assert gauge == 1
+
+    async def test_registration_events_replay_and_follow(self) -> None:
+        """A subscriber learns the registrations made before it subscribed, then
+        the shards this node acquires."""
+        runner = Sharding(MemoryTransport(MemoryNetwork()), num_shards=2)
+        runner.register_entity(Counter)
+        events = runner.registration_events()
+        assert await anext(events) == EntityRegistered("counter")
+        async with runner:
+            seen = [await anext(events), await anext(events)]
+        assert {type(e).__name__ for e in seen} == {"ShardAcquired"}
+        assert [e async for e in events if type(e).__name__ == "ShardAcquired"] == []
+
+
+class TestSingletons:
+    async def test_a_singleton_runs_on_exactly_one_node(self) -> None:
+        """Of three runners that all register it, the singleton runs on the one that
+        serves its shard, and nowhere else."""
+        network = MemoryNetwork()
+        ids = ["n1", "n2", "n3"]
+        running: list[str] = []
+        stop = asyncio.Event()
+
+        async def report(ctx: object) -> None:
+            running.append(ctx.node_id)  # type: ignore[attr-defined]
+            await ctx.stopping.wait()  # type: ignore[attr-defined]
+
+        runners = [
+            Sharding(MemoryTransport(network), num_shards=NUM_SHARDS, node_id=n, nodes=ids)
+            for n in ids
+        ]
+        for runner in runners:
+            runner.register_singleton("totals", report)
+        for runner in runners:
+            await runner.start()
+        try:
+            await eventually(lambda: len(running) == 1)
+            owner = [r for r in runners if r.has_shard_id(r.singleton_shard("totals"))]
+            assert [r.node_id for r in owner] == running
+        finally:
+            stop.set()
+            for runner in runners:
+                await runner.shutdown()
