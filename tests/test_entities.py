@@ -33,6 +33,7 @@ from clstr.entities import (
     Sharding,
     handles,
 )
+from clstr.hashing import shard_for_key
 from clstr.protocol import entity_key
 from clstr.testing import virtual_time
 
@@ -335,6 +336,9 @@ class TestSingletons:
             await eventually(lambda: len(running) == 1)
             owner = [r for r in runners if r.has_shard_id(r.singleton_shard("totals"))]
             assert [r.node_id for r in owner] == running
+            # Placed as the entity clstr.singleton/<name> (tests/vectors/entities.json).
+            shard = runners[0].singleton_shard("totals").shard
+            assert shard == shard_for_key("clstr.singleton/totals", NUM_SHARDS)
         finally:
             stop.set()
             for runner in runners:

@@ -159,6 +159,28 @@ class TestTypedCalls:
         assert "final balance    -> 70" in out, out
 
 
+class TestEntities:
+    """Entities keep their state across a node's stop; the singleton moves."""
+
+    def test_carts_come_back_with_their_items(self, run_example: Callable[[str], Run]) -> None:
+        """After the singleton's node stops, every cart holds the items added before."""
+        out = run_example("entities").stdout
+        assert "ann holds ['tea', 'bread']" in out, out
+        assert "bob holds ['jam']" in out, out
+        assert "cy  holds ['milk']" in out, out
+
+    def test_the_singleton_runs_once_and_moves(self, run_example: Callable[[str], Run]) -> None:
+        """The singleton reports the totals, stops on the stopped node and starts on another."""
+        out = run_example("entities").stdout
+        stopping = re.search(r"stopping (node-\d), which runs the singleton", out)
+        assert stopping is not None, out
+        _before, _, after = out.partition(stopping.group(0))
+        assert f"[totals] stopped on {stopping.group(1)}" in after, out
+        moved = re.search(r"\[totals\] started on (node-\d)", after)
+        assert moved is not None and moved.group(1) != stopping.group(1), out
+        assert "3 carts, 4 items" in after, out
+
+
 class TestMultiprocessCluster:
     """Node processes started with the testing kit serve their keys and all stop cleanly."""
 

@@ -170,3 +170,16 @@ class TestWireVectors:
             assert caught.value.code == v["code"]
             codes.add(v["code"])
         assert codes == set(_error_table())
+
+
+class TestEntityVectors:
+    def test_entity_keys_and_shards_match(self) -> None:
+        """entity_key and the runner's placement give each vector's key and shard."""
+        from clstr.protocol import entity_key
+
+        vectors = json.loads((ROOT / "tests" / "vectors" / "entities.json").read_text())
+        for v in vectors["vectors"]:
+            key = entity_key(v["entity_type"], v["entity_id"])
+            assert key == v["key"]
+            assert shard_for_key(key, v["num_shards"], v["seed"]) == v["shard"], v
+        assert {v["entity_type"] for v in vectors["vectors"]} >= {"clstr.singleton", "Cart"}

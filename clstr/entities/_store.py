@@ -130,7 +130,9 @@ class KvStateStore:
             return entity_id
         return "b64." + base64.urlsafe_b64encode(entity_id.encode()).decode().rstrip("=")
 
-    async def _bucket(self, entity_type: str) -> Any:
+    async def bucket(self, entity_type: str) -> Any:
+        """The KV bucket (nats-py ``KeyValue``) of ``entity_type``'s records,
+        created when missing: to read them all, say (see :meth:`Record.decode`)."""
         bucket = self._buckets.get(entity_type)
         if bucket is None:
             name = bucket_name(self._prefix, f"entity_{entity_type}")
@@ -141,7 +143,7 @@ class KvStateStore:
     async def load(self, entity_type: str, entity_id: str) -> tuple[Record, int] | None:
         import nats.js.errors
 
-        bucket = await self._bucket(entity_type)
+        bucket = await self.bucket(entity_type)
         try:
             entry = await bucket.get(self.kv_key(entity_id))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
@@ -151,7 +153,7 @@ class KvStateStore:
         return Record.decode(entry.value), int(entry.revision)
 
     async def save(self, entity_type: str, entity_id: str, record: Record, revision: int) -> int:
-        bucket = await self._bucket(entity_type)
+        bucket = await self.bucket(entity_type)
         key, value = self.kv_key(entity_id), record.encode()
         try:
             if revision == 0:

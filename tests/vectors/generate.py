@@ -404,6 +404,44 @@ def wire_vectors() -> dict[str, Any]:
     }
 
 
+ENTITY_CASES = [
+    ("Cart", "cart-42"),
+    ("Cart", "ключ/with/slashes"),
+    ("counter", "page:home"),
+    ("clstr.singleton", "totals"),
+    ("Größe", "é"),
+]
+
+
+def entity_vectors() -> dict[str, Any]:
+    vectors = []
+    for entity_type, entity_id in ENTITY_CASES:
+        key = f"{entity_type}/{entity_id}"
+        for seed in ("", "cluster-1"):
+            for num_shards in (1, 16, 1024):
+                vectors.append(
+                    {
+                        "entity_type": entity_type,
+                        "entity_id": entity_id,
+                        "seed": seed,
+                        "num_shards": num_shards,
+                        "key": key,
+                        "shard": ref_shard(key.encode("utf-8"), num_shards, seed),
+                    }
+                )
+    return {
+        "description": (
+            "clstr entity address vectors (docs/entities.md). An entity's routing key is "
+            "utf8(entity_type) + '/' + utf8(entity_id) (the type holds no '/'; the id may); "
+            "its shard is that key's shard (shard_for_key.json). A singleton named N is "
+            "placed as the entity of type 'clstr.singleton' with id N. "
+            "Change only with a wire-format version bump."
+        ),
+        "wire_version": WIRE_VERSION,
+        "vectors": vectors,
+    }
+
+
 def render(data: Mapping[str, Any]) -> str:
     """The exact file text for ``data`` (stable, so regenerating is a no-op)."""
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
@@ -413,6 +451,7 @@ FILES = {
     "shard_for_key.json": shard_vectors,
     "hrw.json": hrw_vectors,
     "wire.json": wire_vectors,
+    "entities.json": entity_vectors,
 }
 
 
