@@ -177,7 +177,8 @@ class TestEntities:
         _before, _, after = out.partition(stopping.group(0))
         assert f"[totals] stopped on {stopping.group(1)}" in after, out
         moved = re.search(r"\[totals\] started on (node-\d)", after)
-        assert moved is not None and moved.group(1) != stopping.group(1), out
+        assert moved is not None, out
+        assert moved.group(1) != stopping.group(1), out
         assert "3 carts, 4 items" in after, out
 
 
