@@ -25,6 +25,7 @@
         │   └── WrongShardError              the key belongs to another shard
         ├── IdempotencyKeyReusedError        the request id was used for another request
         ├── ReplyTooLargeError               the handler's reply is over max_payload
+        ├── RequestInterruptedError          the caller interrupted the request
         ├── KeyRequiredError                 the handler needs a key, none was sent
         ├── NoHandlerError                   no handler for the message type
         └── RemoteHandlerError               the handler raised; carries its type/message
@@ -61,6 +62,7 @@ __all__ = [
     "WrongShardError",
     "IdempotencyKeyReusedError",
     "ReplyTooLargeError",
+    "RequestInterruptedError",
     "KeyRequiredError",
     "NoHandlerError",
     "RemoteHandlerError",
@@ -202,6 +204,13 @@ class ReplyTooLargeError(RequestError):
     code = "reply_too_large"
 
 
+class RequestInterruptedError(RequestError):
+    """The request was interrupted (``Client.interrupt``, or its caller's task was
+    cancelled) before its handler finished; the handler saw ``CancelledError``."""
+
+    code = "interrupted"
+
+
 class KeyRequiredError(RequestError):
     """The handler needs a key and the message carried none; send it with a key."""
 
@@ -239,6 +248,7 @@ _BY_CODE: dict[str, type[RequestError]] = {
         WrongShardError,
         IdempotencyKeyReusedError,
         ReplyTooLargeError,
+        RequestInterruptedError,
         KeyRequiredError,
         NoHandlerError,
         RemoteHandlerError,

@@ -18,6 +18,7 @@ from .errors import ConfigurationError
 __all__ = [
     "DEFAULT_PREFIX",
     "ENTITY_SEPARATOR",
+    "INTERRUPT_TYPE",
     "NODE_INFO_TYPE",
     "NodeInfo",
     "entity_key",
@@ -29,6 +30,10 @@ __all__ = [
 
 #: The message type of the built-in node-info request (same as the Go original).
 NODE_INFO_TYPE: Final = "clstr.node.info"
+
+#: The message type of an interrupt (docs/protocol.md, Interrupts): sent to the
+#: shard (and key) of the request it interrupts.
+INTERRUPT_TYPE: Final = "clstr.interrupt"
 
 #: The default subject prefix: shard ``s`` is served on ``clstr.shard.<s>``.
 DEFAULT_PREFIX: Final = "clstr"

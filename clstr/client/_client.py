@@ -11,6 +11,7 @@ even when the reply is held up for a while on its way (a busy event loop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import os
@@ -28,7 +29,6 @@ from ..codec import (
     decode_reply,
     encode_payload,
     encode_request,
-    message_type,
 )
 from ..envelope import _NO_HEADERS, Envelope, EnvelopeOption, _envelope
 from ..errors import (
@@ -37,7 +37,6 @@ from ..errors import (
     LimitExceededError,
     MissingKeyError,
     NoShardOwnerError,
-    PayloadError,
     RequestError,
     RequestTimeoutError,
     ShardOutOfRangeError,
@@ -47,14 +46,15 @@ from ..hashing import ShardMapper
 from ..metrics import NOOP_METRICS, Metrics
 from ..protocol import (
     DEFAULT_PREFIX,
-    NODE_INFO_TYPE,
-    NodeInfo,
+    INTERRUPT_TYPE,
     entity_key,
     entity_type_name,
+    fingerprint,
     shard_subject,
 )
 from ..transports.base import Transport
 from ._retry import RetryPolicy
+from ._scoped import ScopedClient
 
 __all__ = [
     "Client",
@@ -111,6 +111,7 @@ class Client:
         limits: Limits = DEFAULT_LIMITS,
         metrics: Metrics = NOOP_METRICS,
         retry: RetryPolicy | None = None,
+        interrupt_on_cancel: bool = True,
         owns_transport: bool = False,
     ) -> None:
         if not timeout > 0:
@@ -126,6 +127,8 @@ class Client:
         self.metrics = metrics
         self.retry = retry
         self._owns_transport = owns_transport
+        #: Cancelling a request's awaiting task interrupts its handler too.
+        self.interrupt_on_cancel = interrupt_on_cancel
         self._metered = metrics is not NOOP_METRICS
         self.state = ClientState.OPEN
         self._subjects = [shard_subject(prefix, s) for s in range(num_shards)]
@@ -278,11 +281,15 @@ class Client:
                 # The TTL goes on the wire as given: no copy of the envelope per attempt.
                 # A retry is a new message: stamped now, or a node would judge the
                 # shrinking TTL against the first attempt's time and call it stale.
-                body = self._encode(
-                    env, ttl=_node_budget(left), created_at=time.time() if attempt else None
-                )
+                stamp = time.time() if attempt else None
+                body = self._encode(env, ttl=_node_budget(left), created_at=stamp)
                 try:
-                    reply = await self.transport.request(self._subjects[shard], body, wait)
+                    try:
+                        reply = await self.transport.request(self._subjects[shard], body, wait)
+                    except asyncio.CancelledError:
+                        if self.interrupt_on_cancel:
+                            self._interrupt_nowait(env, stamp)
+                        raise
                     payload = decode_reply(reply, limits=self.limits)
                 except RequestError as exc:
                     if retry is None:
@@ -374,6 +381,54 @@ class Client:
             raise MissingKeyError("key must not be empty; every key-routed call needs a key")
         return self._mapper.shard(key)
 
+    # -- interrupts ---------------------------------------------------------
+
+    async def interrupt(
+        self,
+        request_id: str,
+        *,
+        key: str | None = None,
+        shard: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Interrupt the request sent with ``request_id`` to ``key``'s owner (or to
+        ``shard``): a running handler is cancelled and its caller gets
+        :class:`~clstr.RequestInterruptedError`; a queued one never runs. Returns
+        how many were interrupted (0: done already, or unknown there)."""
+        return await self._send_interrupt({"id": request_id}, key, shard, timeout)
+
+    async def interrupt_current(self, key: str, *, timeout: float | None = None) -> int:
+        """Interrupt whatever ``key`` (an entity's key, say) runs or has queued now."""
+        return await self._send_interrupt({"current": True}, key, None, timeout)
+
+    async def _send_interrupt(
+        self, target: dict[str, Any], key: str | None, shard: int | None, timeout: float | None
+    ) -> int:
+        if shard is None:
+            if key is None:
+                raise ConfigurationError("interrupt needs the request's key or shard")
+            shard = self._shard_of_key(key)
+        reply = await self.request_shard(
+            shard, INTERRUPT_TYPE, encode_payload(target), key=key, timeout=timeout
+        )
+        return decode_payload(reply, int)
+
+    def _interrupt_nowait(self, env: Envelope, stamp: float | None) -> None:
+        """Interrupt ``env``'s handler from a cancelled request (never waits): by its
+        id, or by its fingerprint and timestamp when it has none."""
+        if env.id is not None:
+            target: dict[str, Any] = {"id": env.id}
+        else:
+            ts = int((env.created_at if stamp is None else stamp) * 1000)
+            target = {"fp": fingerprint(env), "ts": ts}
+        data = encode_payload(target)
+        message = _envelope(
+            INTERRUPT_TYPE, data, env.shard, env.key, _NO_HEADERS, None, time.time(), None, None
+        )
+        # Closed, say: the request's own error is what the caller sees.
+        with contextlib.suppress(Exception):
+            self.transport.publish_nowait(self._subjects[env.shard], encode_request(message))
+
     # -- scoped clients -----------------------------------------------------
 
     def key(self, key: str, *options: EnvelopeOption) -> ScopedClient:
@@ -428,96 +483,3 @@ def _node_budget(left: float) -> float:
         max(left * _REPLY_RESERVE_FRACTION, _REPLY_RESERVE_MIN), _REPLY_RESERVE_MAX, left / 2
     )
     return max(left - reserve, 0.001)
-
-
-def _encode_typed(payload: object) -> tuple[str, bytes]:
-    validate = getattr(payload, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except Exception as exc:
-            raise PayloadError(f"invalid {type(payload).__name__} payload: {exc}") from exc
-    return message_type(payload), encode_payload(payload)
-
-
-class ScopedClient:
-    """A client bound to one key or one shard, speaking typed payloads.
-
-    A payload is a dataclass instance (or plain msgpack values); its message
-    type is its class's ``message_type`` attribute, else the class name. A
-    payload with a ``validate()`` method is validated before sending.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        shard: int,
-        key: str | None,
-        options: Sequence[EnvelopeOption],
-    ) -> None:
-        self.client = client
-        self.shard = shard
-        self.key = key
-        self.options = tuple(options)
-
-    async def request_raw(
-        self,
-        msg_type: str,
-        data: bytes = b"",
-        *,
-        timeout: float | None = None,
-        options: Sequence[EnvelopeOption] = (),
-        request_id: str | None = None,
-    ) -> bytes:
-        """Send raw bytes with an explicit message type; return the raw reply."""
-        return await self.client.request_shard(
-            self.shard,
-            msg_type,
-            data,
-            key=self.key,
-            timeout=timeout,
-            options=(*self.options, *options),
-            request_id=request_id,
-        )
-
-    async def request(
-        self,
-        payload: object,
-        *,
-        timeout: float | None = None,
-        options: Sequence[EnvelopeOption] = (),
-        request_id: str | None = None,
-    ) -> bytes:
-        """Send a typed payload; return the reply's raw (msgpack) bytes."""
-        msg_type, data = _encode_typed(payload)
-        return await self.request_raw(
-            msg_type, data, timeout=timeout, options=options, request_id=request_id
-        )
-
-    async def call(
-        self,
-        payload: object,
-        reply_type: type[T],
-        *,
-        timeout: float | None = None,
-        options: Sequence[EnvelopeOption] = (),
-        request_id: str | None = None,
-    ) -> T:
-        """Send a typed payload and decode the reply into ``reply_type``.
-
-        Raises :class:`~clstr.PayloadError` when the reply does not fit ``reply_type``.
-        """
-        data = await self.request(payload, timeout=timeout, options=options, request_id=request_id)
-        return decode_payload(data, reply_type)
-
-    async def notify(self, payload: object, *, options: Sequence[EnvelopeOption] = ()) -> None:
-        """Publish a typed payload; fire and forget."""
-        msg_type, data = _encode_typed(payload)
-        await self.client.notify_shard(
-            self.shard, msg_type, data, key=self.key, options=(*self.options, *options)
-        )
-
-    async def node_info(self, *, timeout: float | None = None) -> NodeInfo:
-        """Ask the node serving this shard who it is and what it owns."""
-        data = await self.request_raw(NODE_INFO_TYPE, b"", timeout=timeout)
-        return decode_payload(data, NodeInfo)

@@ -33,14 +33,15 @@ from ..codec import (
 from ..envelope import Envelope
 from ..errors import (
     EnvelopeExpiredError,
-    HandlerTimeoutError,
     NoHandlerError,
     NotOwnerError,
     OverloadedError,
     RemoteHandlerError,
     ReplyTooLargeError,
     RequestError,
+    RequestInterruptedError,
 )
+from ._calls import Calls
 from ._lanes import Job, Lane, Waiting
 from ._replies import NOT_STORED, ReplyCache
 from ._state import Owner
@@ -80,7 +81,7 @@ class Dispatcher:
         self._ready: deque[Lane] = deque()
         self.workers: set[asyncio.Task[None]] = set()
         self._spare: asyncio.Task[None] | None = None  # a worker that has not run yet
-        self._current: dict[asyncio.Task[None], int] = {}  # worker -> shard it runs
+        self._current: dict[asyncio.Task[None], Job] = {}  # worker -> the job it runs
         self._chores: set[asyncio.Task[None]] = set()  # evictions scheduled from callbacks
         self._evicting: list[Callable[[int], bool]] = []  # shards being evicted now
         self._load: dict[int, int] = {}  # shard -> messages queued or running
@@ -91,9 +92,7 @@ class Dispatcher:
         self._behind_since: float | None = None
         # Set when nothing is queued or running, while stop() waits for that.
         self._quiet: asyncio.Future[None] | None = None
-        self._timeouts: Timeouts[asyncio.Task[None]] | None = None  # handler deadlines
-        # Workers whose handler ran past its deadline and were cancelled for it.
-        self._overdue: set[asyncio.Task[None]] = set()
+        self._calls = Calls()  # handlers under their deadline, interruptible
         #: Idempotency: ids still in flight: their request's fingerprint, and
         #: who else waits for their reply.
         self.in_flight: dict[str, tuple[bytes, list[str]]] = {}
@@ -127,9 +126,9 @@ class Dispatcher:
         await cancel_tasks(list(self._chores))
         await self.evict(lambda s: True, reason)
         await cancel_tasks(list(self.workers))
-        for timeouts in (self._timeouts, self._queue_timeouts):
-            if timeouts is not None:
-                timeouts.close()
+        self._calls.close()
+        if self._queue_timeouts is not None:
+            self._queue_timeouts.close()
 
     def full(self, env: Envelope) -> bool:
         """Whether taking ``env`` would leave more than ``max_pending`` messages
@@ -293,7 +292,8 @@ class Dispatcher:
             lane = ready.popleft()
             if ready and self._spare is None:
                 self._spawn_worker()
-            env, reply, received, waiting = lane.items.popleft()
+            job = lane.items.popleft()
+            env, reply, received, waiting = job
             if waiting is not None:
                 if waiting.answered:  # expired while it waited: answered then
                     self._lane_next(lane)
@@ -303,7 +303,7 @@ class Dispatcher:
             self.queued -= 1
             if node.metered:
                 node.metrics.pending_messages(node.node_id, self.queued)
-            self._current[me] = lane.shard
+            self._current[me] = job
             try:
                 await self._run(env, reply, me, received)
             finally:
@@ -317,11 +317,6 @@ class Dispatcher:
             self._ready.append(lane)
         elif lane.key is not None:
             self._lanes.pop((lane.shard, lane.key), None)
-
-    def _overrun(self, task: asyncio.Task[None]) -> None:
-        """A handler's deadline passed: cancel its worker (see :meth:`_run`)."""
-        self._overdue.add(task)
-        task.cancel()
 
     async def _run(
         self, env: Envelope, reply: str | None, me: asyncio.Task[None], received: float
@@ -347,32 +342,7 @@ class Dispatcher:
         body: bytes | None = None
         store = True  # the outcome of a handler that ran is kept for retries
         try:
-            deadline = env.deadline
-            if deadline is None:
-                result = await node.handler(env)
-            else:
-                # Not an asyncio.timeout (a context manager, a current_task(),
-                # a timer handle and loop look-ups per message).
-                timeouts = self._timeouts
-                if timeouts is None:
-                    timeouts = self._timeouts = Timeouts(asyncio.get_running_loop(), self._overrun)
-                slot = timeouts.add(deadline, me)
-                try:
-                    result = await node.handler(env)
-                except asyncio.CancelledError:
-                    if me not in self._overdue:
-                        raise
-                    self._overdue.discard(me)
-                    me.uncancel()
-                    raise HandlerTimeoutError(
-                        f"handler for {env.type!r} ran past the deadline "
-                        f"({env.ttl:.3f}s TTL) and was cancelled"
-                    ) from None
-                finally:
-                    timeouts.discard(slot, me)
-                    if me in self._overdue:  # the handler swallowed the cancellation
-                        self._overdue.discard(me)
-                        me.uncancel()
+            result = await self._calls.call(node.handler, env, me)
             if result is None:
                 result = b""
             elif not isinstance(result, bytes | bytearray | memoryview):
@@ -481,7 +451,7 @@ class Dispatcher:
         return any(which(shard) for which in self._evicting)
 
     async def _evict_now(self, which: Callable[[int], bool], reason: str) -> None:
-        victims = [t for t, s in self._current.items() if which(s)]
+        victims = [t for t, job in self._current.items() if which(job[0].shard)]
         await cancel_tasks(victims)
         error = error_reply_for(NotOwnerError(reason))
         keep: deque[Lane] = deque()
@@ -503,6 +473,43 @@ class Dispatcher:
         # In place: workers hold a reference to this deque.
         self._ready.clear()
         self._ready.extend(keep)
+
+    # -- interrupts -------------------------------------------------------------
+
+    def interrupt(self, shard: int, key: str | None, match: Callable[[Envelope], bool]) -> int:
+        """Interrupt the messages of ``shard`` and ``key`` that ``match`` selects:
+        a running one's handler is cancelled (its caller gets ``interrupted``, kept
+        for retries: it ran); a queued one is answered ``interrupted`` and never
+        runs. Returns how many were interrupted."""
+        count = 0
+        for task, job in list(self._current.items()):
+            env = job[0]
+            if env.shard == shard and env.key == key and match(env):
+                self._calls.interrupt(task)
+                count += 1
+        lanes = (
+            [self._lanes.get((shard, key))]
+            if key is not None
+            else [lane for lane in self._ready if lane.key is None and lane.shard == shard]
+        )
+        for lane in lanes:
+            for job in lane.items if lane is not None else ():
+                env, reply, _, waiting = job
+                if (waiting is not None and waiting.answered) or not match(env):
+                    continue
+                if waiting is None:
+                    waiting = job[3] = Waiting(job, shard)
+                elif self._queue_timeouts is not None:
+                    self._queue_timeouts.discard(waiting.slot, waiting)
+                waiting.answered = True  # its worker skips it
+                self.queued -= 1
+                message = f"the caller interrupted {env.type!r} before its handler ran"
+                self._finish(
+                    env, reply, error_reply_for(RequestInterruptedError(message)), cache=False
+                )
+                self._settled(shard)
+                count += 1
+        return count
 
     # -- replies ------------------------------------------------------------
 

@@ -10,14 +10,16 @@ other one is answered at once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import msgpack
 import structlog
 
 from ..codec import decode_request, encode_payload, encode_reply, error_reply_for
 from ..envelope import Envelope
 from ..errors import BadRequestError, IdempotencyKeyReusedError, NotOwnerError, WrongShardError
 from ..hashing import ShardMapper
-from ..protocol import NODE_INFO_TYPE, NodeInfo, fingerprint
+from ..protocol import INTERRUPT_TYPE, NODE_INFO_TYPE, NodeInfo, fingerprint
 from ._dispatch import Dispatcher
 from ._state import Owner
 
@@ -76,6 +78,9 @@ class Intake:
             dispatch.rejected("wrong_shard")
             dispatch.reply(reply, error_reply_for(self._wrong_shard(key, shard)))
             return
+        if env.type == INTERRUPT_TYPE:
+            dispatch.reply(reply, self._interrupt(env))
+            return
         if not node.serving(shard):
             # Fenced, or a late delivery for a shard it no longer serves.
             dispatch.rejected("not_owner")
@@ -126,3 +131,32 @@ class Intake:
             "or payload differ); give each new request a new id"
         )
         self._dispatch.reply(reply, error_reply_for(IdempotencyKeyReusedError(message)))
+
+    def _interrupt(self, env: Envelope) -> bytes:
+        """Carry out an interrupt (docs/protocol.md): its payload names the target
+        by request id (``id``), by fingerprint and ``ts`` (``fp``, ``ts``: a request
+        without id), or as the key's current message (``current``). Replies with
+        how many messages it interrupted."""
+        try:
+            target = msgpack.unpackb(env.data, raw=False, max_str_len=1024, max_bin_len=64)
+            if not isinstance(target, dict):
+                raise TypeError("the payload must be a map")
+            match = _target(target)
+        except Exception as exc:
+            self._dispatch.rejected("bad_request")
+            return error_reply_for(BadRequestError(f"bad interrupt: {exc}"))
+        count = self._dispatch.interrupt(env.shard, env.key, match)
+        return encode_reply(encode_payload(count))
+
+
+def _target(target: dict[str, Any]) -> Callable[[Envelope], bool]:
+    """The matcher of an interrupt's target map."""
+    if isinstance(target.get("id"), str):
+        request_id = target["id"]
+        return lambda env: env.id == request_id
+    if isinstance(target.get("fp"), bytes) and isinstance(target.get("ts"), int):
+        print_, ts = target["fp"], target["ts"]
+        return lambda env: int(env.created_at * 1000) == ts and fingerprint(env) == print_
+    if target.get("current") is True:
+        return lambda env: True
+    raise ValueError("name the target: {id}, {fp, ts} or {current: true}")

@@ -354,6 +354,33 @@ async def _notify(c: _Cluster) -> None:
         raise AssertionError(f"the notification did not run first: count is {reply['d']!r}")
 
 
+@_case("an interrupt cancels a running handler", "Interrupts")
+async def _interrupt(c: _Cluster) -> None:
+    c.needs_app()
+    key, rid = f"int-{os.urandom(4).hex()}", os.urandom(8).hex()
+    shard = c.shard(key)
+    sleeping = asyncio.ensure_future(
+        c.send(shard, _request(APP_TYPES[3], k=key, d=b"5000", id=rid, ttl=8000))
+    )
+    try:
+        for _ in range(50):  # until the sleep has reached the node
+            reply = await c.send(shard, _request("clstr.interrupt", k=key, d=_pack({"id": rid})))
+            _expect(reply, "ok")
+            if msgpack.unpackb(reply["d"]) == 1:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the interrupt never found the running request")
+        _expect(await sleeping, "interrupted")
+    finally:
+        await asyncio.gather(sleeping, return_exceptions=True)
+
+
+def _pack(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
 async def run_cases(
     transport: Transport,
     *,

@@ -339,6 +339,7 @@ WIRE_ERRORS = [
     ("timeout", "HandlerTimeoutError"),
     ("handler_error", "ValueError"),
     ("reply_too_large", "ReplyTooLargeError"),
+    ("interrupted", "RequestInterruptedError"),
 ]
 
 
