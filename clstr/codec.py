@@ -132,6 +132,8 @@ def encode_request(
     body["ts"] = int((env.created_at if created_at is None else created_at) * 1000)
     if env.id is not None:
         body["id"] = env.id
+    if env.stream:
+        body["s"] = env.stream
     return _pack(body, len(env.data))
 
 
@@ -205,6 +207,7 @@ def decode_request(
     ttl_ms = get("ttl")
     ts_ms = get("ts")
     req_id = get("id")
+    window = get("s")
     # msgpack makes exact types (and bool is no int here): one test for the
     # common case; _explain says what is wrong otherwise.
     if (
@@ -216,6 +219,7 @@ def decode_request(
         or (ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms < 0))
         or (ts_ms is not None and type(ts_ms) is not int)
         or (req_id is not None and type(req_id) is not str)
+        or (window is not None and (type(window) is not int or window < 0))
     ):
         _explain(body)
     ttl = ttl_ms / 1000 if ttl_ms else None
@@ -232,6 +236,7 @@ def decode_request(
         ts_ms / 1000 if ts_ms is not None else time.time(),
         req_id,
         deadline,
+        window or 0,
     )
     try:
         check_limits(env, limits)
@@ -264,6 +269,9 @@ def _explain(body: Mapping[Any, Any]) -> NoReturn:
     ttl_ms = _field(body, "ttl", int)
     _field(body, "ts", int)
     _field(body, "id", str)
+    window = _field(body, "s", int)
+    if window is not None and window < 0:
+        raise BadRequestError(f"field 's' (stream window) must be >= 0, got {window}")
     raise BadRequestError(f"field 'ttl' must be >= 0, got {ttl_ms}")
 
 

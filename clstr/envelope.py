@@ -35,6 +35,9 @@ class Envelope:
     used by nodes only to drop messages that are stale beyond a clock-skew
     allowance.
 
+    ``stream`` asks for a streamed reply (a window of that many unacknowledged
+    chunks at most); 0 asks for one reply.
+
     ``headers`` map str to str. A name with the reserved ``x-clstr-`` prefix
     raises :class:`ReservedHeaderError` wherever user headers enter: here,
     in :meth:`with_header`, and on a node, which answers such a message
@@ -50,6 +53,9 @@ class Envelope:
     created_at: float = field(default_factory=time.time)
     id: str | None = None
     deadline: float | None = field(default=None, compare=False)
+    #: A streamed reply is asked for, with a credit window of this many chunks
+    #: (0: one reply). See docs/protocol.md, Streams.
+    stream: int = 0
 
     def __post_init__(self) -> None:
         if self.headers:
@@ -114,6 +120,7 @@ class _Unfrozen:
         created_at: float,
         id: str | None,
         deadline: float | None,
+        stream: int = 0,
     ) -> None:
         self.type = type
         self.data = data
@@ -124,12 +131,24 @@ class _Unfrozen:
         self.created_at = created_at
         self.id = id
         self.deadline = deadline
+        self.stream = stream
         self.__class__ = Envelope  # type: ignore[assignment]
 
 
 #: See :class:`_Unfrozen`: calling it returns an :class:`Envelope`.
 _envelope: Callable[
-    [str, bytes, int, str | None, Mapping[str, str], float | None, float, str | None, float | None],
+    [
+        str,
+        bytes,
+        int,
+        str | None,
+        Mapping[str, str],
+        float | None,
+        float,
+        str | None,
+        float | None,
+        int,
+    ],
     Envelope,
 ] = _Unfrozen  # type: ignore[assignment]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._client import DEFAULT_TIMEOUT, Client, ClientState, ScopedClient
+from ._client import DEFAULT_TIMEOUT, DEFAULT_WINDOW, Client, ClientState, ScopedClient
 from ._retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "RetryPolicy",
     "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_WINDOW",
 ]

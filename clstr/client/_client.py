@@ -16,7 +16,7 @@ import enum
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -49,12 +49,12 @@ from ..protocol import (
     INTERRUPT_TYPE,
     entity_key,
     entity_type_name,
-    fingerprint,
     shard_subject,
 )
 from ..transports.base import Transport
 from ._retry import RetryPolicy
 from ._scoped import ScopedClient
+from ._stream import interrupt_request, receive_stream
 
 __all__ = [
     "Client",
@@ -64,6 +64,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: Default credit window of a streamed reply, in chunks.
+DEFAULT_WINDOW: Final = 64
 
 #: Default request timeout (and so TTL), in seconds.
 DEFAULT_TIMEOUT: Final = 5.0
@@ -185,6 +188,7 @@ class Client:
         key: str | None,
         options: Sequence[EnvelopeOption],
         request_id: str | None,
+        stream: int = 0,
     ) -> Envelope:
         self._check_open()
         self._check_shard(shard)
@@ -205,6 +209,7 @@ class Client:
             time.time(),
             request_id,
             None,
+            stream,
         )
         for option in (*self.options, *options) if self.options or options else ():
             env = option(env)
@@ -381,6 +386,67 @@ class Client:
             raise MissingKeyError("key must not be empty; every key-routed call needs a key")
         return self._mapper.shard(key)
 
+    # -- streamed replies -------------------------------------------------
+
+    def stream_shard(
+        self,
+        shard: int,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        key: str | None = None,
+        window: int = DEFAULT_WINDOW,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+    ) -> AsyncGenerator[bytes, None]:
+        """Ask ``shard`` for a streamed reply and iterate its chunks, in order.
+
+        The node has at most ``window`` chunks unacknowledged: reading slowly
+        holds its handler. ``timeout`` (default the client's) bounds the whole
+        stream. Leaving the loop early (``break``, an exception, cancellation)
+        cancels the handler; for cleanup at a known point, wrap the iterator in
+        ``contextlib.aclosing``. Raises the :class:`~clstr.RequestError` of an
+        error frame, :class:`~clstr.RequestTimeoutError` past the deadline.
+        """
+        if not isinstance(window, int) or window < 1:
+            raise ConfigurationError(f"window must be an int >= 1, got {window!r}")
+        env = self._build(shard, msg_type, data, key, options, None, window)
+        budget = self.timeout if timeout is None else timeout
+        if not budget > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {budget!r}")
+        if env.deadline is not None:
+            budget = min(budget, env.deadline - monotonic())
+        return receive_stream(
+            self.transport,
+            self._subjects[shard],
+            self._encode(env, ttl=_node_budget(budget)),
+            window=window,
+            budget=budget,
+            limits=self.limits,
+            abandon=lambda: self._interrupt_nowait(env, None),
+        )
+
+    def stream_key(
+        self,
+        key: str,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        window: int = DEFAULT_WINDOW,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+    ) -> AsyncGenerator[bytes, None]:
+        """A streamed reply from the owner of ``key``; see :meth:`stream_shard`."""
+        return self.stream_shard(
+            self._shard_of_key(key),
+            msg_type,
+            data,
+            key=key,
+            window=window,
+            timeout=timeout,
+            options=options,
+        )
+
     # -- interrupts ---------------------------------------------------------
 
     async def interrupt(
@@ -416,18 +482,10 @@ class Client:
     def _interrupt_nowait(self, env: Envelope, stamp: float | None) -> None:
         """Interrupt ``env``'s handler from a cancelled request (never waits): by its
         id, or by its fingerprint and timestamp when it has none."""
-        if env.id is not None:
-            target: dict[str, Any] = {"id": env.id}
-        else:
-            ts = int((env.created_at if stamp is None else stamp) * 1000)
-            target = {"fp": fingerprint(env), "ts": ts}
-        data = encode_payload(target)
-        message = _envelope(
-            INTERRUPT_TYPE, data, env.shard, env.key, _NO_HEADERS, None, time.time(), None, None
-        )
         # Closed, say: the request's own error is what the caller sees.
         with contextlib.suppress(Exception):
-            self.transport.publish_nowait(self._subjects[env.shard], encode_request(message))
+            body = interrupt_request(env, stamp)
+            self.transport.publish_nowait(self._subjects[env.shard], body)
 
     # -- scoped clients -----------------------------------------------------
 

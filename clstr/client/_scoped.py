@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Protocol, TypeVar
 
 from ..codec import decode_payload, encode_payload, message_type
@@ -39,6 +40,18 @@ class Sender(Protocol):
         key: str | None = None,
         options: Sequence[EnvelopeOption] = (),
     ) -> None: ...
+
+    def stream_shard(
+        self,
+        shard: int,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        key: str | None = None,
+        window: int = 64,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+    ) -> AsyncGenerator[bytes, None]: ...
 
 
 def _encode_typed(payload: object) -> tuple[str, bytes]:
@@ -127,6 +140,35 @@ class ScopedClient:
         await self.client.notify_shard(
             self.shard, msg_type, data, key=self.key, options=(*self.options, *options)
         )
+
+    async def stream(
+        self,
+        payload: object,
+        item_type: type[T],
+        *,
+        window: int = 64,
+        timeout: float | None = None,
+        options: Sequence[EnvelopeOption] = (),
+    ) -> AsyncIterator[T]:
+        """Send a typed payload and iterate the streamed reply's chunks, each
+        decoded into ``item_type`` (see :meth:`~clstr.Client.stream_shard`)::
+
+            async for row in client.key("report-7").stream(Query(...), Row):
+                ...
+        """
+        msg_type, data = _encode_typed(payload)
+        chunks = self.client.stream_shard(
+            self.shard,
+            msg_type,
+            data,
+            key=self.key,
+            window=window,
+            timeout=timeout,
+            options=(*self.options, *options),
+        )
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield decode_payload(chunk, item_type)
 
     async def node_info(self, *, timeout: float | None = None) -> NodeInfo:
         """Ask the node serving this shard who it is and what it owns."""

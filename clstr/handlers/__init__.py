@@ -21,6 +21,7 @@ from ._router import (
     start_handler,
     stop_handler,
 )
+from ._stream import ChunkSink, current_stream, stream_to, streaming
 
 __all__ = [
     "Handler",
@@ -28,6 +29,10 @@ __all__ = [
     "KeyHandler",
     "EvictHook",
     "decode_message",
+    "ChunkSink",
+    "current_stream",
+    "stream_to",
+    "streaming",
     "start_handler",
     "stop_handler",
     "shard_released",

@@ -27,6 +27,7 @@ from ..errors import (
     NoHandlerError,
     PayloadError,
 )
+from ._stream import stream_to
 
 __all__ = [
     "Handler",
@@ -207,8 +208,15 @@ def decode_message(env: Envelope, cls: type[M]) -> M:
     return msg
 
 
-def _typed(cls: type[Any], fn: Callable[..., Awaitable[Any]]) -> Handler:
+def _typed(cls: type[Any], fn: Callable[..., Any]) -> Handler:
     pass_env = _wants_envelope(fn)
+    if inspect.isasyncgenfunction(fn):
+
+        async def streamed(env: Envelope) -> bytes | None:
+            msg = decode_message(env, cls)
+            return await stream_to(fn(msg, env) if pass_env else fn(msg), encode_payload)
+
+        return streamed
 
     async def typed(env: Envelope) -> bytes:
         msg = decode_message(env, cls)

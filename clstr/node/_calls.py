@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Final
+
+import structlog
 
 from .._clock import Timeouts
+from .._tasks import cancel_and_wait
 from ..envelope import Envelope
 from ..errors import HandlerTimeoutError, RequestInterruptedError
+from ..handlers import ChunkSink, streaming
+from ..handlers._stream import reset as _reset_stream
 
-__all__ = ["Calls"]
+__all__ = ["Calls", "cancel_tasks"]
+
+# How long cancelled handlers get to end before stop (or a handoff) goes on
+# without them: stop() returns within stop_timeout plus twice this.
+_CANCEL_GRACE: Final = 1.0
 
 
 class Calls:
@@ -37,8 +47,10 @@ class Calls:
         handler: Callable[[Envelope], Awaitable[bytes | None]],
         env: Envelope,
         me: asyncio.Task[None],
+        stream: ChunkSink | None = None,
     ) -> bytes | None:
-        """``await handler(env)`` in worker ``me``; raises the handler's error,
+        """``await handler(env)`` in worker ``me`` (with ``stream`` as its current
+        stream, when it streams its reply); raises the handler's error,
         :class:`HandlerTimeoutError` past the deadline, or
         :class:`RequestInterruptedError` when interrupted."""
         deadline = env.deadline
@@ -50,6 +62,7 @@ class Calls:
             if timeouts is None:
                 timeouts = self._timeouts = Timeouts(asyncio.get_running_loop(), self._overrun)
             slot = timeouts.add(deadline, me)
+        token = None if stream is None else streaming(stream)
         try:
             return await handler(env)
         except asyncio.CancelledError:
@@ -66,6 +79,8 @@ class Calls:
                 ) from None
             raise
         finally:
+            if token is not None:
+                _reset_stream(token)
             if deadline is not None:
                 self._timeouts.discard(slot, me)  # type: ignore[union-attr]
             for cancelled in (self._overdue, self._interrupted):
@@ -88,3 +103,17 @@ class Calls:
         """Cancel the deadline timers (the node stops)."""
         if self._timeouts is not None:
             self._timeouts.close()
+
+
+async def cancel_tasks(tasks: list[asyncio.Task[None]], grace: float = _CANCEL_GRACE) -> None:
+    """Cancel ``tasks`` and wait up to ``grace`` seconds for them to end, without
+    swallowing our own cancellation. A task still running then (a handler that
+    catches CancelledError and goes on) is logged and left to finish on its own:
+    asyncio cannot force it, and waiting for it would hang ``stop`` forever."""
+    stuck = await cancel_and_wait(tasks, grace)
+    if stuck:
+        structlog.get_logger("clstr.node").error(
+            "tasks ignored cancellation; left running (a handler catches CancelledError?)",
+            tasks=sorted(t.get_name() for t in stuck),
+            grace=grace,
+        )

@@ -19,12 +19,12 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 import structlog
 
 from .._clock import Timeouts, monotonic
-from .._tasks import cancel_and_wait
 from ..codec import (
     encode_error_reply,
     encode_reply,
@@ -41,16 +41,13 @@ from ..errors import (
     RequestError,
     RequestInterruptedError,
 )
-from ._calls import Calls
+from ._calls import Calls, cancel_tasks
 from ._lanes import Job, Lane, Waiting
 from ._replies import NOT_STORED, ReplyCache
 from ._state import Owner
+from ._stream import Streams, StreamWriter
 
-__all__ = ["Dispatcher", "cancel_tasks"]
-
-# How long cancelled handlers get to end before stop (or a handoff) goes on
-# without them: stop() returns within stop_timeout plus twice this.
-_CANCEL_GRACE: Final = 1.0
+__all__ = ["Dispatcher"]
 
 # Message types are chosen by senders: past this many distinct ones, metrics
 # label the rest "other", so that hostile senders cannot grow them without bound.
@@ -93,6 +90,7 @@ class Dispatcher:
         # Set when nothing is queued or running, while stop() waits for that.
         self._quiet: asyncio.Future[None] | None = None
         self._calls = Calls()  # handlers under their deadline, interruptible
+        self._streams = Streams(node.transport)  # streamed replies under way
         #: Idempotency: ids still in flight: their request's fingerprint, and
         #: who else waits for their reply.
         self.in_flight: dict[str, tuple[bytes, list[str]]] = {}
@@ -127,6 +125,7 @@ class Dispatcher:
         await self.evict(lambda s: True, reason)
         await cancel_tasks(list(self.workers))
         self._calls.close()
+        await self._streams.close()
         if self._queue_timeouts is not None:
             self._queue_timeouts.close()
 
@@ -341,8 +340,12 @@ class Dispatcher:
         failure: BaseException | None = None
         body: bytes | None = None
         store = True  # the outcome of a handler that ran is kept for retries
+        stream: StreamWriter | None = None
+        result: bytes | bytearray | memoryview | None = None
         try:
-            result = await self._calls.call(node.handler, env, me)
+            if env.stream and reply is not None:
+                stream = await self._streams.open(env, reply, partial(self._calls.interrupt, me))
+            result = await self._calls.call(node.handler, env, me, stream)
             if result is None:
                 result = b""
             elif not isinstance(result, bytes | bytearray | memoryview):
@@ -351,7 +354,7 @@ class Dispatcher:
                     "a raw handler returns bytes (use a Router for typed replies)"
                 )
             ok = True
-            if reply is not None or env.id is not None:
+            if (reply is not None or env.id is not None) and stream is None:
                 body = encode_reply(bytes(result))
         except asyncio.CancelledError:
             self._finish(
@@ -392,6 +395,12 @@ class Dispatcher:
                 label = "_unknown" if unknown else self._type_label(env.type)
                 node.metrics.handler_completed(label, ok, elapsed)
                 node.metrics.request_served(label, ok, monotonic() - received)
+        if stream is not None:
+            # Streams are not kept for retries: a retry would stream again.
+            self._streams.close_stream(stream)
+            stream.finish(body, bytes(result) if ok and result else b"")
+            self._finish(env, None, None, cache=False)
+            return
         if body is not None and len(body) > node.transport.max_payload:
             body = self._too_large(env, len(body))
         self._finish(env, reply, body, cache=store)
@@ -521,17 +530,3 @@ class Dispatcher:
             self._node.transport.publish_nowait(reply, body)
         except Exception as exc:
             self._log.warning("cannot send reply", error=repr(exc))
-
-
-async def cancel_tasks(tasks: list[asyncio.Task[None]], grace: float = _CANCEL_GRACE) -> None:
-    """Cancel ``tasks`` and wait up to ``grace`` seconds for them to end, without
-    swallowing our own cancellation. A task still running then (a handler that
-    catches CancelledError and goes on) is logged and left to finish on its own:
-    asyncio cannot force it, and waiting for it would hang ``stop`` forever."""
-    stuck = await cancel_and_wait(tasks, grace)
-    if stuck:
-        structlog.get_logger("clstr.node").error(
-            "tasks ignored cancellation; left running (a handler catches CancelledError?)",
-            tasks=sorted(t.get_name() for t in stuck),
-            grace=grace,
-        )

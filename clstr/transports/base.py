@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -69,9 +70,15 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def publish(self, subject: str, data: bytes) -> None:
+    async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
         """Send ``data`` without waiting for anything (fire and forget); only
-        waits while the transport's outgoing buffer is full."""
+        waits while the transport's outgoing buffer is full. ``reply`` sets the
+        message's reply subject (a stream's inbox, say)."""
+
+    def new_inbox(self) -> str:
+        """A subject nobody else uses, to :meth:`subscribe` to for replies that
+        come as several messages (a streamed reply)."""
+        return f"_INBOX.{os.urandom(12).hex()}"
 
     @abc.abstractmethod
     def publish_nowait(self, subject: str, data: bytes) -> None:

@@ -594,14 +594,17 @@ class MemoryTransport(Transport):
             self._pending.pop(inbox, None)
 
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
-        """Send ``data`` without waiting; ``reply`` sets a reply subject, as
-        ``nats pub --reply`` does (for tests that play a raw peer)."""
+        """Send ``data`` without waiting; ``reply`` sets a reply subject."""
         self._check(data)
         self.network.route(subject, data, reply, self.name)
 
     def publish_nowait(self, subject: str, data: bytes) -> None:
         self._check(data)
         self.network.route(subject, data, None, self.name)
+
+    def new_inbox(self) -> str:
+        # Not the request-inbox prefix: those are routed to a request's future.
+        return f"_STREAM.{self.name}.{self.network.next_id()}"
 
     async def subscribe(
         self, subject: str, callback: MessageCallback, *, queue: str | None = None

@@ -618,8 +618,7 @@ class NatsTransport(Transport):
 
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
         """Send ``data``, waiting only while nats-py's outgoing buffer is full;
-        ``reply`` sets a reply subject, as ``nats pub --reply`` does (for tests
-        that play a raw peer)."""
+        ``reply`` sets the message's reply subject."""
         self._check_open()
         nc = self.nc
         try:
@@ -628,6 +627,9 @@ class NatsTransport(Transport):
                 await nc.make_room()
         except nats.errors.Error as exc:
             raise self._translate(exc, "publish", subject, len(data)) from exc
+
+    def new_inbox(self) -> str:
+        return str(self.nc.new_inbox())
 
     def publish_nowait(self, subject: str, data: bytes) -> None:
         self._check_open()
