@@ -412,7 +412,7 @@ class TestErrors:
 
     def test_remote_failures_exit_1(self) -> None:
         """A handler error or a timeout is a failed operation (1), not a usage error (2)."""
-        from clstr.cli._main import _request_error
+        from clstr.cli._request import _request_error
 
         args = types.SimpleNamespace(key="k", type="T", prefix="p", shards=4)
         raised = errors.RemoteHandlerError("boom", remote_type="ValueError")
@@ -562,7 +562,7 @@ class TestLoadApp:
 
     async def test_handler_shapes(self, apps: str) -> None:
         """A handler, a zero-arg factory, a node_id factory, an async factory and a class load."""
-        from clstr.cli._node import load_app
+        from clstr.cli._app import load_app
 
         assert isinstance(await load_app(f"{apps}:router", "n"), Router)
         raw = await load_app(f"{apps}:raw", "n")
@@ -587,8 +587,8 @@ class TestLoadApp:
     )
     async def test_bad_specs_say_what_is_wrong(self, apps: str, spec: str, message: str) -> None:
         """Each kind of bad --app is one clear CliError."""
+        from clstr.cli._app import load_app
         from clstr.cli._common import CliError
-        from clstr.cli._node import load_app
 
         with pytest.raises(CliError, match=message):
             await load_app(spec.format(apps=apps), "n")

@@ -1,5 +1,6 @@
 """What the ``clstr`` subcommands share: the error they exit with, logging setup,
-and the JSON <-> msgpack conversions of the shell-facing commands."""
+the check of a routing key, and the JSON <-> msgpack conversions of the
+shell-facing commands."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
     "CliError",
+    "check_key",
     "configure_logging",
     "json_to_msgpack",
     "msgpack_to_json",
@@ -151,6 +153,20 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def check_key(key: str) -> None:
+    """Refuse a key no request could carry: empty, or over the key size limit."""
+    from ..codec import DEFAULT_LIMITS, check_limits
+    from ..envelope import Envelope
+    from ..errors import LimitExceededError
+
+    if not key:
+        raise CliError("the key is empty: every request is routed by its key; pass a non-empty KEY")
+    try:
+        check_limits(Envelope(type="", key=key), DEFAULT_LIMITS)
+    except LimitExceededError as exc:
+        raise CliError(str(exc)) from None
 
 
 def json_to_msgpack(text: str | None) -> bytes:

@@ -1,4 +1,8 @@
-"""``clstr dev up`` and ``clstr demo``: the local cluster, in front of a person."""
+"""``clstr dev up`` and ``clstr demo``: the local cluster, in front of a person.
+
+The cluster's machinery (:mod:`clstr.testing`, nats-py) loads when a cluster
+starts, not when the ``clstr`` parser is built.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,14 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, TextIO
 
 import structlog
 
 from ..protocol import DEFAULT_PREFIX
-from ..testing._processes import LogRecord, NodeProcess, NodeProcessError
 from ._common import (
+    DEFAULT_APP,
     DEFAULT_NATS_URL,
     DEFAULT_SERVICE_NAME,
     DEFAULT_SHARDS,
@@ -23,12 +27,93 @@ from ._common import (
     EXIT_OK,
     CliError,
 )
-from ._devcluster import DevCluster
+from ._parser import Parser, Subcommands, add_command, port_number, positive_int, seconds
 
 if TYPE_CHECKING:
+    from ..testing._processes import LogRecord, NodeProcess
     from ..transports.nats import NatsTransport
+    from ._devcluster import DevCluster
 
-__all__ = ["READY_LINE", "STOP_SIGNALS", "dev_up", "demo"]
+__all__ = ["READY_LINE", "STOP_SIGNALS", "add_parser", "run", "dev_up", "demo"]
+
+
+# -- the parsers -------------------------------------------------------------------
+
+
+def add_parser(sub: Subcommands, env: Mapping[str, str]) -> None:
+    """Add ``dev up`` and ``demo``."""
+    dev = add_command(sub, env, "dev", "a local cluster for development", log_level="info")
+    actions = dev.add_subparsers(
+        dest="dev_command", metavar="ACTION", required=True, parser_class=Parser
+    )
+    _add_up(actions, env)
+    _add_demo(sub, env)
+
+
+def _add_up(actions: Subcommands, env: Mapping[str, str]) -> None:
+    up = add_command(
+        actions,
+        env,
+        "up",
+        "start nats-server and N node processes of the demo app (or --app); Ctrl-C stops all",
+        run=run,
+        log_level="info",
+    )
+    up.add_argument("--nodes", type=positive_int, default=3, help="node processes (default 3)")
+    up.add_argument(
+        "--port",
+        type=port_number,
+        default=None,
+        help="client port of the embedded nats-server (default 4222 when free; 0: any)",
+    )
+    up.add_argument("--app", default=DEFAULT_APP, help=f"module:attr (default {DEFAULT_APP})")
+    up.add_argument(
+        "--metrics-port-base",
+        type=port_number,
+        default=None,
+        metavar="PORT",
+        help="serve node i's Prometheus metrics on PORT+i (default off)",
+    )
+    up.add_argument(
+        "--stop-timeout",
+        type=seconds,
+        default=10.0,
+        help="seconds nodes get to finish in-flight work on stop (default 10)",
+    )
+
+
+def _add_demo(sub: Subcommands, env: Mapping[str, str]) -> None:
+    demo = add_command(
+        sub,
+        env,
+        "demo",
+        "run a local cluster, send requests, show who answered and the shard map, "
+        "then serve until Ctrl-C (--once: stop after the requests)",
+        run=run,
+    )
+    demo.add_argument("--nodes", type=positive_int, default=3, help="node processes (default 3)")
+    demo.add_argument("--keys", type=positive_int, default=12, help="distinct keys (default 12)")
+    demo.add_argument("--rounds", type=positive_int, default=3, help="requests per key (default 3)")
+    demo.add_argument(
+        "--once",
+        action="store_true",
+        help="stop the cluster and exit after the requests (for scripts)",
+    )
+    demo.add_argument(
+        "--port",
+        type=port_number,
+        default=None,
+        help="client port of the embedded nats-server (default 4222 when free, "
+        "else any; with --once any; 0: any)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``dev up`` or ``demo`` until it ends."""
+    return asyncio.run(demo(args) if args.command == "demo" else dev_up(args))
+
+
+# -- the cluster in front of a person ----------------------------------------------------
 
 
 class LogRelay:
@@ -116,6 +201,8 @@ def _say(*lines: str) -> None:
 
 
 def _cluster(args: argparse.Namespace, *, quiet: bool, port: int | None) -> DevCluster:
+    from ._devcluster import DevCluster
+
     # The children always log at info at least: the parent reads their
     # "node ready" from it. What is shown is filtered here.
     shown = "warning" if quiet else (args.log_level or "info")
@@ -137,7 +224,7 @@ def _cluster(args: argparse.Namespace, *, quiet: bool, port: int | None) -> DevC
 
 async def _start(cluster: DevCluster, stop: asyncio.Event) -> bool:
     """Start ``cluster`` unless a signal comes first; return whether it started."""
-    from ..testing import NatsServerError
+    from ..testing import NatsServerError, NodeProcessError
 
     starting = asyncio.ensure_future(cluster.start())
     stopping = asyncio.ensure_future(stop.wait())

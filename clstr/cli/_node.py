@@ -4,35 +4,197 @@ The process connects to NATS, starts a :class:`~clstr.Node` with the handler
 named by ``--app module:attr``, answers NATS service discovery, optionally
 serves Prometheus metrics over HTTP, logs ``node ready`` once all of that is
 up, and stops gracefully on SIGTERM or SIGINT (a second signal exits at once).
+
+nats-py and the service discovery load when the node starts, not when the
+``clstr`` parser is built.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import importlib
-import inspect
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ..errors import ClstrError, ConnectionFailedError
-from ..handlers import Handler, KeyHandler, Router
+from ..handlers import Handler
 from ..membership import KvMembership
 from ..metrics import NOOP_METRICS, Metrics, PrometheusMetrics
 from ..node import Node
-from ..observe import ServiceDiscovery, ShardStats
-from ..transports.nats import NatsOptions, NatsTransport
+from . import _connection
+from ._app import load_app
 from ._common import CliError
+from ._parser import Parser, Subcommands, add_command, env_flag, port_number, positive_int, seconds
 
-__all__ = ["NodeOptions", "load_app", "parse_node_list", "run_node"]
+if TYPE_CHECKING:
+    from ..observe import ServiceDiscovery
+    from ..transports.nats import NatsOptions, NatsTransport
+
+__all__ = ["NodeOptions", "add_parser", "parse_node_list", "run", "run_node"]
 
 _log = structlog.get_logger("clstr.cli.node")
+
+
+# -- the parser ---------------------------------------------------------------------
+
+
+def add_parser(sub: Subcommands, env: Mapping[str, str]) -> None:
+    """Add ``node``."""
+    node = add_command(
+        sub,
+        env,
+        "node",
+        "run one node process of a handler (the way production runs it)",
+        run=run,
+        log_level="info",
+    )
+    _add_app_options(node, env)
+    _add_membership_options(node, env)
+    _add_serving_options(node, env)
+    _add_process_options(node, env)
+
+
+def _add_app_options(node: Parser, env: Mapping[str, str]) -> None:
+    """Who this node is and what it runs."""
+    node.add_argument(
+        "--id",
+        dest="node_id",
+        default=env.get("CLSTR_NODE_ID"),
+        required=not env.get("CLSTR_NODE_ID"),
+        help="this node's id [CLSTR_NODE_ID]",
+    )
+    node.add_argument(
+        "--app",
+        default=env.get("CLSTR_APP"),
+        required=not env.get("CLSTR_APP"),
+        metavar="MODULE:ATTR",
+        help="the handler, or a factory of one [CLSTR_APP], e.g. clstr.demo_app:app",
+    )
+    node.add_argument(
+        "--app-dir",
+        default=".",
+        help="directory put first on sys.path to import --app from (default .)",
+    )
+
+
+def _add_membership_options(node: Parser, env: Mapping[str, str]) -> None:
+    """Which shards this node serves."""
+    node.add_argument(
+        "--static-nodes",
+        type=parse_node_list,
+        default=env.get("CLSTR_STATIC_NODES", ""),
+        metavar="A,B,C",
+        help="every member's id, this one included [CLSTR_STATIC_NODES]; "
+        "without it the node serves every shard",
+    )
+    node.add_argument(
+        "--membership",
+        choices=("static", "kv"),
+        default=env.get("CLSTR_MEMBERSHIP", "static"),
+        help="static: --static-nodes (or every shard); kv: dynamic membership on "
+        "JetStream KV, nodes join and leave freely [CLSTR_MEMBERSHIP]",
+    )
+    node.add_argument(
+        "--weight",
+        type=seconds,
+        default=1.0,
+        help="capacity weight of this node under --membership kv (default 1)",
+    )
+
+
+def _add_serving_options(node: Parser, env: Mapping[str, str]) -> None:
+    """What the node shows of itself, and how much work it takes on."""
+    node.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=env.get("CLSTR_METRICS_PORT") or None,
+        help="serve Prometheus metrics over HTTP on this port [CLSTR_METRICS_PORT] "
+        "(0: any free port)",
+    )
+    node.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="interface of the metrics server (default 0.0.0.0)",
+    )
+    node.add_argument(
+        "--no-discovery",
+        dest="discovery",
+        action="store_false",
+        help="do not answer NATS service discovery ($SRV.PING/INFO/STATS)",
+    )
+    node.add_argument("--max-concurrency", type=positive_int, default=100)
+    node.add_argument("--max-pending", type=positive_int, default=10_000)
+    node.add_argument(
+        "--stop-timeout",
+        type=seconds,
+        default=10.0,
+        help="seconds in-flight handlers get on SIGTERM before they are cancelled",
+    )
+
+
+def _add_process_options(node: Parser, env: Mapping[str, str]) -> None:
+    """How the process runs: its event loop, its parent."""
+    node.add_argument(
+        "--uvloop",
+        action="store_true",
+        default=env_flag(env, "CLSTR_UVLOOP"),
+        help="run on uvloop, the faster event loop [CLSTR_UVLOOP=1] (pip install 'clstr[uvloop]')",
+    )
+    node.add_argument(
+        "--watch-stdin",
+        action="store_true",
+        help="stop when stdin closes (for a supervising parent process)",
+    )
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the node ``args`` describe, on uvloop when asked, until a signal."""
+    app_dir = os.path.abspath(args.app_dir)
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    options = _node_options(args)
+    if args.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            raise CliError(
+                "--uvloop needs the uvloop package: pip install 'clstr[uvloop]'"
+            ) from None
+        return int(uvloop.run(run_node(options)))
+    return asyncio.run(run_node(options))
+
+
+def _node_options(args: argparse.Namespace) -> NodeOptions:
+    return NodeOptions(
+        node_id=args.node_id,
+        servers=args.nats_url,
+        num_shards=args.shards,
+        seed=args.seed,
+        prefix=args.prefix,
+        static_nodes=args.static_nodes,
+        membership=args.membership,
+        weight=args.weight,
+        app=args.app,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        service_name=args.service_name,
+        discovery=args.discovery,
+        max_concurrency=args.max_concurrency,
+        max_pending=args.max_pending,
+        stop_timeout=args.stop_timeout,
+        nats_options=_connection.nats_options(args, f"clstr-node-{args.node_id}"),
+        watch_stdin=args.watch_stdin,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,80 +217,9 @@ class NodeOptions:
     max_concurrency: int = 100
     max_pending: int = 10_000
     stop_timeout: float = 10.0
-    nats_options: NatsOptions = field(default_factory=NatsOptions)
+    #: Credentials, TLS and the connect deadline (no default: nats-py loads on demand).
+    nats_options: NatsOptions
     watch_stdin: bool = False
-
-
-async def load_app(spec: str, node_id: str) -> Handler:
-    """Import ``module:attr`` and return the handler it names.
-
-    ``attr`` (dotted paths allowed) is a handler (a :class:`~clstr.Router`,
-    :class:`~clstr.KeyHandler` or any ``async (Envelope) -> bytes | None``
-    callable) or a factory that returns one: a callable with no required
-    argument, or one with a ``node_id`` parameter, which gets this node's id.
-    A factory may be ``async``. Raises :class:`CliError` saying what is wrong.
-    """
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise CliError(f"--app must be 'module:attr' (e.g. clstr.demo_app:app), got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            raise CliError(
-                f"cannot import {module_name!r} for --app: no such module; "
-                "check the name and that it is on PYTHONPATH"
-            ) from None
-        raise CliError(f"importing {module_name!r} for --app failed: {exc}") from None
-    except Exception as exc:
-        raise CliError(
-            f"importing {module_name!r} for --app failed: {type(exc).__name__}: {exc}"
-        ) from None
-    obj: Any = module
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise CliError(f"module {module_name!r} has no attribute {attr_path!r}") from None
-    handler = obj
-    if not isinstance(obj, Router | KeyHandler):
-        factory_kwargs = _factory_kwargs(obj, node_id)
-        if factory_kwargs is not None:
-            try:
-                handler = obj(**factory_kwargs)
-                if inspect.isawaitable(handler):
-                    handler = await handler
-            except Exception as exc:
-                raise CliError(
-                    f"the --app factory {spec!r} raised {type(exc).__name__}: {exc}"
-                ) from None
-    if not callable(handler):
-        raise CliError(
-            f"--app {spec!r} is a {type(handler).__name__}, not a handler: name an async "
-            "callable (Envelope) -> bytes, a Router, a KeyHandler, or a factory of one"
-        )
-    checked: Handler = handler
-    return checked
-
-
-def _factory_kwargs(obj: Any, node_id: str) -> dict[str, str] | None:
-    """How to call ``obj`` as a factory, or ``None`` when it is a handler itself."""
-    if isinstance(obj, type):
-        return {}
-    if not callable(obj):
-        return None
-    try:
-        params = inspect.signature(obj).parameters
-    except (TypeError, ValueError):
-        return None
-    if "node_id" in params:
-        return {"node_id": node_id}
-    required = [
-        p
-        for p in params.values()
-        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    return {} if not required else None
 
 
 @contextlib.contextmanager
@@ -224,6 +315,8 @@ async def run_node(options: NodeOptions) -> int:
     Raises :class:`CliError` for a bad ``--app``, an unreachable server, a
     metrics port in use, or a node configuration clstr refuses.
     """
+    from ..transports.nats import NatsTransport
+
     handler = await load_app(options.app, options.node_id)
     signals = _Signals(asyncio.get_running_loop())
     signals.install()
@@ -257,6 +350,33 @@ async def _serve(
     options: NodeOptions,
 ) -> None:
     log = _log.bind(node_id=options.node_id)
+    node, discovery = _make_node(transport, handler, metrics, options)
+    if not options.static_nodes and options.membership == "static":
+        log.warning(
+            "no --static-nodes: this node serves every shard; list every member "
+            "with --static-nodes to share the shards between nodes"
+        )
+    try:
+        await node.start()
+        if discovery is not None:
+            await discovery.start()
+        log.info("node ready", **_ready_fields(transport, node, metrics_port, options))
+        await signals.stop.wait()
+        log.info("node stopping", reason=signals.reason, stop_timeout=options.stop_timeout)
+    finally:
+        if discovery is not None:
+            await discovery.stop()
+        await node.stop()
+    log.info("node exit", handled=node.stats.handled, errors=node.stats.errors)
+
+
+def _make_node(
+    transport: NatsTransport, handler: Handler, metrics: Metrics, options: NodeOptions
+) -> tuple[Node, ServiceDiscovery | None]:
+    """The node, and its service discovery unless turned off; what clstr refuses
+    of the configuration is a :class:`CliError`."""
+    from ..observe import ServiceDiscovery, ShardStats
+
     shard_stats = ShardStats()
     try:
         node = Node(
@@ -279,38 +399,27 @@ async def _serve(
         )
     except ClstrError as exc:
         raise CliError(str(exc)) from None
-    if not options.static_nodes and options.membership == "static":
-        log.warning(
-            "no --static-nodes: this node serves every shard; list every member "
-            "with --static-nodes to share the shards between nodes"
-        )
-    try:
-        await node.start()
-        if discovery is not None:
-            await discovery.start()
-        connected = transport.nc.connected_url
-        extra: dict[str, Any] = {}
-        if metrics_port is not None:
-            extra["metrics_port"] = metrics_port
-        if discovery is not None:
-            extra["service"] = options.service_name
-        log.info(
-            "node ready",
-            shards=len(node.shards),
-            num_shards=node.num_shards,
-            prefix=node.prefix,
-            nats_url=connected.geturl() if connected is not None else None,
-            pid=os.getpid(),
-            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
-            **extra,
-        )
-        await signals.stop.wait()
-        log.info("node stopping", reason=signals.reason, stop_timeout=options.stop_timeout)
-    finally:
-        if discovery is not None:
-            await discovery.stop()
-        await node.stop()
-    log.info("node exit", handled=node.stats.handled, errors=node.stats.errors)
+    return node, discovery
+
+
+def _ready_fields(
+    transport: NatsTransport, node: Node, metrics_port: int | None, options: NodeOptions
+) -> dict[str, Any]:
+    """What ``node ready`` says: the parent process (``clstr dev up``) reads it."""
+    connected = transport.nc.connected_url
+    fields: dict[str, Any] = {
+        "shards": len(node.shards),
+        "num_shards": node.num_shards,
+        "prefix": node.prefix,
+        "nats_url": connected.geturl() if connected is not None else None,
+        "pid": os.getpid(),
+        "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+    }
+    if metrics_port is not None:
+        fields["metrics_port"] = metrics_port
+    if options.discovery:
+        fields["service"] = options.service_name
+    return fields
 
 
 def _membership(options: NodeOptions) -> dict[str, Any]:
