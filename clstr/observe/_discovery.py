@@ -41,12 +41,14 @@ import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
+from .._clock import monotonic
 from ..envelope import Envelope
 from ..errors import ConfigurationError, LifecycleError
 from ..handlers import Handler, shard_released, start_handler, stop_handler
 from ..node import Node
 from ..protocol import shard_subject
 from ..transports.nats import NatsTransport
+from ._latency import LatencyHistogram
 
 __all__ = [
     "DEFAULT_SERVICE_NAME",
@@ -120,10 +122,18 @@ class ShardStats:
     (an error reply on purpose, such as ``no_handler``, included). Messages
     the node refuses before any handler runs (expired, overloaded, malformed)
     are counted by the node itself (:class:`~clstr.NodeStats`), not here.
+
+    :attr:`time_in_node` counts, for every message whose handler ran, the
+    time from its arrival at the node (its TTL's start, so queue wait
+    included) to the end of its handler; for a message without a TTL, whose
+    arrival time the handler cannot know, the handler's own time.
     """
 
     def __init__(self) -> None:
         self._by_shard: dict[int, EndpointCounters] = {}
+        #: Time in node of every handled message, in nanoseconds (published in
+        #: STATS ``data.time_in_node``).
+        self.time_in_node = LatencyHistogram()
 
     def counters(self, shard: int) -> EndpointCounters:
         """The counters of ``shard`` (zeros when it saw no request)."""
@@ -162,7 +172,14 @@ class _CountingHandler:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self._stats.record(env.shard, time.perf_counter_ns() - started, error)
+            elapsed = time.perf_counter_ns() - started
+            stats = self._stats
+            stats.record(env.shard, elapsed, error)
+            # The node set the deadline to arrival + TTL, on this clock.
+            ttl = env.ttl
+            if ttl is not None and env.deadline is not None:
+                elapsed = int((monotonic() - env.deadline + ttl) * 1e9)
+            stats.time_in_node.record(elapsed)
 
     @property
     def message_types(self) -> list[str] | None:
@@ -318,6 +335,12 @@ class ServiceDiscovery:
             "handled": stats.handled,
             "errors": stats.errors,
             "rejected": dict(stats.rejected),
+            "uptime": round(time.time() - stats.started_at, 3) if stats.started_at else 0.0,
+            **(
+                {"time_in_node": self.shard_stats.time_in_node.to_json()}
+                if self.shard_stats is not None
+                else {}
+            ),
         }
 
     def stats(self) -> dict[str, Any]:
