@@ -77,9 +77,7 @@ def _writers(node: Node) -> list[object]:
 
 
 class TestStreams:
-    async def test_chunks_arrive_in_order_and_typed(
-        self, rig: tuple[Node, Client, Report]
-    ) -> None:
+    async def test_chunks_arrive_in_order_and_typed(self, rig: tuple[Node, Client, Report]) -> None:
         """Every chunk arrives, in order, decoded into the item type."""
         _, client, _ = rig
         rows = [row async for row in client.key("r1").stream(Query(200), Row, window=8)]
@@ -140,18 +138,26 @@ class TestStreams:
         """A handler that raises mid-stream: the chunks before it arrive, then its error."""
         _, client, _ = rig
         got: list[int] = []
-        with pytest.raises(RemoteHandlerError, match="row 3 is broken"):
+
+        async def read() -> None:
             async for row in client.key("r1").stream(Query(10, fail_after=3), Row):
                 got.append(row.n)
+
+        with pytest.raises(RemoteHandlerError, match="row 3 is broken"):
+            await read()
         assert got == [0, 1, 2]
 
     async def test_the_deadline_stops_the_stream(self, rig: tuple[Node, Client, Report]) -> None:
         """A stream that outlives its deadline: the handler is cancelled, the reader
         gets a timeout."""
         _, client, report = rig
-        with pytest.raises((HandlerTimeoutError, RequestTimeoutError)):
+
+        async def read() -> None:
             async for _ in client.key("r1").stream(Query(-1), Row, timeout=0.5):
                 pass
+
+        with pytest.raises((HandlerTimeoutError, RequestTimeoutError)):
+            await read()
         await report.cancelled.wait()
 
     async def test_one_reply_collects_a_streaming_handler(
