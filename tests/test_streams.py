@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -19,6 +19,7 @@ from clstr import (
     Router,
     Transport,
 )
+from clstr.entities import Entity, MemoryStateStore, Sharding, handles
 from clstr.handlers import current_stream
 
 from _support import eventually
@@ -198,3 +199,45 @@ class TestRawStreams:
         async with Node(await connect("node"), handler, num_shards=NUM_SHARDS):
             client = Client(await connect("client"), num_shards=NUM_SHARDS)
             assert [c async for c in client.stream_key("k", "any")] == [b"only"]
+
+
+@dataclass
+class History:
+    last: int
+
+
+@dataclass
+class LogState:
+    entries: list[str] = field(default_factory=list)
+
+
+class Journal(Entity[LogState]):
+    """An entity whose method streams its entries."""
+
+    state_type = LogState
+
+    @handles
+    async def history(self, msg: History) -> AsyncIterator[str]:
+        for entry in self.state.entries[-msg.last :]:
+            yield entry
+
+    @handles
+    async def write(self, msg: Row) -> int:
+        self.state.entries.append(msg.text)
+        return len(self.state.entries)
+
+
+class TestEntityStreams:
+    async def test_an_entity_method_streams_its_items(self, connect: Connect) -> None:
+        """An async-generator entity method streams to client.entity(...).stream();
+        called for one reply it answers with the list."""
+        runner = Sharding(await connect("node"), num_shards=NUM_SHARDS, store=MemoryStateStore())
+        runner.register_entity(Journal)
+        async with runner:
+            client = Client(await connect("client"), num_shards=NUM_SHARDS)
+            journal = client.entity(Journal, "j1")
+            for n in range(5):
+                await journal.call(Row(n, f"entry {n}"), int)
+            streamed = [e async for e in journal.stream(History(3), str, window=2)]
+            assert streamed == ["entry 2", "entry 3", "entry 4"]
+            assert await journal.call(History(2), list[str]) == ["entry 3", "entry 4"]

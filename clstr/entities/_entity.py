@@ -35,7 +35,7 @@ from ..protocol import ENTITY_SEPARATOR, entity_type_name
 __all__ = ["Entity", "EntityContext", "EntitySpec", "handles", "spec_of"]
 
 S = TypeVar("S")
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+F = TypeVar("F", bound=Callable[..., Any])
 
 _HANDLES: typing.Final = "__clstr_handles__"
 
@@ -161,8 +161,16 @@ def _build(cls: type[Entity[Any]]) -> EntitySpec:
         raise ConfigurationError(f"{name}.save_every must be >= 0, got {cls.save_every}")
     if cls.max_instances < 1:
         raise ConfigurationError(f"{name}.max_instances must be >= 1, got {cls.max_instances}")
+    if cls.state_type is not None:
+        try:
+            cls.state_type()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{name}.state_type must build its initial state without arguments "
+                f"(give its fields defaults): {exc}"
+            ) from exc
     routes: dict[str, tuple[type[Any], Callable[..., Awaitable[Any]]]] = {}
-    for attr, fn in inspect.getmembers(cls, inspect.iscoroutinefunction):
+    for attr, fn in inspect.getmembers(cls, _is_async):
         if not hasattr(fn, _HANDLES):
             continue
         message = getattr(fn, _HANDLES) or _annotated_message(cls, fn)
@@ -184,6 +192,10 @@ def _build(cls: type[Entity[Any]]) -> EntitySpec:
         cls.shard_group,
         routes,
     )
+
+
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
 
 
 def _annotated_message(cls: type[Any], fn: Callable[..., Any]) -> type[Any]:

@@ -12,6 +12,7 @@ moves, and when the node stops. Entities are thus the typed, stateful case of
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import structlog
@@ -25,7 +26,7 @@ from ..errors import (
     NoHandlerError,
     NotOwnerError,
 )
-from ..handlers import KeyHandler, decode_message
+from ..handlers import KeyHandler, decode_message, stream_to
 from ..metrics import NOOP_METRICS, Metrics
 from ..protocol import fingerprint, split_entity_key
 from ._entity import Entity, EntityContext, EntitySpec, spec_of
@@ -34,6 +35,15 @@ from ._store import RECORD_REPLIES, Record, StaleStateError, StateStore
 __all__ = ["EntityHost"]
 
 _log = structlog.get_logger("clstr.entities")
+
+
+class _Encoded:
+    """A reply already encoded (a streaming method's collected items)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 class _Instance:
@@ -68,12 +78,23 @@ class _Instance:
         message_cls, method = route
         msg = decode_message(env, message_cls)
         try:
-            result = await method(self.entity, msg)
+            if inspect.isasyncgenfunction(method):
+                # A streaming method: its items go to the caller's stream (or,
+                # without one, make up a list as the reply).
+                streamed = await stream_to(method(self.entity, msg), encode_payload)
+                result = _Encoded(streamed) if streamed is not None else None
+            else:
+                result = await method(self.entity, msg)
         except BaseException:
             if self.store is not None:
                 self._roll_back()
             raise
-        payload = b"" if result is None else encode_payload(result)
+        if result is None:
+            payload = b""
+        elif isinstance(result, _Encoded):
+            payload = result.data
+        else:
+            payload = encode_payload(result)
         if self.store is not None:
             self.pending += 1
             if request_id is not None:

@@ -42,7 +42,8 @@ __all__ = [
 Handler = Callable[[Envelope], Awaitable[bytes | None]]
 
 M = TypeVar("M")
-R = TypeVar("R")
+#: A typed route: ``async def (msg[, env]) -> reply`` or an async generator.
+F = TypeVar("F", bound=Callable[..., Any])
 
 _log = structlog.get_logger("clstr.handlers")
 
@@ -116,7 +117,7 @@ class Router:
         """The message types this router serves."""
         return sorted(self._routes)
 
-    def register(self, message: type[Any] | str, handler: Callable[..., Awaitable[Any]]) -> None:
+    def register(self, message: type[Any] | str, handler: Callable[..., Any]) -> None:
         """Route ``message`` (a payload class or a raw type name) to ``handler``.
 
         Raises :class:`ConfigurationError` when the type already has a route.
@@ -145,7 +146,7 @@ class Router:
     @overload
     def on(
         self, message: type[M]
-    ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]: ...
+    ) -> Callable[[F], F]: ...
 
     @overload
     def on(self, message: str) -> Callable[[Handler], Handler]: ...
