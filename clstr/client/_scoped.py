@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol, TypeVar
 
 from ..codec import decode_payload, encode_payload, message_type
@@ -149,7 +149,7 @@ class ScopedClient:
         window: int = 64,
         timeout: float | None = None,
         options: Sequence[EnvelopeOption] = (),
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """Send a typed payload and iterate the streamed reply's chunks, each
         decoded into ``item_type`` (see :meth:`~clstr.Client.stream_shard`)::
 
