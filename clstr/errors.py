@@ -10,6 +10,9 @@
     ├── LimitExceededError (ValueError)      a key, type, header or payload is too large
     ├── PayloadError (ValueError)            a typed payload cannot be encoded/decoded
     ├── LifecycleError (RuntimeError)        used before start / after close
+    ├── InvalidIdError (ValueError)          not a snowflake id (negative, over 63 bits)
+    ├── IdUnavailableError (RuntimeError)    no snowflake id can be issued right now
+    │   └── MachineIdUnavailableError        no machine id is held (lease lost, all taken)
     ├── TransportError                       the messaging layer failed
     │   ├── TransportClosedError             the transport (or client) is closed
     │   └── ConnectionFailedError            no NATS server could be reached
@@ -47,6 +50,9 @@ __all__ = [
     "LimitExceededError",
     "PayloadError",
     "LifecycleError",
+    "InvalidIdError",
+    "IdUnavailableError",
+    "MachineIdUnavailableError",
     "TransportError",
     "TransportClosedError",
     "ConnectionFailedError",
@@ -103,6 +109,20 @@ class PayloadError(ClstrError, ValueError):
 
 class LifecycleError(ClstrError, RuntimeError):
     """An object was used in a state that does not allow it (not started, closed)."""
+
+
+class InvalidIdError(ClstrError, ValueError):
+    """A value given as a snowflake id is not one (not an int, negative, or over 63 bits)."""
+
+
+class IdUnavailableError(ClstrError, RuntimeError):
+    """A snowflake generator cannot issue an id right now without risking a
+    duplicate (see docs/ids.md); the message says why and when to try again."""
+
+
+class MachineIdUnavailableError(IdUnavailableError):
+    """No machine id is held: its lease lapsed or was lost (the lease takes a new
+    one by itself), or all 1024 are leased by live nodes."""
 
 
 class TransportError(ClstrError):

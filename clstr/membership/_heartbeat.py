@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..node import MemberInfo
-from ..transports.jetstream import is_cas_failure
+from ..transports.jetstream import is_cas_failure, put_with_ttl
 from ._settings import KvSettings
 
 __all__ = ["Heartbeat"]
@@ -27,7 +27,7 @@ class Heartbeat:
     ) -> None:
         self.kv = kv
         self._js = js
-        self._subject = f"$KV.{bucket}.{member.node_id}"
+        self._bucket = bucket
         self.member = member
         self.settings = settings
         #: The revision of our key as last written (0: not written yet).
@@ -72,15 +72,14 @@ class Heartbeat:
         return sent
 
     async def _renew(self, cordoned: bool) -> None:
-        # nats-py's KeyValue.update takes no per-message TTL: publish to the
-        # bucket's subject with the same expected-revision header update uses.
-        ack = await self._js.publish(
-            self._subject,
+        self.revision = await put_with_ttl(
+            self._js,
+            self._bucket,
+            self.node_id,
             self._value(cordoned),
-            headers={"Nats-Expected-Last-Subject-Sequence": str(self.revision)},
-            msg_ttl=self.settings.heartbeat_ttl,
+            revision=self.revision,
+            ttl=self.settings.heartbeat_ttl,
         )
-        self.revision = int(ack.seq)
 
     async def delete(self) -> None:
         """Remove our key (a graceful leave): the others see us gone at once."""

@@ -18,8 +18,10 @@ from .._tasks import cancel_and_wait
 __all__ = [
     "bucket_name",
     "bucket_names",
+    "create_with_ttl",
     "is_cas_failure",
     "open_bucket",
+    "put_with_ttl",
     "settling",
     "stop_watcher",
 ]
@@ -86,6 +88,60 @@ async def open_bucket(
     except nats.js.errors.BadRequestError:
         # Created by another node at the same moment.
         return await js.key_value(name)
+
+
+async def create_with_ttl(js: Any, kv: Any, bucket: str, key: str, value: bytes, ttl: float) -> int:
+    """Create ``key`` of ``bucket`` (opened as ``kv``) with a per-key TTL unless it
+    holds a value; return its revision.
+
+    nats-py's ``KeyValue.create`` writes over a delete or purge marker, but
+    not over the marker the server leaves when a key's TTL runs out (it reads
+    that as a value): that case is handled here. Raises JetStream's error
+    (:func:`is_cas_failure`) when the key holds a value.
+    """
+    try:
+        return int(await kv.create(key, value, msg_ttl=ttl))
+    except Exception as exc:
+        if not is_cas_failure(exc):
+            raise
+        failure = exc
+    import nats.js.errors
+
+    try:
+        last = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}")
+    except nats.js.errors.NotFoundError:
+        raise failure from None  # gone again since: let the caller try anew
+    headers = last.headers or {}
+    if "Nats-Marker-Reason" not in headers and headers.get("KV-Operation") not in ("DEL", "PURGE"):
+        raise failure
+    return await put_with_ttl(js, bucket, key, value, revision=int(last.seq), ttl=ttl)
+
+
+async def put_with_ttl(
+    js: Any,
+    bucket: str,
+    key: str,
+    value: bytes,
+    *,
+    revision: int,
+    ttl: float,
+    timeout: float | None = None,
+) -> int:
+    """Write ``key`` of ``bucket`` with a per-key TTL if its revision is still
+    ``revision`` (nobody wrote or expired it since); return the new revision.
+
+    nats-py's ``KeyValue.update`` takes no per-message TTL, so this publishes
+    to the bucket's subject with the expected-revision header ``update`` uses.
+    Raises JetStream's error when the revision moved (:func:`is_cas_failure`).
+    """
+    ack = await js.publish(
+        f"$KV.{bucket}.{key}",
+        value,
+        headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
+        msg_ttl=ttl,
+        timeout=timeout,
+    )
+    return int(ack.seq)
 
 
 async def settling(op: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
