@@ -6,8 +6,19 @@ is private and may change.
 
 from __future__ import annotations
 
+from ._version import __version__ as __version__
 from .client import DEFAULT_RETRY, DEFAULT_TIMEOUT, Client, ClientState, RetryPolicy, ScopedClient
 from .codec import DEFAULT_LIMITS, Limits, decode_payload, encode_payload, message_type
+from .entities import (
+    Entity,
+    EntityContext,
+    KvStateStore,
+    MemoryStateStore,
+    ShardId,
+    Sharding,
+    StateStore,
+    handles,
+)
 from .envelope import RESERVED_HEADER_PREFIX, Envelope, EnvelopeOption, with_header, with_ttl
 from .errors import (
     BadRequestError,
@@ -18,9 +29,12 @@ from .errors import (
     EnvelopeExpiredError,
     HandlerTimeoutError,
     IdempotencyKeyReusedError,
+    IdUnavailableError,
+    InvalidIdError,
     KeyRequiredError,
     LifecycleError,
     LimitExceededError,
+    MachineIdUnavailableError,
     MissingKeyError,
     NoHandlerError,
     NoShardOwnerError,
@@ -38,14 +52,20 @@ from .errors import (
     TransportError,
     WrongShardError,
 )
-from .handlers import Handler, KeyHandler, Router
+from .handlers import Handler, KeyHandler, Router, current_stream
 from .hashing import ShardMapper, assign_shards, owner_of, shard_for_key, shards_for_node
+from .ids import (
+    LocalMachineIds,
+    MachineIdLease,
+    Snowflake,
+    SnowflakeParts,
+    StaticMachineId,
+    parse_snowflake,
+)
 from .metrics import Metrics, NoopMetrics, PrometheusMetrics
 from .node import Node, NodeState, NodeStats
 from .protocol import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
 from .transports import MemoryNetwork, MemoryTransport, Transport
-
-__version__ = "0.1.0"
 
 __all__ = [
     # client side
@@ -66,6 +86,23 @@ __all__ = [
     "Handler",
     "Router",
     "KeyHandler",
+    "current_stream",
+    # entities, singletons, the sharding runner
+    "Sharding",
+    "ShardId",
+    "Entity",
+    "EntityContext",
+    "handles",
+    "StateStore",
+    "KvStateStore",
+    "MemoryStateStore",
+    # ids
+    "Snowflake",
+    "SnowflakeParts",
+    "parse_snowflake",
+    "MachineIdLease",
+    "StaticMachineId",
+    "LocalMachineIds",
     # envelopes and payloads
     "Envelope",
     "EnvelopeOption",
@@ -100,6 +137,9 @@ __all__ = [
     "LimitExceededError",
     "PayloadError",
     "LifecycleError",
+    "InvalidIdError",
+    "IdUnavailableError",
+    "MachineIdUnavailableError",
     "TransportError",
     "TransportClosedError",
     "ConnectionFailedError",

@@ -343,3 +343,24 @@ class TestSingletons:
             stop.set()
             for runner in runners:
                 await runner.shutdown()
+
+
+class TestSnowflakes:
+    async def test_runners_issue_unique_ordered_ids(self) -> None:
+        """Two runners of one cluster issue ids with different machine ids; one
+        runner's ids increase; none is issued before start or after shutdown."""
+        from clstr import LifecycleError, parse_snowflake
+
+        network = MemoryNetwork()
+        a = Sharding(MemoryTransport(network), num_shards=2, node_id="a", nodes=["a", "b"])
+        b = Sharding(MemoryTransport(network), num_shards=2, node_id="b", nodes=["a", "b"])
+        with pytest.raises(LifecycleError):
+            a.snowflake()
+        async with a, b:
+            ids_a = [a.snowflake() for _ in range(1000)]
+            ids_b = [b.snowflake() for _ in range(1000)]
+        assert ids_a == sorted(set(ids_a))
+        assert not set(ids_a) & set(ids_b)
+        assert parse_snowflake(ids_a[0]).machine_id != parse_snowflake(ids_b[0]).machine_id
+        with pytest.raises(LifecycleError):
+            a.snowflake()

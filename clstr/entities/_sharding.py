@@ -9,6 +9,7 @@ reference ``Sharding`` trait to its name here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from ..client import Client, RetryPolicy, ScopedClient
 from ..envelope import Envelope, EnvelopeOption
 from ..errors import ConfigurationError, LifecycleError
 from ..hashing import ShardMapper, validate_num_shards
+from ..ids import Snowflake, node_snowflake
 from ..metrics import NOOP_METRICS, Metrics
 from ..node import Membership, Node, NodeEvent, NodeEventKind, ShardContext
 from ..protocol import DEFAULT_PREFIX, entity_key, entity_type_name
@@ -117,6 +119,8 @@ class Sharding:
         self._events = EventStream()
         self._singletons: dict[str, tuple[str, int]] = {}  # name -> (group, shard)
         self._state = _State.CREATED
+        self._resources = contextlib.AsyncExitStack()
+        self._snowflake: Snowflake | None = None
         self.nodes: dict[str, Node] = {}
         self.clients: dict[str, Client] = {}
         self.hosts: dict[str, EntityHost] = {}
@@ -162,6 +166,8 @@ class Sharding:
         self._state = _State.RUNNING
         try:
             await asyncio.gather(*(node.start() for node in self.nodes.values()))
+            ids = node_snowflake(self.nodes[DEFAULT_GROUP])
+            self._snowflake = await self._resources.enter_async_context(ids)
         except BaseException:
             await self.shutdown()
             raise
@@ -172,10 +178,23 @@ class Sharding:
         if self._state is _State.STOPPED:
             return
         self._state = _State.STOPPED
+        self._snowflake = None
+        await self._resources.aclose()
         await asyncio.gather(*(node.stop() for node in self.nodes.values()))
         for client in self.clients.values():
             await client.close()
         self._events.close()
+
+    def snowflake(self) -> int:
+        """A new 64-bit id, unique in the cluster and time-ordered (docs/ids.md).
+
+        Raises :class:`~clstr.LifecycleError` before :meth:`start` and after
+        :meth:`shutdown`, :class:`~clstr.IdUnavailableError` when none can be
+        issued right now (the machine id's lease lapsed, say).
+        """
+        if self._snowflake is None:
+            raise LifecycleError(f"runner {self.node_id} is not running; ids come after start()")
+        return self._snowflake.next_id()
 
     def is_shutdown(self) -> bool:
         """Whether :meth:`shutdown` was called."""

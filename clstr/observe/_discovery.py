@@ -207,8 +207,7 @@ def _rfc3339(timestamp: float) -> str:
 
 
 def _clstr_version() -> str:
-    # Imported late: the package imports its modules before it defines __version__.
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 
