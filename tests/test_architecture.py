@@ -46,7 +46,6 @@ class TestLayout:
     def test_no_module_is_a_god_module(self) -> None:
         """No module of the package is over ~500 lines."""
         sizes = {
-            str(p.relative_to(ROOT)): len(p.read_text().splitlines())
-            for p in PACKAGE.rglob("*.py")
+            str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")
         }
         assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}
