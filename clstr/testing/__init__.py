@@ -10,9 +10,11 @@ from __future__ import annotations
 from ..transports.memory import FaultKind, FaultRule, Faults, Partition
 from ._clock import VirtualClock, VirtualClockEventLoop, current_clock, run, virtual_time
 from ._cluster import TestCluster, create_test_cluster
+from ._natscluster import NatsCluster
 from ._processes import NodeProcess, NodeProcessError
 from ._proxy import TcpProxy
-from ._server import NatsCluster, NatsServer, NatsServerError, find_nats_server
+from ._server import NatsServer
+from ._server_common import NatsServerError, find_nats_server
 
 __all__ = [
     "NatsServer",

