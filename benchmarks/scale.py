@@ -90,7 +90,8 @@ class Worker:
         )  # fmt: skip
 
     async def ready(self, timeout: float) -> None:
-        assert self.process is not None and self.process.stdout is not None
+        assert self.process is not None
+        assert self.process.stdout is not None
         async with asyncio.timeout(timeout):
             assert (await self.process.stdout.readline()).strip() == b"ready"
 
@@ -277,7 +278,9 @@ async def orchestrate(nodes: int, shards: int, per_process: int, timeout: float)
             t0 = time.monotonic()
             await asyncio.sleep(5)  # a quiet period: heartbeats only
             beat1, _ = await observer.stream("members")
-            report.heartbeat_writes_per_node_per_s = (beat1 - beat0) / (time.monotonic() - t0) / nodes
+            report.heartbeat_writes_per_node_per_s = (
+                (beat1 - beat0) / (time.monotonic() - t0) / nodes
+            )
 
             async def change(name: str, act: Any, expect: int) -> None:
                 before = dict(observer.holders)
@@ -324,7 +327,8 @@ def render(report: Report) -> str:
         f"cold start -> all shards held by their HRW owner: {report.cold_start_seconds:.1f} s",
         f"heartbeat writes: {report.heartbeat_writes_per_node_per_s:.2f} per node per second",
         "",
-        "| change | converge s | shards moved | HRW ideal | KV ops | KV bytes | requests | errors |",
+        "| change | converge s | shards moved | HRW ideal | KV ops | KV bytes | requests "
+        "| errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in report.changes:
