@@ -49,6 +49,9 @@ from ._stream import Streams, StreamWriter
 
 __all__ = ["Dispatcher"]
 
+# Live loop timers kept for queued messages' deadlines (see Timeouts).
+_QUEUE_TIMERS: Final = 1024
+
 # Message types are chosen by senders: past this many distinct ones, metrics
 # label the rest "other", so that hostile senders cannot grow them without bound.
 _MAX_TYPE_LABELS: Final = 256
@@ -214,7 +217,11 @@ class Dispatcher:
         timeouts = self._queue_timeouts
         if timeouts is None:
             loop = self.loop or asyncio.get_running_loop()
-            timeouts = self._queue_timeouts = Timeouts(loop, self._expired_in_queue)
+            # Few live timers: most queued messages start long before their deadline,
+            # and every emptied millisecond would otherwise keep its timer (and memory).
+            timeouts = self._queue_timeouts = Timeouts(
+                loop, self._expired_in_queue, max_timers=_QUEUE_TIMERS
+            )
         waiting = job[3] = Waiting(job, shard)
         waiting.slot = timeouts.add(deadline, waiting)
 
