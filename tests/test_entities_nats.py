@@ -224,3 +224,25 @@ class TestSingletons:
         starts = [t for kind, _, t in timeline if kind == "start"]
         stops = [t for kind, _, t in timeline if kind == "stop"]
         assert all(stop <= start for stop, start in zip(stops, starts[1:], strict=False))
+
+
+class TestStatus:
+    async def test_status_shows_live_entities(self, server: NatsServer) -> None:
+        """A node hosting entities reports its live instances per type in $SRV STATS,
+        and `clstr status`'s table gets an ENTITIES column."""
+        from clstr.observe import ServiceDiscovery, gather_view, render_table
+
+        made: list[NatsTransport] = []
+        runner = await _runner(server.url, "a", made)
+        try:
+            await runner.start()
+            await runner.entity(Notebook, "nb1").call(Note("x"), int)
+            node = runner.nodes["default"]
+            async with ServiceDiscovery(node, node.transport):
+                view = await gather_view(made[0], num_shards=NUM_SHARDS, prefix="clstr")
+            assert [n.entities for n in view.nodes] == [{"Notebook": 1}]
+            assert "ENTITIES" in render_table(view)
+        finally:
+            await runner.shutdown()
+            for transport in made:
+                await transport.close()

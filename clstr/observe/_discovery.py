@@ -188,6 +188,12 @@ class _CountingHandler:
         types = getattr(self._handler, "message_types", None)
         return list(types) if isinstance(types, list | tuple) else None
 
+    @property
+    def entity_counts(self) -> dict[str, int] | None:
+        """The wrapped handler's live entities per type, when it hosts entities."""
+        counts = getattr(self._handler, "entity_counts", None)
+        return dict(counts) if isinstance(counts, dict) else None
+
     async def on_start(self) -> None:
         await start_handler(self._handler)
 
@@ -340,6 +346,7 @@ class ServiceDiscovery:
                 if self.shard_stats is not None
                 else {}
             ),
+            **_entities(node.handler),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -487,3 +494,9 @@ async def discover(
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
     return replies
+
+
+def _entities(handler: object) -> dict[str, dict[str, int]]:
+    """``{"entities": {type: live instances}}`` for a handler that hosts entities."""
+    counts = getattr(handler, "entity_counts", None)
+    return {"entities": dict(counts)} if isinstance(counts, dict) else {}

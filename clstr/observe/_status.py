@@ -60,6 +60,8 @@ class NodeView:
     queued: int | None = None
     running: int | None = None
     rejected: dict[str, int] = field(default_factory=dict)
+    #: Live entity instances per type (nodes that host entities).
+    entities: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +78,7 @@ class NodeView:
             "queued": self.queued,
             "running": self.running,
             "rejected": self.rejected,
+            "entities": self.entities,
         }
 
 
@@ -237,6 +240,7 @@ def _node_from_stats(reply: dict[str, Any]) -> NodeView:
         return value if isinstance(value, int) else None
 
     rejected = data.get("rejected")
+    entities = data.get("entities")
     return NodeView(
         node_id=node_id,
         shards=sorted(s for s in shards if isinstance(s, int)),
@@ -250,6 +254,7 @@ def _node_from_stats(reply: dict[str, Any]) -> NodeView:
         queued=count("queued"),
         running=count("running"),
         rejected=dict(rejected) if isinstance(rejected, dict) else {},
+        entities=dict(entities) if isinstance(entities, dict) else None,
     )
 
 
@@ -348,12 +353,14 @@ def render_table(view: ClusterView, *, now: float | None = None) -> str:
         ]
         for n in view.nodes
     ]
+    header = ["", "NODE", "SHARDS", "HANDLED", "ERRORS", "QUEUED", "RUNNING", "UP", "VERSION"]
+    if any(n.entities is not None for n in view.nodes):
+        # Only for clusters that host entities: live instances per node.
+        header.append("ENTITIES")
+        for row, n in zip(rows, view.nodes, strict=True):
+            row.append("-" if n.entities is None else str(sum(n.entities.values())))
     if rows:
-        lines += _table(
-            ["", "NODE", "SHARDS", "HANDLED", "ERRORS", "QUEUED", "RUNNING", "UP", "VERSION"],
-            rows,
-            numeric={2, 3, 4, 5, 6},
-        )
+        lines += _table(header, rows, numeric={2, 3, 4, 5, 6, 9})
     else:
         lines.append("no node answered: start some (clstr dev up) or check --nats-url/--prefix")
     lines += ["", f"shard map ({NO_OWNER} no owner, {NO_ANSWER} no answer):"]
