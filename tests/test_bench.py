@@ -139,3 +139,31 @@ def test_summarise_profile_leaves_out_idle_and_imports() -> None:
     summary = bench.summarise_profile(collapsed)
     assert "busy: 40" in summary
     assert "75.0%  work (clstr/node.py)" in summary
+
+
+def test_worker_modules_import_neither_clstr_nor_nats(tmp_path: Path) -> None:
+    """The worker script loads every module of clstr/bench without importing clstr or
+    nats-py, so that a raw nats-py worker measures nats-py alone."""
+    package = Path(bench.__file__).parent
+    modules = sorted(
+        p.stem for p in package.glob("_*.py") if p.stem not in ("__init__", "__main__")
+    )
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('worker', sys.argv[1])\n"
+        "worker = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(worker)\n"
+        f"for name in {modules!r}:\n"
+        "    worker.load(name)\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('clstr', 'nats')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code, str(package / "_worker.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=_RUN_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert "_registry" in modules

@@ -1,19 +1,50 @@
-"""Benchmarks: clstr against raw nats-py and bare asyncio, in the same run (``clstr bench``)."""
+"""Benchmarks: clstr against raw nats-py and bare asyncio, in the same run (``clstr bench``).
+
+Every figure is a *ratio* to a baseline measured in the same run, on the same
+nats-server, with the same process layout: on a small, shared machine the
+absolute numbers drift from run to run, the ratios much less. Each run
+measures both sides back to back (alternating which goes first), and a
+row's ratio is the median of the per-run ratios. A benchmark is never a
+timed unit test: ``--quick`` runs everything with tiny counts only to prove
+that it works (see tests/test_bench.py).
+
+The orchestrator runs no measured code: it starts a nats-server and worker
+processes, and talks to each over a line protocol. Workers run
+``_worker.py`` as a script, so that a raw nats-py worker never imports clstr;
+hence every module here imports only the standard library and its siblings
+at its top (see ``_worker.py``).
+
+Modules:
+
+- ``_command``: the options and a run, from options to report;
+  ``_runner``: the orchestrator (stages, runs, the nats-server);
+  ``_report``: rows, table, Markdown, plot, metadata.
+- ``_group``: what a group and a stage are, and what they measure with;
+  ``_registry``: every group, in table order; ``_specs``: rows and sizes.
+- ``_children``, ``_protocol``, ``_worker``: worker processes, both ends;
+  ``_timing``: how workers time; ``_profile``: profile summaries.
+- The groups: ``_nats`` (its own stage of NATS workers), ``_startup`` (its
+  own processes), and, in the in-process stage (``_local``): ``_memory_rr``,
+  ``_hashing``, ``_keyhandler``.
+
+Adding a group: write one module holding its ``Spec`` s and how one run
+measures them (worker-side code at the module's top level, importing clstr,
+nats-py or anything optional inside its functions), and add the group to
+``_registry.REGISTERED``. Measured in-process, it is an ``InProcessGroup``
+(an ``op`` the shared worker runs, and a ``measure`` that sends it
+commands); with workers of its own, a ``Group`` in ``own_processes(...)``
+(see ``_startup``), or in a new ``Stage`` when several groups share workers
+(see ``_nats``). New counts go in ``Sizes`` (full and ``--quick``).
+"""
 
 from __future__ import annotations
 
-from ._bench import (
-    GROUPS,
-    SPECS,
-    add_arguments,
-    best_time,
-    main,
-    measure_hrw,
-    measure_shard_for_key,
-    run,
-    summarise_profile,
-    update_markdown,
-)
+from ._command import add_arguments, main, run
+from ._hashing import measure_hrw, measure_shard_for_key
+from ._profile import summarise_profile
+from ._registry import GROUPS, SPECS
+from ._report import update_markdown
+from ._timing import best_time
 
 __all__ = [
     "add_arguments",
