@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -33,13 +34,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PREFIX = "scale"
-TTL = 3.0
+# Default timing: generous, as dozens of nodes share each process's event loop
+# and a late heartbeat must not fence a node that is merely busy (--ttl).
+TTL = 10.0
 
 
 # -- worker processes --------------------------------------------------------------
 
 
-async def worker(urls: list[str], first: int, count: int, num_shards: int) -> None:
+async def worker(urls: list[str], first: int, count: int, num_shards: int, ttl: float) -> None:
     import structlog
 
     from clstr import Envelope, Node
@@ -48,7 +51,10 @@ async def worker(urls: list[str], first: int, count: int, num_shards: int) -> No
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     settings = KvSettings(
-        heartbeat_interval=1.0, heartbeat_ttl=TTL, reconcile_interval=1.0, replicas=3
+        heartbeat_interval=ttl / 5,
+        heartbeat_ttl=ttl,
+        reconcile_interval=min(1.0, ttl / 5),
+        replicas=3,
     )
 
     async def echo(env: Envelope) -> bytes:
@@ -78,8 +84,10 @@ async def worker(urls: list[str], first: int, count: int, num_shards: int) -> No
 
 
 class Worker:
-    def __init__(self, urls: list[str], first: int, count: int, num_shards: int) -> None:
-        self.args = [",".join(urls), str(first), str(count), str(num_shards)]
+    def __init__(
+        self, urls: list[str], first: int, count: int, num_shards: int, ttl: float
+    ) -> None:
+        self.args = [",".join(urls), str(first), str(count), str(num_shards), str(ttl)]
         self.count = count
         self.process: asyncio.subprocess.Process | None = None
 
@@ -164,11 +172,23 @@ class Observer:
         return len(self.members) == expect_members and self.holders == self.desired()
 
     async def wait_balanced(self, expect_members: int, timeout: float) -> float:
-        started = time.monotonic()
+        started = last = time.monotonic()
         async with asyncio.timeout(timeout):
             while not self.balanced(expect_members):
                 self.changed.clear()
-                await self.changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10):
+                        await self.changed.wait()
+                if time.monotonic() - last >= 10:
+                    last = time.monotonic()
+                    desired = self.desired()
+                    off = sum(1 for s, n in desired.items() if self.holders.get(s) != n)
+                    print(
+                        f"  ... {last - started:.0f} s: {len(self.members)} members, "
+                        f"{len(self.holders)} shards held, {off} not on their HRW owner",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         return time.monotonic() - started
 
     async def stream(self, name: str) -> tuple[int, int]:
@@ -240,7 +260,9 @@ class Report:
     changes: list[Change] = field(default_factory=list)
 
 
-async def orchestrate(nodes: int, shards: int, per_process: int, timeout: float) -> Report:
+async def orchestrate(
+    nodes: int, shards: int, per_process: int, timeout: float, ttl: float
+) -> Report:
     import nats
 
     from clstr import Client, RetryPolicy
@@ -253,7 +275,7 @@ async def orchestrate(nodes: int, shards: int, per_process: int, timeout: float)
         nc = await nats.connect(urls)
         observer = Observer(nc.jetstream(), shards)
         workers = [
-            Worker(urls, first, min(per_process, nodes - first), shards)
+            Worker(urls, first, min(per_process, nodes - first), shards, ttl)
             for first in range(0, nodes, per_process)
         ]
         client_transport = await NatsTransport.connect(urls)
@@ -265,7 +287,7 @@ async def orchestrate(nodes: int, shards: int, per_process: int, timeout: float)
             retry=RetryPolicy(attempt_timeout=2.0, max_backoff=0.5),
         )
         traffic = Traffic(client)
-        joiner = Worker(urls, nodes, 1, shards)
+        joiner = Worker(urls, nodes, 1, shards, ttl)
         try:
             started = time.monotonic()
             for w in workers:
@@ -276,7 +298,7 @@ async def orchestrate(nodes: int, shards: int, per_process: int, timeout: float)
             report.cold_start_seconds = time.monotonic() - started
             beat0, _ = await observer.stream("members")
             t0 = time.monotonic()
-            await asyncio.sleep(5)  # a quiet period: heartbeats only
+            await asyncio.sleep(ttl / 2)  # a quiet period: heartbeats only
             beat1, _ = await observer.stream("members")
             report.heartbeat_writes_per_node_per_s = (
                 (beat1 - beat0) / (time.monotonic() - t0) / nodes
@@ -341,17 +363,20 @@ def render(report: Report) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        urls, first, count, shards = sys.argv[2].split(","), *map(int, sys.argv[3:6])
-        asyncio.run(worker(urls, first, count, shards))
+        urls, (first, count, shards) = sys.argv[2].split(","), map(int, sys.argv[3:6])
+        asyncio.run(worker(urls, first, count, shards, float(sys.argv[6])))
         return 0
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--shards", type=int, default=4096)
     parser.add_argument("--per-process", type=int, default=25)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--ttl", type=float, default=TTL, help="heartbeat TTL, seconds")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
-    report = asyncio.run(orchestrate(args.nodes, args.shards, args.per_process, args.timeout))
+    report = asyncio.run(
+        orchestrate(args.nodes, args.shards, args.per_process, args.timeout, args.ttl)
+    )
     print(render(report))
     if args.json:
         with open(args.json, "w") as out:
