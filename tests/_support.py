@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -61,3 +65,30 @@ class ScriptNode:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+
+
+def dashboard_snapshot(
+    url: str, check: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+) -> dict[str, Any]:
+    """The first snapshot the dashboard at ``url`` streams (``GET /events``) that
+    passes ``check``; fails after ``timeout`` seconds. Blocking: from async code,
+    call it in a thread."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    try:
+        connection.request("GET", "/events")
+        response = connection.getresponse()
+        assert response.status == 200, response.status
+        while time.monotonic() < deadline:
+            line = response.readline()
+            if not line:
+                break  # the dashboard closed the stream
+            if line.startswith(b"data: "):
+                last = json.loads(line[len(b"data: ") :])
+                if check(last):
+                    return last
+    finally:
+        connection.close()
+    raise AssertionError(f"no snapshot of {url} passed the check in {timeout} s; last: {last}")

@@ -346,20 +346,66 @@ class TestErrors:
         assert result.code == 0, result.err
         assert json.loads(result.out)["text"] == "hello bo"
 
-    async def test_a_wrong_shard_count_is_warned_about(self, live: Live) -> None:
-        """When the owner announces another shard count than --shards, request warns."""
+    async def test_a_wrong_shard_count_is_refused_before_sending(self, live: Live) -> None:
+        """When the owner announces another shard count than --shards and the key is in
+        another shard there, request and notify exit 2 saying the count to pass, and
+        send nothing (the node would refuse the key: wrong_shard)."""
+        fewer = NUM_SHARDS - 3  # every shard of --shards exists on the nodes
+        key = next(
+            f"k{i}"
+            for i in range(1000)
+            if shard_for_key(f"k{i}", fewer) != shard_for_key(f"k{i}", NUM_SHARDS)
+        )
+        right, sent = shard_for_key(key, NUM_SHARDS), shard_for_key(key, fewer)
+        nodes = live.cluster.nodes
+        received = sum(node.stats.received for node in nodes)
+        for command in ("request", "notify"):
+            result = await live.run(
+                command, key, "counter.add", '{"by": 1}', "--shards", str(fewer)
+            )
+            assert_usage_error(
+                result,
+                f"uses {NUM_SHARDS} shards but --shards is {fewer}",
+                f"is in shard {right} there, not {sent}",
+                f"pass --shards {NUM_SHARDS}",
+                "nothing was sent",
+            )
+        assert sum(node.stats.received for node in nodes) == received  # node info aside
+
+    async def test_a_wrong_shard_count_the_key_survives_is_warned_about(self, live: Live) -> None:
+        """When the counts differ but the key is in the same shard under both, the
+        message goes through, with a warning that other keys will not."""
         key = next(
             f"k{i}" for i in range(1000) if shard_for_key(f"k{i}", 64) < NUM_SHARDS
-        )  # a shard that exists under both counts, so that someone answers
+        )  # 16 divides 64: such a key is in the same shard under both counts
+        assert shard_for_key(key, 64) == shard_for_key(key, NUM_SHARDS)
         result = await live.run("request", key, "echo", "1", "--shards", "64")
         assert result.code == 0, result.err
         warnings = [line for line in result.err.splitlines() if line.startswith("clstr: warning:")]
         assert len(warnings) == 1, result.err
-        right = shard_for_key(key, NUM_SHARDS)
         assert f"uses {NUM_SHARDS} shards but --shards is 64" in warnings[0]
-        assert f"is in shard {right} there, not {shard_for_key(key, 64)}" in warnings[0]
+        assert f"is in shard {shard_for_key(key, 64)} under both, but other keys" in warnings[0]
         matching = await live.run("request", key, "echo", "1")
         assert "warning" not in matching.err
+
+    async def test_a_key_refused_as_sent_to_the_wrong_shard_says_what_to_pass(
+        self, live: Live
+    ) -> None:
+        """A seed other than the nodes' (which no node announces) sends the key to
+        another shard; the node's wrong_shard refusal exits 2 with a hint to pass the
+        cluster's --shards and --seed."""
+        key = next(
+            f"k{i}"
+            for i in range(1000)
+            if shard_for_key(f"k{i}", NUM_SHARDS, "s1") != shard_for_key(f"k{i}", NUM_SHARDS)
+        )
+        result = await live.run("request", key, "echo", "1", "--seed", "s1")
+        assert_usage_error(
+            result,
+            f"belongs to shard {shard_for_key(key, NUM_SHARDS)}, not "
+            f"{shard_for_key(key, NUM_SHARDS, 's1')}",
+            "pass --shards N / --seed S matching the cluster",
+        )
 
     async def test_a_larger_shard_count_shows_in_the_owners_shards(
         self, clstr_nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
@@ -719,7 +765,7 @@ def cli_doc_commands() -> list[Documented]:
     return found
 
 
-_RUN = {"request", "notify", "status", "shard"}
+_RUN = {"request", "notify", "status", "shard", "conformance"}
 
 
 def _normalize(line: str) -> str:
@@ -819,7 +865,7 @@ class TestDocumentedCommands:
         assert len(ran) >= 4
 
     async def test_cli_page(self, docs_cluster: str, capsys: pytest.CaptureFixture[str]) -> None:
-        """Every `$ clstr ...` of docs/cli.md parses; request, notify, status and shard,
-        run in order against a fresh cluster, print what the page shows."""
+        """Every `$ clstr ...` of docs/cli.md parses; request, notify, status, shard and
+        conformance, run in order against a fresh cluster, print what the page shows."""
         ran = await run_documented(cli_doc_commands(), capsys)
         assert len(ran) >= 12

@@ -4,11 +4,13 @@ the command itself) leaves no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +23,10 @@ import structlog
 
 from clstr import owner_of, shard_for_key
 from clstr.cli import main
+from clstr.observe import DEFAULT_DASHBOARD_PORT
 from clstr.testing import NatsServer
+
+from _support import dashboard_snapshot
 
 NUM_SHARDS = 16
 READY = "press Ctrl-C to stop"
@@ -167,6 +172,12 @@ class Child:
         assert match, self.describe()
         return match.group(0)
 
+    def dashboard_url(self) -> str:
+        """The dashboard's address, from its banner line."""
+        match = re.search(r"^  dashboard    (http://127\.0\.0\.1:\d+/)$", self.stdout, re.M)
+        assert match, self.describe()
+        return match.group(1)
+
     def kill_everything(self, pids: dict[str, int]) -> None:
         """The safety net: SIGKILL the command's group and every process it announced."""
         if self.process.poll() is None:
@@ -246,6 +257,36 @@ class TestDevUp:
         assert log.count("reason=SIGTERM") == 3, log
         assert log.count("node exit") == 3, log
         assert "disconnected" not in log
+
+    def test_dashboard_serves_beside_the_cluster_on_a_free_port_when_its_own_is_taken(
+        self, tmpdir_env: dict[str, str]
+    ) -> None:
+        """`dev up --dashboard` prints the dashboard in its banner, on a free port when
+        the default one is taken; the page shows the three nodes owning every shard;
+        SIGINT stops it all."""
+        with socket.socket() as taken:
+            with contextlib.suppress(OSError):  # taken already: as good
+                taken.bind(("127.0.0.1", DEFAULT_DASHBOARD_PORT))
+                taken.listen()
+            argv = ["dev", "up", "--port", "0", "--shards", str(NUM_SHARDS), "--dashboard"]
+            child = Child(*argv, env=tmpdir_env)
+            pids: dict[str, int] = {}
+            try:
+                child.wait_for(READY)
+                pids = child.pids()
+                url = child.dashboard_url()
+                assert f":{DEFAULT_DASHBOARD_PORT}/" not in url
+                snapshot = dashboard_snapshot(
+                    url, lambda s: s["state"] == "ok" and s["summary"]["answering"] == 3
+                )
+                assert snapshot["num_shards"] == NUM_SHARDS
+                assert [n["node_id"] for n in snapshot["nodes"]] == ["node-1", "node-2", "node-3"]
+                child.process.send_signal(signal.SIGINT)
+                assert child.wait() == 0, child.describe()
+            finally:
+                child.kill_everything(pids)
+        assert child.out[-1].startswith("stopped: node-1 (exit 0)"), child.describe()
+        assert not [name for name, pid in pids.items() if alive(pid)]
 
     def test_a_dying_node_takes_the_cluster_down(self, dev_up: Child) -> None:
         """When a node dies, dev up says so, stops the rest and exits 1."""
@@ -345,6 +386,7 @@ class TestDemo:
         assert "requests answered per node" in child.stdout
         assert "shard map" not in child.stdout
         assert READY not in child.stdout
+        assert "dashboard" not in child.stdout  # nobody could open it in time
         assert child.out[-1] == (
             "stopped: node-1 (exit 0), node-2 (exit 0), node-3 (exit 0), nats-server"
         )
@@ -363,6 +405,10 @@ class TestDemo:
             assert f"export CLSTR_NATS_URL={url} CLSTR_SHARDS={NUM_SHARDS}" in child.stdout
             assert f"{NUM_SHARDS} shards, 3 nodes, all shards owned" in child.stdout
             assert "shard map (. no owner, ? no answer):" in child.stdout
+            snapshot = dashboard_snapshot(
+                child.dashboard_url(), lambda s: s["summary"]["answering"] == 3
+            )
+            assert snapshot["num_shards"] == NUM_SHARDS
 
             code, out = cli(capsys, url, "status")
             assert code == 0, out

@@ -4,6 +4,7 @@ and the errors it exits with before serving anything."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,11 +13,12 @@ import pytest
 import pytest_asyncio
 import structlog
 
-from clstr import Client, NoShardOwnerError
-from clstr.cli import main
+from clstr import Client, NoShardOwnerError, OverloadedError
+from clstr.cli import build_parser, main
 from clstr.demo_app import MESSAGE_TYPES, Greet, Greeting
 from clstr.testing import NatsServer
 from clstr.testing._processes import NodeProcess
+from clstr.transports.nats import NatsTransport
 
 NUM_SHARDS = 8
 
@@ -97,6 +99,63 @@ class TestServing:
             r for r in process.records if isinstance(r, dict) and r["event"] == "node stopping"
         )
         assert stopping["reason"] == "stdin closed"
+
+
+class TestMaxPending:
+    def test_0_is_accepted_and_a_negative_count_refused(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--max-pending takes 0 (as Node does) and refuses a negative count."""
+        argv = ["node", "--id", "n1", "--app", "clstr.demo_app:app", "--max-pending"]
+        assert build_parser({}).parse_args([*argv, "0"]).max_pending == 0
+        with pytest.raises(SystemExit):
+            build_parser({}).parse_args([*argv, "-1"])
+        assert "must be at least 0, got -1" in capsys.readouterr().err
+
+    async def test_max_pending_0_serves_what_free_workers_start(
+        self, clstr_nats_server: NatsServer
+    ) -> None:
+        """`clstr node --max-pending 0 --max-concurrency 1` runs: it serves a request,
+        and while that one runs it answers the next `overloaded` instead of queueing it."""
+        prefix = f"mp{uuid.uuid4().hex[:8]}"
+        process = NodeProcess(
+            "lean",
+            clstr_nats_server.url,
+            num_shards=NUM_SHARDS,
+            prefix=prefix,
+            static_nodes=["lean"],
+            app="clstr.testing.conformance:app",
+            extra_args=["--max-pending", "0", "--max-concurrency", "1"],
+        )
+        async with process:
+            client = await Client.connect(
+                clstr_nats_server.url, num_shards=NUM_SHARDS, prefix=prefix
+            )
+            stats = await NatsTransport.connect(clstr_nats_server.url)
+            running = 0
+
+            async def poll_running() -> None:
+                nonlocal running
+                reply = await stats.nc.request("$SRV.STATS.clstr.lean", b"", timeout=2)
+                running = json.loads(reply.data)["data"]["running"]
+
+            async with client:
+                assert await client.request_key("a", "clstr.conformance.echo", b"hi") == b"hi"
+                slow = asyncio.ensure_future(
+                    client.request_key("a", "clstr.conformance.sleep", b"3000", timeout=10)
+                )
+                try:
+                    # No event tells a bystander that the handler started: ask the node.
+                    async with asyncio.timeout(10):
+                        while running != 1:
+                            await poll_running()
+                    with pytest.raises(OverloadedError):
+                        await client.request_key("b", "clstr.conformance.echo", b"x")
+                    assert await slow == b""
+                finally:
+                    slow.cancel()
+                    await asyncio.gather(slow, return_exceptions=True)
+                    await stats.close()
 
 
 class TestStartupErrors:

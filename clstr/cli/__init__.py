@@ -1,17 +1,22 @@
 """The ``clstr`` command (see docs/cli.md): a local cluster, requests from the
-shell, the shard map, production node processes.
+shell, the shard map, the live dashboard, production node processes, the
+protocol's conformance cases.
 
 ::
 
     clstr dev up [--nodes 3]          nats-server + N node processes, until Ctrl-C
+                                      (--dashboard: and the live dashboard)
     clstr demo [--once]               the same, sends requests, prints who answered and
-                                      the shard map, serves until Ctrl-C (--once: exits)
+                                      the shard map, serves until Ctrl-C with the
+                                      dashboard (--once: exits)
     clstr request KEY TYPE [JSON]     send a request; print the reply and the node
     clstr notify KEY TYPE [JSON]      fire and forget
     clstr status [--json]             nodes, shard counts and the shard map
+    clstr dashboard [--port 8470]     the live web dashboard of a cluster, until Ctrl-C
     clstr shard KEY                   the shard of a key (offline)
     clstr node --id ID --app M:ATTR   run one node process (production)
     clstr cordon|uncordon|drain ID    operations on a node with dynamic membership
+    clstr conformance                 docs/protocol.md's cases against a live cluster
     clstr bench ...                   benchmarks (clstr.bench)
 
 Options shared by every command may come before or after it; each has an
@@ -34,9 +39,11 @@ which adds the cluster options and sets the command's ``run``) and
 - ``_main``: the registry ``COMMANDS``, :func:`build_parser` and
   :func:`main`, which runs the chosen command and reports its failure;
 - ``_dev`` (dev up, demo; the cluster itself in ``_devcluster``),
-  ``_request`` (request, notify), ``_status``, ``_shard``, ``_node`` (with
+  ``_request`` (request, notify), ``_status``, ``_dashboard`` (dashboard,
+  and the one dev up and demo serve), ``_shard``, ``_node`` (with
   ``_app``, which loads ``--app``), ``_control`` (cordon, uncordon, drain),
-  ``_bench`` (imports :mod:`clstr.bench` only when used);
+  ``_conformance`` (imports :mod:`clstr.testing.conformance` only when
+  used), ``_bench`` (imports :mod:`clstr.bench` only when used);
 - shared: ``_common`` (CliError, exit codes, logging, JSON <-> msgpack),
   ``_connection`` (the NATS connection of the command line).
 

@@ -1,4 +1,5 @@
-"""``clstr dev up`` and ``clstr demo``: the local cluster, in front of a person.
+"""``clstr dev up`` and ``clstr demo``: the local cluster, in front of a person,
+with the live dashboard beside it when asked (``demo``: unless told not to).
 
 The cluster's machinery (:mod:`clstr.testing`, nats-py) loads when a cluster
 starts, not when the ``clstr`` parser is built.
@@ -27,9 +28,11 @@ from ._common import (
     EXIT_OK,
     CliError,
 )
+from ._dashboard import add_dashboard_port, beside
 from ._parser import Parser, Subcommands, add_command, port_number, positive_int, seconds
 
 if TYPE_CHECKING:
+    from ..observe import Dashboard
     from ..testing._processes import LogRecord, NodeProcess
     from ..transports.nats import NatsTransport
     from ._devcluster import DevCluster
@@ -80,6 +83,12 @@ def _add_up(actions: Subcommands, env: Mapping[str, str]) -> None:
         default=10.0,
         help="seconds nodes get to finish in-flight work on stop (default 10)",
     )
+    up.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the live web dashboard of the cluster too (docs/observability.md)",
+    )
+    add_dashboard_port(up, "; implies --dashboard")
 
 
 def _add_demo(sub: Subcommands, env: Mapping[str, str]) -> None:
@@ -106,6 +115,13 @@ def _add_demo(sub: Subcommands, env: Mapping[str, str]) -> None:
         help="client port of the embedded nats-server (default 4222 when free, "
         "else any; with --once any; 0: any)",
     )
+    demo.add_argument(
+        "--no-dashboard",
+        dest="dashboard",
+        action="store_false",
+        help="do not serve the live web dashboard (--once never does)",
+    )
+    add_dashboard_port(demo)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -251,8 +267,9 @@ async def _start(cluster: DevCluster, stop: asyncio.Event) -> bool:
     return True
 
 
-def _banner(cluster: DevCluster) -> str:
-    """The cluster's processes: the server and every node, with pids and shards."""
+def _banner(cluster: DevCluster, dashboard: Dashboard | None) -> str:
+    """The cluster's processes: the server, the dashboard and every node, with pids
+    and shards."""
     lines = [
         f"clstr dev cluster: {len(cluster.node_ids)} nodes, {cluster.num_shards} shards, "
         f"prefix {cluster.prefix!r}",
@@ -263,6 +280,8 @@ def _banner(cluster: DevCluster) -> str:
         )
     else:
         lines.append(f"  nats-server  {cluster.url}  (external)")
+    if dashboard is not None:
+        lines.append(f"  dashboard    {dashboard.url}")
     pad = max(len(n) for n in cluster.node_ids)
     for process in cluster.processes:
         ready = process.ready_record or {}
@@ -346,9 +365,17 @@ async def dev_up(args: argparse.Namespace) -> int:
         try:
             if not await _start(cluster, stop):
                 return EXIT_OK
-            _say(_banner(cluster), "", _hints(cluster))
-            code = await _serve(cluster, stop)
-            _say(_stopping(cluster))
+            wanted = args.dashboard or args.dashboard_port is not None
+            async with contextlib.AsyncExitStack() as stack:
+                # Entered once the cluster runs, left before it stops.
+                dashboard = (
+                    await stack.enter_async_context(beside(cluster, args.dashboard_port))
+                    if wanted
+                    else None
+                )
+                _say(_banner(cluster, dashboard), "", _hints(cluster))
+                code = await _serve(cluster, stop)
+                _say(_stopping(cluster))
         finally:
             await cluster.stop()
     _say(_stopped(cluster))
@@ -370,23 +397,32 @@ async def demo(args: argparse.Namespace) -> int:
         try:
             if not await _start(cluster, stop):
                 return EXIT_OK
-            _say(_banner(cluster), "")
-            try:
-                transport = await NatsTransport.connect(cluster.url, NatsOptions(name="clstr-demo"))
-            except ConnectionFailedError as exc:
-                raise CliError(
-                    f"the demo cannot reach its cluster: {exc}", code=EXIT_FAILED
-                ) from None
-            try:
-                # A signal during the requests ends the demo there.
-                serve = await _demo_requests(cluster, transport, args, stop) and not args.once
+            async with contextlib.AsyncExitStack() as stack:
+                # Nobody could open it before --once ends the demo.
+                dashboard = (
+                    await stack.enter_async_context(beside(cluster, args.dashboard_port))
+                    if args.dashboard and not args.once
+                    else None
+                )
+                _say(_banner(cluster, dashboard), "")
+                try:
+                    transport = await NatsTransport.connect(
+                        cluster.url, NatsOptions(name="clstr-demo")
+                    )
+                except ConnectionFailedError as exc:
+                    raise CliError(
+                        f"the demo cannot reach its cluster: {exc}", code=EXIT_FAILED
+                    ) from None
+                try:
+                    # A signal during the requests ends the demo there.
+                    serve = await _demo_requests(cluster, transport, args, stop) and not args.once
+                    if serve:
+                        _say("", await _shard_map(cluster, transport), "", _hints(cluster))
+                finally:
+                    await transport.close()
                 if serve:
-                    _say("", await _shard_map(cluster, transport), "", _hints(cluster))
-            finally:
-                await transport.close()
-            if serve:
-                code = await _serve(cluster, stop)
-            _say(_stopping(cluster))
+                    code = await _serve(cluster, stop)
+                _say(_stopping(cluster))
         finally:
             await cluster.stop()
     _say(_stopped(cluster))

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
-from . import _bench, _control, _dev, _node, _request, _shard, _status
+from . import _bench, _conformance, _control, _dashboard, _dev, _node, _request, _shard, _status
 from ._common import CliError, configure_logging
 from ._parser import Runner, Subcommands, top_parser
 
@@ -34,9 +34,11 @@ COMMANDS: Final[Sequence[CommandGroup]] = (
     _dev,  # dev up, demo
     _request,  # request, notify
     _status,  # status
+    _dashboard,  # dashboard
     _shard,  # shard
     _node,  # node
     _control,  # cordon, uncordon, drain
+    _conformance,  # conformance
     _bench,  # bench
 )
 

@@ -31,7 +31,16 @@ from ..node import Node
 from . import _connection
 from ._app import load_app
 from ._common import CliError
-from ._parser import Parser, Subcommands, add_command, env_flag, port_number, positive_int, seconds
+from ._parser import (
+    Parser,
+    Subcommands,
+    add_command,
+    env_flag,
+    non_negative_int,
+    port_number,
+    positive_int,
+    seconds,
+)
 
 if TYPE_CHECKING:
     from ..observe import ServiceDiscovery
@@ -129,8 +138,19 @@ def _add_serving_options(node: Parser, env: Mapping[str, str]) -> None:
         action="store_false",
         help="do not answer NATS service discovery ($SRV.PING/INFO/STATS)",
     )
-    node.add_argument("--max-concurrency", type=positive_int, default=100)
-    node.add_argument("--max-pending", type=positive_int, default=10_000)
+    node.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        default=100,
+        help="handlers running at once (default 100)",
+    )
+    node.add_argument(
+        "--max-pending",
+        type=non_negative_int,
+        default=10_000,
+        help="messages waiting for a busy worker before the node answers overloaded "
+        "(default 10000; 0: take only what free workers can start at once)",
+    )
     node.add_argument(
         "--stop-timeout",
         type=seconds,

@@ -1,6 +1,6 @@
 """``clstr request`` and ``clstr notify``: a message to the owner of a key, from
 the shell. Both first find the key's owner, refuse a type it does not handle,
-and warn when it counts shards differently (:func:`_addressed`)."""
+and refuse (or warn) when it counts shards differently (:func:`_addressed`)."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ async def _addressed(
     info = await _owner(client, shard, args)
     if info is not None:
         _check_type(args, info, shard)
-        await _warn_shard_count(transport, args, info, shard)
+        await _check_shard_count(transport, args, info, shard)
     return client, shard, info
 
 
@@ -224,11 +224,14 @@ def _check_type(args: argparse.Namespace, info: NodeInfo, shard: int) -> None:
         )
 
 
-async def _warn_shard_count(
+async def _check_shard_count(
     transport: NatsTransport, args: argparse.Namespace, info: NodeInfo, shard: int
 ) -> None:
-    """Warn when the owner uses another shard count than ``--shards``: the key then
-    maps to another shard there, and the message may reach the wrong node.
+    """Refuse to send when the owner uses another shard count than ``--shards`` and
+    the key is in another shard there: the node would refuse it (``wrong_shard``),
+    and a notification would vanish. Warn when the counts differ and this key is
+    by chance in the same shard under both (other keys are not), or when the
+    owner's count cannot be told exactly.
 
     The count comes from the owner's service discovery metadata (one request
     to that node alone; nothing to wait for when it runs no discovery), else
@@ -238,18 +241,26 @@ async def _warn_shard_count(
     from ..observe import announced_shards
 
     count = await announced_shards(transport, args.service_name, info.node_id)
+    fix = f"pass --shards {count} (or set CLSTR_SHARDS={count})"
     if count is not None and count != args.shards:
         right = shard_for_key(args.key, count, args.seed)
+        uses = f"{info.node_id} uses {count} shards but --shards is {args.shards}"
+        if right != shard:
+            raise CliError(
+                f"{uses}: key {args.key!r} is in shard {right} there, not {shard}, and a "
+                f"node refuses a key sent to another shard (wrong_shard); {fix}; "
+                "nothing was sent"
+            )
         problem = (
-            f"{info.node_id} uses {count} shards but --shards is {args.shards}: key "
-            f"{args.key!r} is in shard {right} there, not {shard}, so its owner may be "
-            f"another node; pass --shards {count} (or set CLSTR_SHARDS={count})"
+            f"{uses}: key {args.key!r} is in shard {shard} under both, but other keys "
+            f"are not, and a node refuses a key sent to another shard; {fix}"
         )
     elif count is None and info.shards and max(info.shards) >= args.shards:
         problem = (
             f"{info.node_id} serves shard {max(info.shards)}, so it uses more shards than "
-            f"--shards {args.shards}: key {args.key!r} is in another shard there, and its "
-            "owner may be another node; pass the nodes' count ('clstr status' shows it)"
+            f"--shards {args.shards}: key {args.key!r} is likely in another shard there, "
+            "which a node refuses (wrong_shard); pass the nodes' count ('clstr status' "
+            "shows it)"
         )
     else:
         return
@@ -269,6 +280,11 @@ def _request_error(exc: Exception, args: argparse.Namespace, shard: int | None) 
         )
     if isinstance(exc, errors.NoHandlerError):
         return CliError(f"unknown message type {args.type!r}: {exc}")
+    if isinstance(exc, errors.WrongShardError):
+        return CliError(
+            f"the node refused the message: {exc}; pass --shards N / --seed S matching "
+            "the cluster ('clstr status' shows the shard count)"
+        )
     if isinstance(exc, errors.BadRequestError):
         return CliError(f"the node refused the message: {exc}; check TYPE and the JSON payload")
     if isinstance(
