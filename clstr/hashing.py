@@ -83,6 +83,7 @@ __all__ = [
     "MAX_SHARDS",
     "validate_num_shards",
     "ShardMapper",
+    "ShardCache",
     "shard_for_key",
     "hrw_score",
     "owner_of",
@@ -211,6 +212,32 @@ class ShardMapper:
 
     def __repr__(self) -> str:
         return f"ShardMapper(num_shards={self._num_shards}, seed={self._seed!r})"
+
+
+class ShardCache:
+    """``ShardMapper.shard`` with a memo of the keys seen lately, for hot paths
+    where keys repeat (a client's requests, a node's check of each message's
+    key): a dict look-up instead of a BLAKE3 digest (about 0.05 µs against
+    0.7 µs). At most ``size`` keys are kept; past that the memo starts over, so
+    memory stays bounded whatever the keys.
+    """
+
+    __slots__ = ("_mapper", "_memo", "_size")
+
+    def __init__(self, mapper: ShardMapper, size: int = 4096) -> None:
+        self._mapper = mapper
+        self._memo: dict[str | bytes, int] = {}
+        self._size = size
+
+    def __call__(self, key: str | bytes) -> int:
+        shard = self._memo.get(key)
+        if shard is None:
+            shard = self._mapper.shard(key)
+            memo = self._memo
+            if len(memo) >= self._size:
+                memo.clear()
+            memo[key] = shard
+        return shard
 
 
 def shard_for_key(key: str | bytes, num_shards: int, seed: str = "") -> int:

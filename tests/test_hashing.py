@@ -498,3 +498,16 @@ class TestErrors:
             shard_for_key("k", 0)
         with pytest.raises(ClstrError):
             owner_of(-1, ["a"])
+
+
+class TestShardCache:
+    def test_cache_agrees_with_the_mapper_and_stays_bounded(self) -> None:
+        """ShardCache gives the mapper's shard for every key, repeated or not, and
+        never holds more than its size."""
+        from clstr.hashing import ShardCache
+
+        mapper = ShardMapper(64, "s")
+        cache = ShardCache(mapper, size=10)
+        keys = [f"k{i}" for i in range(25)] * 3
+        assert [cache(k) for k in keys] == [mapper.shard(k) for k in keys]
+        assert len(cache._memo) <= 10

@@ -18,7 +18,7 @@ import structlog
 from ..codec import decode_request, encode_payload, encode_reply, error_reply_for
 from ..envelope import Envelope
 from ..errors import BadRequestError, IdempotencyKeyReusedError, NotOwnerError, WrongShardError
-from ..hashing import ShardMapper
+from ..hashing import ShardCache, ShardMapper
 from ..protocol import INTERRUPT_TYPE, NODE_INFO_TYPE, NodeInfo, fingerprint
 from ._dispatch import Dispatcher
 from ._state import Owner
@@ -41,7 +41,7 @@ class Intake:
         self._dispatch = dispatch
         self._wall_clock = wall_clock
         self._log = log
-        self._shard_of = ShardMapper(node.num_shards, node.seed).shard
+        self._shard_of = ShardCache(ShardMapper(node.num_shards, node.seed))
 
     def on_message(self, shard: int, data: bytes, reply: str | None) -> None:
         """Take one message of ``shard`` (the transport's callback)."""
