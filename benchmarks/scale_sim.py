@@ -35,6 +35,7 @@ def _keys_of(node_id: str, holders: dict[int, str]) -> ShardKeys:
     keys = ShardKeys(_Host(node_id), None, None)  # type: ignore[arg-type]
     keys.holders = {s: Holder(n, 1) for s, n in holders.items()}
     keys.held = {s: 1 for s, n in holders.items() if n == node_id}
+    keys._in_our_name = set(keys.held)
     return keys
 
 
@@ -48,13 +49,15 @@ def kv_ops(before: dict[int, str], nodes: list[str]) -> tuple[int, int]:
     holders = dict(before)
     releases = 0
     for node_id in sorted(set(before.values()) & set(nodes)):
-        losing, _, stale = _keys_of(node_id, holders).plan(desired, members)
+        mine = frozenset(s for s, n in desired.items() if n == node_id)
+        losing, _, stale = _keys_of(node_id, holders).plan(mine, members)
         releases += len(losing) + len(stale)
         for shard in losing:
             holders.pop(shard, None)
     takes = 0
     for node_id in nodes:
-        _, gaining, _ = _keys_of(node_id, holders).plan(desired, members)
+        mine = frozenset(s for s, n in desired.items() if n == node_id)
+        _, gaining, _ = _keys_of(node_id, holders).plan(mine, members)
         takes += len(gaining)
     return releases, takes
 

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -38,6 +38,10 @@ from ._shards import Holder, ShardKeys
 __all__ = ["KvMembership"]
 
 _log = structlog.get_logger("clstr.membership")
+
+# How long a reconcile waits after the first change it wakes for, so that the
+# changes arriving together are handled in one pass (seconds).
+_COALESCE: Final = 0.02
 
 
 # -- dynamic membership on JetStream KV --------------------------------------
@@ -449,15 +453,27 @@ class KvMembership(Membership):
 
     def _desired(self) -> dict[int, str]:
         node = self._require_node()
-        live = {
-            n: m
-            for n, m in self._members.items()
-            if not m.cordoned and not (n == node.node_id and (self._cordoned or self._leaving))
-        }
+        live = self._live_key()
+        return _placement(live, node.num_shards, node.seed) if live else {}
+
+    def _live_key(self) -> tuple[tuple[str, float], ...]:
+        """The live, uncordoned members and their weights, sorted: the placement's key."""
+        node = self._require_node()
+        return tuple(
+            sorted(
+                (n, m.weight)
+                for n, m in self._members.items()
+                if not m.cordoned and not (n == node.node_id and (self._cordoned or self._leaving))
+            )
+        )
+
+    def _mine(self) -> frozenset[int]:
+        """The shards HRW places on this node now."""
+        node = self._require_node()
+        live = self._live_key()
         if not live:
-            return {}
-        members = tuple(sorted((n, m.weight) for n, m in live.items()))
-        return _placement(members, node.num_shards, node.seed)
+            return frozenset()
+        return _placed_on(live, node.num_shards, node.seed, node.node_id)
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -466,6 +482,10 @@ class KvMembership(Membership):
                     await self._dirty.wait()
             except TimeoutError:
                 pass
+            self._dirty.clear()
+            # A wave of changes (nodes starting together, a shard move's delete
+            # and create) arrives as many watch entries: one pass for them all.
+            await asyncio.sleep(_COALESCE)
             self._dirty.clear()
             try:
                 await self._reconcile()
@@ -480,7 +500,7 @@ class KvMembership(Membership):
         if node.node_id not in self._members and not self._cordoned:
             return  # our own heartbeat is not visible yet
         keys = self._shards()
-        losing, gaining, stale = keys.plan(self._desired(), self._members)
+        losing, gaining, stale = keys.plan(self._mine(), self._members)
         await asyncio.gather(
             *(self._release(s) for s in losing),
             *(self._acquire(s, h) for s, h in gaining),
@@ -526,3 +546,11 @@ def _placement(
     Callers must not change the dict."""
     weights = dict(members)
     return assign_shards(list(weights), num_shards, seed, weights=weights)
+
+
+@functools.lru_cache(maxsize=64)
+def _placed_on(
+    members: tuple[tuple[str, float], ...], num_shards: int, seed: str, node_id: str
+) -> frozenset[int]:
+    """The shards :func:`_placement` gives ``node_id`` (cached like it)."""
+    return frozenset(s for s, n in _placement(members, num_shards, seed).items() if n == node_id)

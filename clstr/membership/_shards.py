@@ -9,7 +9,7 @@ next owner, who loads them before serving.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,8 @@ class ShardKeys:
         self.holders: dict[int, Holder] = {}
         #: The keys this node holds: shard -> revision of our write.
         self.held: dict[int, int] = {}
+        # Shards whose key the bucket shows in our name (held or left by a rejoin).
+        self._in_our_name: set[int] = set()
         self._releasing: set[int] = set()
 
     # -- the bucket as seen by its watcher ---------------------------------------
@@ -60,11 +62,16 @@ class ShardKeys:
         events: list[ShardEvent] = []
         if entry.operation in ("DEL", "PURGE"):
             self.holders.pop(shard, None)
+            self._in_our_name.discard(shard)
             if previous is not None:
                 events.append((MembershipEventKind.SHARD_RELEASED, previous.node_id, shard))
             return events, None
         owner = entry.value.decode(errors="replace")
         self.holders[shard] = Holder(owner, entry.revision)
+        if owner == self._node.node_id:
+            self._in_our_name.add(shard)
+        else:
+            self._in_our_name.discard(shard)
         taken = None
         mine = self.held.get(shard)
         if mine is not None and entry.revision != mine and owner != self._node.node_id:
@@ -78,25 +85,25 @@ class ShardKeys:
         return events, taken
 
     def plan(
-        self, desired: Mapping[int, str], members: Mapping[str, MemberInfo]
+        self, mine: Collection[int], members: Mapping[str, MemberInfo]
     ) -> tuple[list[int], list[tuple[int, Holder | None]], list[tuple[int, Holder]]]:
-        """What to change to reach ``desired``: the shards to give back, the shards
-        to take (with their current holder, if any, which must be gone), and the
-        stale keys in our name to delete (left by a rejoin, placed elsewhere now)."""
+        """What to change so that this node holds exactly ``mine`` (the shards HRW
+        places on it): the shards to give back, the shards to take (with their
+        current holder, if any, which must be gone), and the stale keys in our
+        name to delete (left by a rejoin, placed elsewhere now). Costs in
+        proportion to this node's shards, not to all of them: every node of a
+        large cluster runs it on every change."""
         me = self._node.node_id
-        losing = [s for s in self.held if desired.get(s) != me and s not in self._releasing]
+        held, holders = self.held, self.holders
+        losing = [s for s in held if s not in mine and s not in self._releasing]
         gaining: list[tuple[int, Holder | None]] = []
-        for shard, owner in desired.items():
-            if owner != me or shard in self.held:
+        for shard in mine:
+            if shard in held:
                 continue
-            holder = self.holders.get(shard)
+            holder = holders.get(shard)
             if holder is None or holder.node_id not in members or holder.node_id == me:
                 gaining.append((shard, holder))
-        stale = [
-            (s, h)
-            for s, h in self.holders.items()
-            if h.node_id == me and s not in self.held and desired.get(s) != me
-        ]
+        stale = [(s, holders[s]) for s in self._in_our_name if s not in held and s not in mine]
         return losing, gaining, stale
 
     # -- taking and giving back ----------------------------------------------------
