@@ -15,6 +15,7 @@ import pytest
 from clstr import (
     Client,
     ClstrError,
+    ConfigurationError,
     Node,
     RemoteHandlerError,
     RequestTimeoutError,
@@ -32,6 +33,7 @@ from clstr.persist import (
     PersistedConsumers,
     PersistSettings,
     consumer_name,
+    new_request_id,
     persist_subject,
     serve_persisted,
     stream_name,
@@ -317,3 +319,28 @@ class TestRunner:
             reply = await runner.await_reply(rid, timeout=10)
             assert decode_payload(reply, Done) == Done(4, "runner")
             assert await runner.replies_for(rid) == [reply]
+
+
+class TestSettingsAndIds:
+    @pytest.mark.parametrize(
+        ("options", "named"),
+        [
+            ({"batch": 0}, "batch"),
+            ({"retry_pause": 0}, "retry_pause"),
+            ({"reply_max_age": float("inf")}, "reply_max_age"),
+            ({"replicas": 7}, "replicas"),
+            ({"message_max_age": 60, "duplicate_window": 120}, "duplicate_window"),
+        ],
+    )
+    def test_settings_out_of_range_are_refused_by_name(
+        self, options: dict[str, Any], named: str
+    ) -> None:
+        """A setting out of range raises ConfigurationError naming it."""
+        with pytest.raises(ConfigurationError, match=named):
+            PersistSettings(**options)
+
+    def test_request_ids_are_distinct_signed_64_bit_integers(self) -> None:
+        """Request ids are decimal integers below 2**63, all different."""
+        ids = [new_request_id() for _ in range(10_000)]
+        assert len(set(ids)) == len(ids)
+        assert all(0 <= int(i) < 2**63 for i in ids)

@@ -64,7 +64,7 @@ class PersistSettings:
     max age); ``message_max_age`` seconds an unconsumed message waits in the
     stream (``None``: until it is consumed); ``duplicate_window`` seconds in
     which a publish of an id already published is stored once; ``replicas``
-    of the stream and the bucket. These three are set when the stream and the
+    of the stream and the bucket. These are set when the stream and the
     bucket are created (by the first sender or node); change them on the
     server afterwards.
 
@@ -105,6 +105,11 @@ class PersistSettings:
         for name, value in positive.items():
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if self.message_max_age is not None and self.duplicate_window > self.message_max_age:
+            raise ConfigurationError(
+                "duplicate_window must not be longer than message_max_age "
+                f"(got {self.duplicate_window} and {self.message_max_age}): JetStream refuses it"
+            )
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ConfigurationError(f"batch must be an int >= 1, got {self.batch!r}")
         if not isinstance(self.replicas, int) or not 1 <= self.replicas <= 5:
