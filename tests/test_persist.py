@@ -32,14 +32,18 @@ from clstr.persist import (
     PersistedClient,
     PersistedConsumers,
     PersistSettings,
+    ReplyStore,
+    StoredReply,
     consumer_name,
     new_request_id,
     persist_subject,
+    reply_bucket,
     serve_persisted,
     stream_name,
 )
 from clstr.protocol import entity_key
 from clstr.testing import NatsServer
+from clstr.transports.jetstream import open_bucket
 from clstr.transports.memory import MemoryNetwork, MemoryTransport
 from clstr.transports.nats import NatsTransport
 
@@ -188,6 +192,24 @@ class TestStoredReplies:
         with pytest.raises(ClstrError, match="needs a NatsTransport with JetStream"):
             PersistedClient(Client(transport, num_shards=NUM_SHARDS))
         await transport.close()
+
+
+class TestReplyStore:
+    @pytest.mark.parametrize("direct", [True, False])
+    async def test_get_many_finds_the_stored_replies(self, rig: Rig, direct: bool) -> None:
+        """get_many returns the replies stored for the ids that have one (ids that are no
+        valid KV key included): in one batched direct get, or one get each on a bucket
+        made without direct gets."""
+        transport = await rig.connect()
+        if not direct:
+            await open_bucket(transport.nc.jetstream(), reply_bucket(rig.prefix), replicas=1)
+        store = ReplyStore(transport, prefix=rig.prefix)
+        for rid in ("a", "b", "c d/ü"):
+            assert await store.put(StoredReply(rid, bytes(16), rid.encode()))
+        assert not await store.put(StoredReply("a", bytes(16), b"second"))
+        found = await store.get_many(["a", "missing", "c d/ü"])
+        assert {rid: r.body for rid, r in found.items()} == {"a": b"a", "c d/ü": "c d/ü".encode()}
+        assert await store.get_many(["missing"]) == {}
 
 
 class TestOnce:

@@ -219,9 +219,10 @@ class PersistedConsumers:
                 await msg.ack()  # no reply can ever be stored for it
             else:
                 items.append(item)
-        stored = await asyncio.gather(*(self.replies.get(item.request_id) for item in items))
+        stored = await self.replies.get_many([item.request_id for item in items])
         chains: dict[object, list[_Item]] = defaultdict(list)
-        for n, (item, found) in enumerate(zip(items, stored, strict=True)):
+        for n, item in enumerate(items):
+            found = stored.get(item.request_id)
             if found is None:
                 chains[("key", item.key) if item.key is not None else n].append(item)
                 continue

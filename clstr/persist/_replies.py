@@ -11,6 +11,7 @@ after a crash cannot replace it. Entries live for the bucket's max age.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -34,6 +35,12 @@ __all__ = ["ReplyStore", "StoredReply"]
 
 # Room left in a stored value for the KV message's own subject and headers.
 _KV_OVERHEAD: Final = 1024
+# A batched get that has not ended by then is taken as not supported.
+_BATCH_GET_TIMEOUT: Final = 5.0
+
+
+class _NoBatchGet(Exception):
+    """The server or the bucket offers no batched direct get."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,7 @@ class ReplyStore:
         self.name = reply_bucket(prefix)
         self._bucket: Any = None
         self._opening = asyncio.Lock()
+        self._batched: bool | None = None  # whether batched gets work (None: not tried)
 
     async def bucket(self) -> Any:
         """The nats-py ``KeyValue`` of the replies, created when missing."""
@@ -113,6 +121,54 @@ class ReplyStore:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         return StoredReply.decode(request_id, entry.value) if entry.value else None
+
+    async def get_many(self, request_ids: Sequence[str]) -> dict[str, StoredReply]:
+        """The stored replies of those of ``request_ids`` that have one: in one
+        batched direct get (JetStream's ``multi_last``, nats-server 2.11+, a bucket
+        with direct gets), else one get each."""
+        if not request_ids:
+            return {}
+        if self._batched is not False:
+            try:
+                found = await self._get_batch(request_ids)
+                self._batched = True
+                return found
+            except _NoBatchGet:
+                self._batched = False
+        replies = await asyncio.gather(*(self.get(rid) for rid in request_ids))
+        return {r.request_id: r for r in replies if r is not None}
+
+    async def _get_batch(self, request_ids: Sequence[str]) -> dict[str, StoredReply]:
+        import json
+
+        import nats.js.api as api
+
+        await self.bucket()  # created when missing: the direct get addresses its stream
+        subjects = {f"$KV.{self.name}.{kv_key(rid)}": rid for rid in request_ids}
+        nc = self._js._nc  # the batched get is not in nats-py: its raw request
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        found: dict[str, StoredReply] = {}
+        try:
+            request = {"multi_last": list(subjects), "batch": len(subjects)}
+            await nc.publish(
+                f"$JS.API.DIRECT.GET.KV_{self.name}", json.dumps(request).encode(), inbox
+            )
+            while True:
+                msg = await sub.next_msg(timeout=_BATCH_GET_TIMEOUT)
+                headers = msg.headers or {}
+                status = headers.get(api.Header.STATUS)
+                if status == "204" or status == "404":  # end of batch; none found
+                    return found
+                if status:
+                    raise _NoBatchGet(f"{status} {headers.get(api.Header.DESCRIPTION)}")
+                rid = subjects.get(headers.get("Nats-Subject", ""))
+                if rid is not None and msg.data and headers.get("KV-Operation") is None:
+                    found[rid] = StoredReply.decode(rid, msg.data)
+        except TimeoutError as exc:  # nats-py's, or asyncio's
+            raise _NoBatchGet("no answer") from exc
+        finally:
+            await sub.unsubscribe()
 
     async def put(self, reply: StoredReply) -> bool:
         """Store ``reply`` unless a reply is stored under its id already; return
