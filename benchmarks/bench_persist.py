@@ -87,8 +87,19 @@ async def node_main(url: str, node_id: str, prefix: str, ttl: float) -> None:
 
 
 async def _windowed(count: int, send: Callable[[int], Awaitable[Any]]) -> None:
-    for start in range(0, count, IN_FLIGHT):
-        await asyncio.gather(*(send(n) for n in range(start, min(start + IN_FLIGHT, count))))
+    """``send(0)`` ... ``send(count - 1)``, IN_FLIGHT at a time (a sliding window)."""
+    room = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(n: int) -> None:
+        try:
+            await send(n)
+        finally:
+            room.release()
+
+    async with asyncio.TaskGroup() as group:
+        for n in range(count):
+            await room.acquire()
+            group.create_task(one(n))
 
 
 async def raw_round(url: str, count: int, *, reply: bool) -> float:

@@ -160,7 +160,11 @@ class TestStoredReplies:
         await sender.client.transport.close()
         fresh = await rig.client()
         waiting = asyncio.create_task(fresh.await_reply(rid, Done, timeout=20))
-        await asyncio.sleep(0.2)  # the watch is set up before the node starts (the example's pace)
+        js = rig.transports[-1].nc.jetstream()
+        bucket_stream = f"KV_{reply_bucket(rig.prefix)}"
+        async with asyncio.timeout(10):  # the watch (a consumer of the bucket) is set up
+            while (await js.stream_info(bucket_stream)).state.consumer_count < 1:  # noqa: ASYNC110 - server state, no event
+                await asyncio.sleep(0.01)
         assert not waiting.done()
         await rig.node(Worker("late"))
         assert await waiting == Done(1, "late")
