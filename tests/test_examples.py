@@ -182,6 +182,32 @@ class TestEntities:
         assert "3 carts, 4 items" in after, out
 
 
+class TestStreamsAndWorkflows:
+    """A report streams row by row; a persisted job outlives its caller."""
+
+    def test_the_report_streams_every_row_in_order(self, run_example: Callable[[str], Run]) -> None:
+        """The streamed report prints its five rows in order, then the count."""
+        out = run_example("streams_and_workflows").stdout
+        rows = re.findall(r"row (\d): emea sales line \1", out)
+        assert rows == ["0", "1", "2", "3", "4"], out
+        assert "streamed 5 rows" in out, out
+
+    def test_a_new_client_gets_the_reply_of_a_job_whose_caller_left(
+        self, run_example: Callable[[str], Run]
+    ) -> None:
+        """The job is submitted and its caller exits before the job runs; a new client
+        awaiting its request id gets the stored reply, and replies_for finds it."""
+        out = run_example("streams_and_workflows").stdout
+        submitted = re.search(r"submitted nightly-rollup as request (\d+); the caller exits", out)
+        assert submitted is not None, out
+        request_id = submitted.group(1)
+        _, _, later = out.partition(submitted.group(0))
+        assert f"a new client awaits request {request_id}" in later, out
+        assert "nightly-rollup: step 3/3 done" in later, out
+        assert "nightly-rollup finished 3 steps on node-1" in later, out
+        assert f"replies_for({request_id}) -> 1 stored reply" in later, out
+
+
 class TestMultiprocessCluster:
     """Node processes started with the testing kit serve their keys and all stop cleanly."""
 

@@ -52,6 +52,7 @@ from ..protocol import (
     shard_subject,
 )
 from ..transports.base import Transport
+from ._budget import node_budget as _node_budget
 from ._retry import RetryPolicy
 from ._scoped import ScopedClient
 from ._stream import interrupt_request, receive_stream
@@ -71,14 +72,6 @@ DEFAULT_WINDOW: Final = 64
 #: Default request timeout (and so TTL), in seconds.
 DEFAULT_TIMEOUT: Final = 5.0
 
-# Part of the budget kept back for the reply's way home: a tenth of the time
-# left, at least _MIN (a loop stall of tens of ms is common on a busy host: a
-# fixed 30 ms turned a node's timeout answer into the client's own timeout),
-# at most _MAX, and never more than half the time left (short budgets still
-# give the handler most of theirs).
-_REPLY_RESERVE_FRACTION: Final = 0.1
-_REPLY_RESERVE_MIN: Final = 0.05
-_REPLY_RESERVE_MAX: Final = 0.25
 # A retry needs at least this long to have a chance.
 _MIN_ATTEMPT: Final = 0.005
 
@@ -226,6 +219,24 @@ class Client:
                 f"{self.transport.max_payload} bytes; send less data per message"
             )
         return body
+
+    def build_request(
+        self,
+        shard: int,
+        msg_type: str,
+        data: bytes = b"",
+        *,
+        key: str | None = None,
+        options: Sequence[EnvelopeOption] = (),
+        request_id: str | None = None,
+    ) -> tuple[Envelope, bytes]:
+        """The envelope and the v1 body a request to ``shard`` would carry, without
+        sending it (persisted messages are published with it): the client's and
+        the call's options applied, the limits and the transport's
+        ``max_payload`` checked (:class:`~clstr.LimitExceededError`). The body
+        carries a TTL only when an option set one."""
+        env = self._build(shard, msg_type, data, key, options, request_id)
+        return env, self._encode(env)
 
     # -- raw API --------------------------------------------------------------
 
@@ -531,13 +542,3 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-def _node_budget(left: float) -> float:
-    """The TTL to send when the caller waits ``left`` more seconds: ``left`` less
-    the reply reserve (see the module docstring), so that the node's deadline
-    falls before the caller's."""
-    reserve = min(
-        max(left * _REPLY_RESERVE_FRACTION, _REPLY_RESERVE_MIN), _REPLY_RESERVE_MAX, left / 2
-    )
-    return max(left - reserve, 0.001)

@@ -14,7 +14,7 @@ import enum
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self, overload
 
 from ..client import Client, RetryPolicy, ScopedClient
 from ..envelope import Envelope, EnvelopeOption
@@ -23,6 +23,7 @@ from ..hashing import ShardMapper, validate_num_shards
 from ..ids import Snowflake, node_snowflake
 from ..metrics import NOOP_METRICS, Metrics
 from ..node import Membership, Node, NodeEvent, NodeEventKind, ShardContext
+from ..persist import PersistedClient, PersistedConsumers, PersistSettings, serve_persisted
 from ..protocol import DEFAULT_PREFIX, entity_key, entity_type_name
 from ..transports.base import Transport
 from ._entity import Entity, spec_of
@@ -88,7 +89,10 @@ class Sharding:
     ``membership`` factory (group name -> a new :class:`~clstr.node.Membership`,
     e.g. ``lambda g: KvMembership()``), or ``nodes`` (a static member list), or
     neither (this node serves every shard). ``store`` keeps entity state;
-    ``node_options`` go to each :class:`~clstr.Node`.
+    ``node_options`` go to each :class:`~clstr.Node`. With ``persist``
+    settings, each group's node consumes the persisted messages of the shards
+    it serves (docs/streams.md); sending persisted messages and reading
+    stored replies works with or without them (on NATS with JetStream).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class Sharding:
         retry: RetryPolicy | None = None,
         metrics: Metrics = NOOP_METRICS,
         node_options: Mapping[str, Any] | None = None,
+        persist: PersistSettings | None = None,
     ) -> None:
         if membership is not None and nodes is not None:
             raise ConfigurationError("pass membership or nodes, not both")
@@ -124,6 +129,9 @@ class Sharding:
         self.nodes: dict[str, Node] = {}
         self.clients: dict[str, Client] = {}
         self.hosts: dict[str, EntityHost] = {}
+        self._persist = persist
+        self._consumers: dict[str, PersistedConsumers] = {}
+        self._persisted: dict[str, PersistedClient] = {}
         for group, count in shard_counts.items():
             group_prefix = prefix if group == DEFAULT_GROUP else f"{prefix}-{group}"
             host = EntityHost(store=store, node_id=node_id or "", metrics=metrics)
@@ -146,6 +154,8 @@ class Sharding:
             host.node_id = node.node_id
             node.add_listener(self._forward(group))
             self.nodes[group], self.hosts[group] = node, host
+            if persist is not None:
+                self._consumers[group] = serve_persisted(node, persist)
             self.clients[group] = Client(
                 transport,
                 num_shards=count,
@@ -293,13 +303,53 @@ class Sharding:
 
     # -- messages -------------------------------------------------------------------
 
+    @overload
     async def send(
-        self, envelope: Envelope, *, group: str = DEFAULT_GROUP, timeout: float | None = None
-    ) -> bytes:
+        self,
+        envelope: Envelope,
+        *,
+        group: str = ...,
+        timeout: float | None = ...,
+        persisted: Literal[False] = ...,
+    ) -> bytes: ...
+
+    @overload
+    async def send(
+        self,
+        envelope: Envelope,
+        *,
+        group: str = ...,
+        timeout: float | None = ...,
+        persisted: Literal[True],
+    ) -> str: ...
+
+    async def send(
+        self,
+        envelope: Envelope,
+        *,
+        group: str = DEFAULT_GROUP,
+        timeout: float | None = None,
+        persisted: bool = False,
+    ) -> bytes | str:
         """Send ``envelope`` to its shard (its key's, when it has a key) and
-        return the reply's payload; the :class:`~clstr.RequestError` of a refusal."""
+        return the reply's payload; the :class:`~clstr.RequestError` of a refusal.
+
+        ``persisted=True``: write it to the stream of persisted messages instead
+        and return its request id (the envelope's ``id``, else a snowflake) once
+        stored; its reply is stored when its shard's owner has handled it (read
+        it with :meth:`replies_for` or :meth:`await_reply`, from any process).
+        """
         client = self.clients[group]
         shard = envelope.shard if envelope.key is None else client.shard_for(envelope.key)
+        if persisted:
+            return await self.persisted(group).send_raw(
+                envelope.type,
+                envelope.data,
+                key=envelope.key,
+                shard=shard,
+                request_id=envelope.id,
+                options=_header_options(envelope),
+            )
         return await client.request_shard(
             shard,
             envelope.type,
@@ -317,6 +367,40 @@ class Sharding:
         await client.notify_shard(
             shard, envelope.type, envelope.data, key=envelope.key, options=_header_options(envelope)
         )
+
+    # -- persisted messages -------------------------------------------------------
+
+    def persisted(self, group: str = DEFAULT_GROUP) -> PersistedClient:
+        """The persisted-message client of ``group`` (typed ``send``, ``await_reply``
+        with a reply type); its request ids are this runner's snowflakes."""
+        found = self._persisted.get(group)
+        if found is None:
+            settings = self._persist or PersistSettings()
+            found = PersistedClient(
+                self.clients[group], settings=settings, ids=lambda: str(self.snowflake())
+            )
+            self._persisted[group] = found
+        return found
+
+    async def replies_for(self, request_id: str, *, group: str = DEFAULT_GROUP) -> list[bytes]:
+        """The stored replies of a persisted message: ``[]`` while none is stored,
+        else its reply's payload. Raises the :class:`~clstr.RequestError` of a
+        stored error."""
+        return await self.persisted(group).replies_for(request_id)
+
+    async def await_reply(
+        self, request_id: str, *, group: str = DEFAULT_GROUP, timeout: float | None = None
+    ) -> bytes:
+        """The reply payload of a persisted message: at once when it is stored, else
+        when it is (a watch, no polling). Raises the :class:`~clstr.RequestError`
+        of a stored error, :class:`~clstr.RequestTimeoutError` past ``timeout``."""
+        return await self.persisted(group).await_reply(request_id, timeout=timeout)
+
+    def poll_storage(self) -> None:
+        """Have this runner's consumers read their shards' pending persisted
+        messages now (see :meth:`clstr.persist.PersistedConsumers.poll`)."""
+        for consumers in self._consumers.values():
+            consumers.poll()
 
     # -- events -----------------------------------------------------------------------
 

@@ -13,8 +13,6 @@ request with its first reply instead of applying it twice.
 
 from __future__ import annotations
 
-import base64
-import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -22,7 +20,7 @@ import msgpack
 
 from ..errors import ClstrError, PayloadError
 from ..transports.base import Transport
-from ..transports.jetstream import bucket_name, is_cas_failure, open_bucket, settling
+from ..transports.jetstream import bucket_name, is_cas_failure, kv_key, open_bucket, settling
 
 __all__ = [
     "KvStateStore",
@@ -35,8 +33,6 @@ __all__ = [
 #: Replies kept in a record (the newest): how far back a retry after a crash
 #: still finds its first reply.
 RECORD_REPLIES: Final = 64
-
-_SAFE_KEY: Final = re.compile(r"[-_=a-zA-Z0-9]{1,200}")
 
 
 class StaleStateError(ClstrError):
@@ -125,10 +121,8 @@ class KvStateStore:
 
     @staticmethod
     def kv_key(entity_id: str) -> str:
-        """The KV key of ``entity_id``."""
-        if _SAFE_KEY.fullmatch(entity_id):
-            return entity_id
-        return "b64." + base64.urlsafe_b64encode(entity_id.encode()).decode().rstrip("=")
+        """The KV key of ``entity_id`` (see :func:`~clstr.transports.jetstream.kv_key`)."""
+        return kv_key(entity_id)
 
     async def bucket(self, entity_type: str) -> Any:
         """The KV bucket (nats-py ``KeyValue``) of ``entity_type``'s records,

@@ -8,18 +8,23 @@ nats-py is imported where used: importing this module does not import it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import structlog
 
 from .._tasks import cancel_and_wait
+from ..errors import ClstrError
 
 __all__ = [
     "bucket_name",
     "bucket_names",
     "create_with_ttl",
     "is_cas_failure",
+    "jetstream_of",
+    "kv_key",
     "open_bucket",
     "put_with_ttl",
     "settling",
@@ -32,6 +37,30 @@ T = TypeVar("T")
 
 # JetStream's "wrong last sequence" error codes: a compare-and-set lost.
 _CAS_CODES: Final = (10071, 10164)
+
+_SAFE_KEY: Final = re.compile(r"[-_=a-zA-Z0-9]{1,200}")
+
+
+def jetstream_of(transport: object, what: str) -> Any:
+    """The JetStream context of a NATS transport (nats-py ``JetStreamContext``).
+
+    Raises :class:`~clstr.ClstrError` naming ``what`` needs it when the transport
+    has no NATS connection (the memory transport)."""
+    nc = getattr(transport, "nc", None)
+    if nc is None:
+        raise ClstrError(
+            f"{what} needs a NatsTransport with JetStream (got {type(transport).__name__}); "
+            "start the nats-server with -js (clstr.testing.NatsServer(jetstream=True))"
+        )
+    return nc.jetstream()
+
+
+def kv_key(text: str) -> str:
+    """A KV key for ``text``: itself when it is a valid key of at most 200 safe
+    characters, else ``b64.`` and its base64url (without padding)."""
+    if _SAFE_KEY.fullmatch(text):
+        return text
+    return "b64." + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def is_cas_failure(exc: BaseException) -> bool:
@@ -66,11 +95,14 @@ async def open_bucket(
     replicas: int,
     marker_ttl: float | None = None,
     max_age: float | None = None,
+    direct: bool = False,
 ) -> Any:
     """The KV bucket ``name``, created (history 1) when it does not exist yet.
 
     ``marker_ttl`` makes expired keys leave a marker for that long (so that
-    watchers see a per-key TTL run out); ``max_age`` bounds every entry's life.
+    watchers see a per-key TTL run out); ``max_age`` bounds every entry's life;
+    ``direct`` serves reads through JetStream's direct get (cheaper for the
+    server than a stream API request).
     """
     import nats.js.errors
 
@@ -83,6 +115,8 @@ async def open_bucket(
         kwargs["limit_marker_ttl"] = marker_ttl
     if max_age is not None:
         kwargs["ttl"] = max_age
+    if direct:
+        kwargs["direct"] = True
     try:
         return await js.create_key_value(**kwargs)
     except nats.js.errors.BadRequestError:
