@@ -18,8 +18,10 @@
 * **poll**: events/s read back from the stream by merged polls (limit 10,000),
   by shard sequence and by timestamp; and from the memory log (CPU only).
 
-Times are the best of ``--runs`` (the machine is shared: the best run is the one
-least disturbed); each pair is measured back to back in the same process. The
+Times are the best of ``--runs``; each pair is measured back to back in the same
+process. What runs in this process alone (ingest, the memory-log poll) is timed
+in CPU time (``time.process_time``: on a shared machine the time spent
+descheduled is not the code's); what involves the nats-server in wall time. The
 figures are recorded in docs/eventbus.md.
 """
 
@@ -51,6 +53,9 @@ from clstr.testing import NatsServer
 from clstr.transports.nats import NatsTransport
 
 SHARDS = 4
+# In-process measurements count this process's CPU time: on a shared machine the
+# time it spends descheduled is not the code's. Wall time for those with a server.
+_cpu = time.process_time
 KEYS = 1000
 PAYLOAD = b"x" * 100
 
@@ -82,10 +87,10 @@ async def ingest_rates(n: int, runs: int) -> dict[str, float]:
         await bus.start()
         ingest = bus.ingest
         gc.collect()
-        started = time.perf_counter()
+        started = _cpu()
         for e in items:
             ingest(e)
-        elapsed = time.perf_counter() - started
+        elapsed = _cpu() - started
         await bus.shutdown()
         return elapsed
 
@@ -95,10 +100,10 @@ async def ingest_rates(n: int, runs: int) -> dict[str, float]:
         hashes = [bus.hash_key(e.key) for e in batch[:KEYS]]
         ingest_raw = bus.ingest_raw
         gc.collect()
-        started = time.perf_counter()
+        started = _cpu()
         for i in range(n):
             ingest_raw(PAYLOAD, hash=hashes[i % KEYS])
-        elapsed = time.perf_counter() - started
+        elapsed = _cpu() - started
         await bus.shutdown()
         return elapsed
 
@@ -106,16 +111,16 @@ async def ingest_rates(n: int, runs: int) -> dict[str, float]:
         ring: collections.deque[Event] = collections.deque()
         append = ring.append
         gc.collect()
-        started = time.perf_counter()
+        started = _cpu()
         for e in batch:
             append(e)
-        return time.perf_counter() - started
+        return _cpu() - started
 
     async def sustained() -> float:
         bus = EventBus(BusConfig(name="bench", shards=SHARDS))
         await bus.start()
         ingest, ingest_wait = bus.ingest, bus.ingest_wait
-        started = time.perf_counter()
+        started = _cpu()
         for i, e in enumerate(batch):
             try:
                 ingest(e)
@@ -124,7 +129,7 @@ async def ingest_rates(n: int, runs: int) -> dict[str, float]:
             if i & 1023 == 1023:
                 await asyncio.sleep(0)
         await bus.flush()
-        elapsed = time.perf_counter() - started
+        elapsed = _cpu() - started
         await bus.shutdown()
         return elapsed
 
@@ -277,21 +282,27 @@ async def _by_hand_to_jetstream(js: object, name: str, batch: list[Event]) -> fl
     return time.perf_counter() - started
 
 
-async def _poll_rates(transport: NatsTransport, bus: str, n: int) -> tuple[float, float]:
+async def _poll_rates(
+    transport: NatsTransport, bus: str, n: int, runs: int = 3
+) -> tuple[float, float]:
+    """Events/s of draining the stream with polls of 10,000, best of ``runs`` passes."""
     reader = BusReader.jetstream(transport, bus)
     rates = []
     for ordering in (Ordering.SEQUENCE, Ordering.TIMESTAMP):
-        got = 0
-        request = PollRequest(limit=10_000, ordering=ordering)
-        started = time.perf_counter()
-        while True:
-            response = await reader.poll(request)
-            got += len(response.events)
-            request = request.from_cursor(response.cursor)
-            if not response.has_more:
-                break
-        assert got == n, (got, n)
-        rates.append(n / (time.perf_counter() - started))
+        best_rate = 0.0
+        for _ in range(runs):
+            got = 0
+            request = PollRequest(limit=10_000, ordering=ordering)
+            started = time.perf_counter()
+            while True:
+                response = await reader.poll(request)
+                got += len(response.events)
+                request = request.from_cursor(response.cursor)
+                if not response.has_more:
+                    break
+            assert got == n, (got, n)
+            best_rate = max(best_rate, n / (time.perf_counter() - started))
+        rates.append(best_rate)
     return rates[0], rates[1]
 
 
@@ -304,13 +315,13 @@ async def memory_poll_rate(n: int) -> float:
     await bus.shutdown()
     reader = BusReader(adapter.memory, "bench")
     request = PollRequest(limit=10_000)
-    started = time.perf_counter()
+    started = _cpu()
     while True:
         response = await reader.poll(request)
         request = request.from_cursor(response.cursor)
         if not response.has_more:
             break
-    return n / (time.perf_counter() - started)
+    return n / (_cpu() - started)
 
 
 # -- report ---------------------------------------------------------------------
@@ -332,7 +343,7 @@ async def main() -> None:
 
     rates = await ingest_rates(n, runs)
     ours_slot, deque_slot = await memory_per_slot(n)
-    mem_poll = await memory_poll_rate(n)
+    mem_poll = max([await memory_poll_rate(n) for _ in range(runs)])
     async with NatsServer() as server:
         js_rates = await jetstream_rates(server.url, n, max(1, runs // 2 + 1))
 

@@ -22,6 +22,7 @@ from clstr.eventbus import (
     ScalingAction,
     ScalingPolicy,
     ScalingSignals,
+    ShuttingDownError,
     UnroutedError,
 )
 from clstr.eventbus._routing import TABLE_MASK, plan
@@ -150,6 +151,25 @@ class TestRescale:
         assert (stats.events_dispatched, stats.retired_shards) == (60, (1,))
         events = (await bus.poll(PollRequest(limit=100))).events
         assert sorted(int(e.payload) for e in events) == list(range(60))
+
+    async def test_shutdown_during_a_rescale(self) -> None:
+        """A shutdown that starts while a rescale waits for its barrier ends the rescale
+        with ShuttingDownError and loses nothing; no worker is left behind."""
+        adapter = ScriptedAdapter(open_gate=False)
+        bus = EventBus(config(adapter, shards=1))
+        await bus.start()
+        bus.ingest(Event("k", b"0"))
+        await adapter.entered.wait()
+        adding = asyncio.create_task(bus.add_shards(1))
+        await eventually(lambda: not bus.rescaler._settled.is_set())
+        stopping = asyncio.create_task(bus.shutdown())
+        await asyncio.sleep(0)
+        adapter.gate.set()
+        stats = await stopping
+        with pytest.raises(ShuttingDownError):
+            await adding
+        assert_invariant(stats)
+        assert (stats.events_dispatched, stats.shutdown_was_lossy) == (1, False)
 
     async def test_rescale_requests_are_checked(self) -> None:
         """Unknown shards, removing every shard and adding zero are refused."""

@@ -154,14 +154,16 @@ class EventBus:
                 await self._no_waiting.wait()
         except TimeoutError:
             _log.warning("shutdown: ingest_wait calls still waiting: refusing them", bus=self.name)
-        for ring in self.rings.values():
+        # Snapshots: a rescale that was waiting may retire shards meanwhile.
+        rings, workers = list(self.rings.values()), list(self.workers.values())
+        for ring in rings:
             ring.close(ShuttingDownError(f"bus {self.name!r} shut down before there was room"))
-        for worker in self.workers.values():
+        for worker in workers:
             worker.stop()
-        for worker in self.workers.values():
+        for worker in workers:
             await worker.wait(max(0.0, deadline - loop.time()))
-        lost = sum(w.lost for w in self.workers.values())
-        lost += sum(ring.drop_queued() for ring in self.rings.values())
+        lost = sum(w.lost for w in workers)
+        lost += sum(ring.drop_queued() for ring in rings)
         self._lossy = lost > 0
         if lost:
             _log.warning("shutdown dropped events", bus=self.name, events=lost)

@@ -208,6 +208,14 @@ class BusConsumer:
                     await asyncio.wait(tasks)
             finally:
                 await cancel_and_wait(tasks, insist=True)
+            for shard, task in loops.items():
+                if not task.cancelled() and task.exception() is not None:
+                    _log.warning(
+                        "consumer of a bus shard failed",
+                        bus=self.bus,
+                        shard=shard,
+                        error=repr(task.exception()),
+                    )
 
     async def _consume(
         self,
@@ -276,6 +284,11 @@ class BusConsumer:
                 await self._save(ctx, store, shard, position, revision)
         except _Stale:
             return
+        except ConsumeError as exc:
+            # The next owner starts from the last checkpoint that was written.
+            _log.warning(
+                "cannot write the final checkpoint", bus=self.bus, shard=shard, error=str(exc)
+            )
 
     async def _handle(self, events: list[StoredEvent], stop: asyncio.Event) -> bool:
         """Run the handler until it succeeds (True) or the consumer stops (False)."""

@@ -166,6 +166,7 @@ class Rescaler:
     async def _move(self, target: list[int], added: list[int], removed: list[int]) -> None:
         host = self._host
         new_plan = await asyncio.to_thread(plan, sorted(target), host.config.seed)
+        self._require_running()  # shutdown may have begun meanwhile: start no worker then
         for shard in added:
             self._add_ring(shard)
         old_plan = self._plan
