@@ -251,6 +251,33 @@ class TestMultiprocessCluster:
             assert not _alive(pid), f"process {pid} outlived the example"
 
 
+class TestEventbus:
+    """The event bus example ingests, polls, consumes on two nodes and rescales."""
+
+    def test_every_event_is_consumed_once_and_the_invariant_holds(
+        self, run_example: Callable[[str], Run]
+    ) -> None:
+        """All 8000 events are consumed, none twice, across a rescale and a node stop,
+        and dispatched + dropped == ingested after shutdown, without loss."""
+        out = run_example("eventbus").stdout
+        assert "consumed 8000 events" in out, out
+        assert ", 0 twice" in out, out
+        assert "invariant: dispatched + dropped == ingested: 8000 + 0 == 8000" in out, out
+        assert "shutdown_was_lossy=False" in out, out
+
+    def test_both_nodes_own_bus_shards_and_polls_page(
+        self, run_example: Callable[[str], Run]
+    ) -> None:
+        """Each consumer node owns some bus shards, the cursor-paged poll finds the paid
+        third of the first 5000 orders, and the two added shards get new ids."""
+        out = run_example("eventbus").stdout
+        owned = re.findall(r"(node-[ab]) owns bus shards \[([\d, ]*)\]", out)
+        assert len(owned) == 2, out
+        assert all(shards for _, shards in owned), out
+        assert re.search(r"polled 1667 paid orders in \d+ pages", out), out
+        assert "added shards [4, 5]; now [0, 1, 2, 3, 4, 5]" in out, out
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
