@@ -82,6 +82,10 @@ class StateStore(Protocol):
         when another writer was first."""
         ...
 
+    async def ids(self, entity_type: str) -> list[str]:
+        """The ids of the entities of ``entity_type`` that have a record, sorted."""
+        ...
+
 
 class MemoryStateStore:
     """A :class:`StateStore` in this process (shared by the nodes of a test cluster)."""
@@ -103,6 +107,9 @@ class MemoryStateStore:
         self._revision += 1
         self._records[entity_type, entity_id] = (record.encode(), self._revision)
         return self._revision
+
+    async def ids(self, entity_type: str) -> list[str]:
+        return sorted(i for t, i in self._records if t == entity_type)
 
 
 class KvStateStore:
@@ -129,6 +136,14 @@ class KvStateStore:
         if _SAFE_KEY.fullmatch(entity_id):
             return entity_id
         return "b64." + base64.urlsafe_b64encode(entity_id.encode()).decode().rstrip("=")
+
+    @staticmethod
+    def entity_id(kv_key: str) -> str:
+        """The entity id of KV key ``kv_key`` (the inverse of :meth:`kv_key`)."""
+        if not kv_key.startswith("b64."):
+            return kv_key
+        encoded = kv_key[4:]
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
 
     async def bucket(self, entity_type: str) -> Any:
         """The KV bucket (nats-py ``KeyValue``) of ``entity_type``'s records,
@@ -166,3 +181,13 @@ class KvStateStore:
                     f"revision {revision}"
                 ) from exc
             raise
+
+    async def ids(self, entity_type: str) -> list[str]:
+        import nats.js.errors
+
+        bucket = await self.bucket(entity_type)
+        try:
+            keys = await bucket.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        return sorted(self.entity_id(k) for k in keys)
