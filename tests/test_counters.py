@@ -362,7 +362,7 @@ class TestLax:
             await _flushed(lax)  # owners known
             cluster.network.faults.delay(1.0, src="b", dst="client")
             lax.inc_nowait(slow)
-            await eventually(lambda: any(i.sent for i in lax._items.get(slow, ())))
+            await eventually(lambda: any(i.sent for i in lax.deltas.items.get(slow, ())))
             lax.inc_nowait(fast, 5)  # in a round of its own
             async with asyncio.timeout(0.5):
                 while lax.unflushed().get(fast):  # noqa: ASYNC110 - no event for this

@@ -58,32 +58,43 @@ class Courier:
         self.items = 0
         self._max_bytes = max(client.transport.max_payload // 2, 4096)
 
-    async def deliver(self, deliveries: Iterable[Delivery], *, timeout: float) -> None:
+    async def deliver(
+        self, deliveries: Iterable[Delivery], *, timeout: float, patient: bool = True
+    ) -> None:
         """Send ``deliveries`` until each is done (answered, or refused for good)
         or ``timeout`` seconds have passed; what is not done then has its last
-        error (retryable ones: the caller sends them again later)."""
+        error (retryable ones: the caller sends them again later).
+
+        A shard nobody serves is tried again after a pause while time is left
+        when ``patient`` (an operation waiting for its answer), and left for
+        the next call otherwise (a flush: the next one comes soon, and this
+        one's answered items should not wait for it).
+        """
         deadline = monotonic() + timeout
         todo = [d for d in deliveries if not d.done]
-        ownerless: set[int] = set()  # shards with no responder, in this call
-        pause = 0.005
+        # Shards nobody served when last tried: not tried again before then.
+        ownerless: dict[int, float] = {}
+        pause = 0.01
         while todo:
             left = deadline - monotonic()
             if left <= 0.001:
                 return
             plan = self._plan(todo, ownerless)
-            if not plan:
-                return
-            await asyncio.gather(*(self._send(s, group, left, ownerless) for s, group in plan))
+            if plan:
+                sends = (self._send(s, group, left, ownerless, pause) for s, group in plan)
+                await asyncio.gather(*sends)
             before = len(todo)
-            todo = [d for d in todo if not d.done and d.shard not in ownerless]
-            if todo and len(todo) == before:
-                # Nothing moved (overloaded, or a shard between owners): a pause.
+            todo = [d for d in todo if not d.done and (patient or d.shard not in ownerless)]
+            if todo and (not plan or len(todo) == before):
+                # Nothing moved (no owner, overloaded, a shard between owners): a pause.
                 await asyncio.sleep(min(pause, max(deadline - monotonic(), 0)))
                 pause = min(pause * 2, 0.2)
 
-    def _plan(self, todo: list[Delivery], ownerless: set[int]) -> list[tuple[int, list[Delivery]]]:
+    def _plan(
+        self, todo: list[Delivery], ownerless: dict[int, float]
+    ) -> list[tuple[int, list[Delivery]]]:
         """Batches to send now: one per known owner (split when too large), and a
-        few probes of shards whose owner is unknown."""
+        probe of a shard whose owner is unknown."""
         by_owner: dict[str, list[Delivery]] = {}
         unknown: dict[int, list[Delivery]] = {}
         for d in todo:
@@ -95,7 +106,8 @@ class Courier:
         groups = list(by_owner.values())
         # One shard of unknown owner at a time: its answer names every shard of
         # its node, and the next round sends that node's items in one batch.
-        groups += [g for s, g in unknown.items() if s not in ownerless][:1]
+        now = monotonic()
+        groups += [g for s, g in unknown.items() if ownerless.get(s, 0.0) <= now][:1]
         plan: list[tuple[int, list[Delivery]]] = []
         for group in groups:
             for part in self._split(group):
@@ -116,7 +128,12 @@ class Courier:
             yield part
 
     async def _send(
-        self, shard: int, group: list[Delivery], left: float, ownerless: set[int]
+        self,
+        shard: int,
+        group: list[Delivery],
+        left: float,
+        ownerless: dict[int, float],
+        pause: float,
     ) -> None:
         self.messages += 1
         self.items += len(group)
@@ -124,7 +141,7 @@ class Courier:
             reply = await send_batch(self.client, shard, [d.item for d in group], timeout=left)
         except NoShardOwnerError as exc:
             # Nobody serves `shard` (NATS said so at once): nothing ran.
-            ownerless.add(shard)
+            ownerless[shard] = monotonic() + pause
             self._forget(d.shard for d in group)
             for d in group:
                 d.error = exc
