@@ -231,7 +231,7 @@ async def lax_call_row(calls: int) -> Row:
     inc = lax.inc_nowait
     counts: dict[str, int] = {}
     lax_ns, dict_ns = [], []
-    for _ in range(5):
+    for _ in range(7):  # alternating; the best of each (what noise cannot improve)
         started = time.perf_counter()
         for i in range(calls):
             inc(keys[i % 10_000])
@@ -246,8 +246,8 @@ async def lax_call_row(calls: int) -> Row:
     return Row(
         "lax inc_nowait cost per call (10k keys)",
         "plain dict increment (counts[k] = counts.get(k, 0) + 1)",
-        statistics.median(lax_ns),
-        statistics.median(dict_ns),
+        min(lax_ns),
+        min(dict_ns),
         "ns/call",
         "<= 3x",
     )
