@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._version import __version__ as __version__
 from .client import DEFAULT_RETRY, DEFAULT_TIMEOUT, Client, ClientState, RetryPolicy, ScopedClient
 from .codec import DEFAULT_LIMITS, Limits, decode_payload, encode_payload, message_type
+from .counters import Counter, LaxCounter, StrictCounter, serve_counters
 from .entities import (
     Entity,
     EntityContext,
@@ -25,11 +26,15 @@ from .errors import (
     ClstrError,
     ConfigurationError,
     ConnectionFailedError,
+    CounterFlushError,
+    CounterFullError,
+    CounterRangeError,
     DeadlineExceededError,
     EnvelopeExpiredError,
     HandlerTimeoutError,
     IdempotencyKeyReusedError,
     IdUnavailableError,
+    InvalidCounterKeyError,
     InvalidIdError,
     KeyRequiredError,
     LifecycleError,
@@ -96,6 +101,11 @@ __all__ = [
     "StateStore",
     "KvStateStore",
     "MemoryStateStore",
+    # counters
+    "Counter",
+    "StrictCounter",
+    "LaxCounter",
+    "serve_counters",
     # ids
     "Snowflake",
     "SnowflakeParts",
@@ -140,6 +150,10 @@ __all__ = [
     "InvalidIdError",
     "IdUnavailableError",
     "MachineIdUnavailableError",
+    "InvalidCounterKeyError",
+    "CounterRangeError",
+    "CounterFullError",
+    "CounterFlushError",
     "TransportError",
     "TransportClosedError",
     "ConnectionFailedError",

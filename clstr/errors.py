@@ -13,6 +13,10 @@
     ├── InvalidIdError (ValueError)          not a snowflake id (negative, over 63 bits)
     ├── IdUnavailableError (RuntimeError)    no snowflake id can be issued right now
     │   └── MachineIdUnavailableError        no machine id is held (lease lost, all taken)
+    ├── InvalidCounterKeyError (ValueError)  a counter namespace or key that is not allowed
+    ├── CounterRangeError (ValueError)       a counter amount or total outside signed 64 bits
+    ├── CounterFullError (RuntimeError)      a lax counter holds its maximum of unflushed keys
+    ├── CounterFlushError (RuntimeError)     a lax counter closed with deltas it could not flush
     ├── TransportError                       the messaging layer failed
     │   ├── TransportClosedError             the transport (or client) is closed
     │   └── ConnectionFailedError            no NATS server could be reached
@@ -53,6 +57,10 @@ __all__ = [
     "InvalidIdError",
     "IdUnavailableError",
     "MachineIdUnavailableError",
+    "InvalidCounterKeyError",
+    "CounterRangeError",
+    "CounterFullError",
+    "CounterFlushError",
     "TransportError",
     "TransportClosedError",
     "ConnectionFailedError",
@@ -123,6 +131,27 @@ class IdUnavailableError(ClstrError, RuntimeError):
 class MachineIdUnavailableError(IdUnavailableError):
     """No machine id is held: its lease lapsed or was lost (the lease takes a new
     one by itself), or all 1024 are leased by live nodes."""
+
+
+class InvalidCounterKeyError(ClstrError, ValueError):
+    """A counter namespace or key that is not allowed (docs/counters.md says which are)."""
+
+
+class CounterRangeError(ClstrError, ValueError):
+    """A counter amount or value outside the signed 64-bit range, or an operation
+    that would take a counter's total outside it (nothing was applied)."""
+
+
+class CounterFullError(ClstrError, RuntimeError):
+    """A lax counter already holds unflushed deltas for its maximum number of keys
+    (its flushes are failing): this increment of a new key was not counted.
+    Increments of keys it already holds still are; it takes new keys again once
+    a flush gets through."""
+
+
+class CounterFlushError(ClstrError, RuntimeError):
+    """A lax counter was closed with deltas it could not flush in time (the
+    message says how many, for how many keys): they were not counted."""
 
 
 class TransportError(ClstrError):

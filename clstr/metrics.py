@@ -8,7 +8,8 @@ dashboards carry over; clstr adds ``clstr_cluster_request_retries_total``,
 (``clstr_cluster_node_requests_total``,
 ``clstr_cluster_node_request_duration_seconds``: queue wait included) and
 event-loop stalls (``clstr_cluster_event_loop_stalls_total``,
-``clstr_cluster_event_loop_stalled_seconds_total``).
+``clstr_cluster_event_loop_stalled_seconds_total``) and lax counters' flushes
+(``clstr_counter_*``, docs/counters.md).
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ class Metrics(Protocol):
     def entities_active(self, node_id: str, entity_type: str, count: int) -> None:
         """A node holds ``count`` live instances of ``entity_type`` now."""
 
+    def counter_flushed(self, namespace: str, messages: int, keys: int) -> None:
+        """A lax counter's flush sent ``messages`` batches carrying deltas of ``keys`` keys."""
+
+    def counter_unflushed(self, namespace: str, keys: int) -> None:
+        """A lax counter holds unflushed (or unacknowledged) deltas of ``keys`` keys now."""
+
+    def counter_refused(self, namespace: str) -> None:
+        """A lax counter refused an increment of a new key: it holds its maximum."""
+
+    def counter_dropped(self, namespace: str, reason: str) -> None:
+        """A lax counter gave up a delta the cluster will never take (``reason``:
+        the error code, e.g. a total out of range)."""
+
 
 class NoopMetrics:
     """Records nothing: every :class:`Metrics` method does nothing. The default
@@ -101,6 +115,18 @@ class NoopMetrics:
         pass
 
     def entities_active(self, node_id: str, entity_type: str, count: int) -> None:
+        pass
+
+    def counter_flushed(self, namespace: str, messages: int, keys: int) -> None:
+        pass
+
+    def counter_unflushed(self, namespace: str, keys: int) -> None:
+        pass
+
+    def counter_refused(self, namespace: str) -> None:
+        pass
+
+    def counter_dropped(self, namespace: str, reason: str) -> None:
         pass
 
 
@@ -219,6 +245,36 @@ class PrometheusMetrics:
             ["node_id"],
             registry=registry,
         )
+        self._counter_messages = Counter(
+            "clstr_counter_flush_messages",
+            "Batch messages sent by lax counters' flushes",
+            ["namespace"],
+            registry=registry,
+        )
+        self._counter_keys = Counter(
+            "clstr_counter_flushed_keys",
+            "Keys whose deltas lax counters' flushes carried",
+            ["namespace"],
+            registry=registry,
+        )
+        self._counter_unflushed = Gauge(
+            "clstr_counter_unflushed_keys",
+            "Keys with deltas a lax counter has not had acknowledged yet",
+            ["namespace"],
+            registry=registry,
+        )
+        self._counter_refused = Counter(
+            "clstr_counter_refused",
+            "Increments of new keys a lax counter refused, holding its maximum of keys",
+            ["namespace"],
+            registry=registry,
+        )
+        self._counter_dropped = Counter(
+            "clstr_counter_dropped",
+            "Deltas a lax counter gave up because the cluster refuses them for good",
+            ["namespace", "reason"],
+            registry=registry,
+        )
 
     def request_completed(self, message_type: str, success: bool, duration: float) -> None:
         self._request_duration.labels(message_type).observe(duration)
@@ -259,6 +315,19 @@ class PrometheusMetrics:
 
     def entities_active(self, node_id: str, entity_type: str, count: int) -> None:
         self._entities.labels(node_id, entity_type).set(count)
+
+    def counter_flushed(self, namespace: str, messages: int, keys: int) -> None:
+        self._counter_messages.labels(namespace).inc(messages)
+        self._counter_keys.labels(namespace).inc(keys)
+
+    def counter_unflushed(self, namespace: str, keys: int) -> None:
+        self._counter_unflushed.labels(namespace).set(keys)
+
+    def counter_refused(self, namespace: str) -> None:
+        self._counter_refused.labels(namespace).inc()
+
+    def counter_dropped(self, namespace: str, reason: str) -> None:
+        self._counter_dropped.labels(namespace, reason).inc()
 
 
 def _flag(success: bool) -> str:

@@ -16,6 +16,7 @@ from .envelope import Envelope
 from .errors import ConfigurationError
 
 __all__ = [
+    "BATCH_TYPE",
     "DEFAULT_PREFIX",
     "ENTITY_SEPARATOR",
     "INTERRUPT_TYPE",
@@ -34,6 +35,10 @@ NODE_INFO_TYPE: Final = "clstr.node.info"
 #: The message type of an interrupt (docs/protocol.md, Interrupts): sent to the
 #: shard (and key) of the request it interrupts.
 INTERRUPT_TYPE: Final = "clstr.interrupt"
+
+#: The message type of a batch (docs/protocol.md, Batches): keyed messages for
+#: many shards of one node in one NATS message, each handled as if sent alone.
+BATCH_TYPE: Final = "clstr.batch"
 
 #: The default subject prefix: shard ``s`` is served on ``clstr.shard.<s>``.
 DEFAULT_PREFIX: Final = "clstr"

@@ -22,6 +22,7 @@ from clstr import (
     NotOwnerError,
     PrometheusMetrics,
     RemoteHandlerError,
+    decode_payload,
 )
 from clstr.entities import (
     Entity,
@@ -272,6 +273,120 @@ class TestDurability:
             with pytest.raises(NotOwnerError, match="written by another owner"):
                 await cart.call(AddItem("jam"), Total)
             assert await cart.call(Checkout(), Total) == Total(1, ["other"])
+
+
+class FlakyStore(MemoryStateStore):
+    """Its next ``fail`` saves raise (JetStream unavailable, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = 0
+        self.saves = 0
+
+    async def save(self, entity_type: str, entity_id: str, record: Record, revision: int) -> int:
+        self.saves += 1
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("the store is unavailable")
+        return await super().save(entity_type, entity_id, record, revision)
+
+
+@dataclass
+class Peek:
+    pass
+
+
+class Ledger(Entity[CartState]):
+    """A write-through entity with a read-only handler."""
+
+    state_type = CartState
+
+    @handles
+    async def add(self, msg: AddItem) -> int:
+        self.state.items.append(msg.item)
+        return len(self.state.items)
+
+    @handles(readonly=True)
+    async def peek(self, msg: Peek) -> list[str]:
+        return self.state.items
+
+
+class TestWrites:
+    async def test_a_failed_save_leaves_nothing_of_its_message(self) -> None:
+        """A write-through save that fails rolls the instance back to the stored state
+        and replies: the retry under the same id runs again and is saved, instead of
+        being answered from memory with nothing stored."""
+        store = FlakyStore()
+        async with Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store) as r:
+            r.register_entity(Ledger)
+            ledger = r.entity(Ledger, "l1")
+            await ledger.call(AddItem("a"), int, request_id="r0")
+            store.fail = 1
+            with pytest.raises(RemoteHandlerError, match="unavailable"):
+                await ledger.call(AddItem("b"), int, request_id="r1")
+            assert await ledger.call(Peek(), list[str]) == ["a"]
+            assert await ledger.call(AddItem("b"), int, request_id="r1-retry") == 2
+            record = await store.load("Ledger", "l1")
+            assert record is not None
+            assert decode_payload(record[0].state, CartState).items == ["a", "b"]
+
+    async def test_reads_and_unchanged_states_write_nothing(self) -> None:
+        """A read-only handler saves nothing and keeps no reply; a message that leaves
+        the state as stored writes nothing either."""
+        store = FlakyStore()
+        async with Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store) as r:
+            r.register_entity(Ledger)
+            ledger = r.entity(Ledger, "l1")
+            await ledger.call(AddItem("a"), int)
+            saves = store.saves
+            for i in range(3):
+                assert await ledger.call(Peek(), list[str], request_id=f"p{i}") == ["a"]
+            assert store.saves == saves
+
+    async def test_kept_replies_is_checked_and_zero_keeps_none(self) -> None:
+        """kept_replies bounds the replies in the record; 0 keeps none; out of range is
+        a configuration error."""
+
+        class Forgetful(Ledger):
+            type_name = "Forgetful"
+            kept_replies = 0
+
+        class Greedy(Ledger):
+            type_name = "Greedy"
+            kept_replies = 65
+
+        store = MemoryStateStore()
+        async with Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store) as r:
+            r.register_entity(Forgetful)
+            await r.entity(Forgetful, "f").call(AddItem("a"), int, request_id="r1")
+            record = await store.load("Forgetful", "f")
+            assert record is not None
+            assert record[0].replies == []
+            with pytest.raises(ConfigurationError, match="kept_replies"):
+                r.register_entity(Greedy)
+
+    async def test_a_family_makes_its_types_on_first_use(self) -> None:
+        """register_entity_family serves every type name with its prefix, made by the
+        factory on the first message, and announced as a registration; the ids of
+        stored records are listed by the store."""
+        made: dict[str, type[Ledger]] = {}
+
+        def factory(name: str) -> type[Ledger]:
+            return made.setdefault(name, type(name, (Ledger,), {"type_name": name}))
+
+        store = MemoryStateStore()
+        async with Sharding(MemoryTransport(MemoryNetwork()), num_shards=2, store=store) as r:
+            r.register_entity_family("book-", factory)
+            await r.entity("book-a", "x").call(AddItem("1"), int)
+            await r.entity("book-a", "y").call(AddItem("1"), int)
+            await r.entity("book-b", "x").call(AddItem("1"), int)
+            assert sorted(made) == ["book-a", "book-b"]
+            assert await store.ids("book-a") == ["x", "y"]
+            events = r.registration_events()
+            seen = [await anext(events) for _ in range(2)]
+            assert seen == [EntityRegistered("book-a"), EntityRegistered("book-b")]
+            with pytest.raises(NoHandlerError):
+                await r.entity("other", "x").call(AddItem("1"), int)
 
 
 class TestObservability:

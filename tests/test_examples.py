@@ -208,6 +208,30 @@ class TestStreamsAndWorkflows:
         assert f"replies_for({request_id}) -> 1 stored reply" in later, out
 
 
+class TestCounters:
+    """Strict counters see every order; lax counters count every view, across a stop."""
+
+    def test_the_strict_counter_refuses_an_order_that_would_oversell(
+        self, run_example: Callable[[str], Run]
+    ) -> None:
+        """The third order of 2 of 5 teas is refused and put back; the stock ends at 0."""
+        out = run_example("counters").stdout
+        assert "order 2 tea: refused (short)" in out, out
+        assert out.count("stock: tea=0") == 2, out
+
+    def test_every_view_is_counted_across_a_node_stop(
+        self, run_example: Callable[[str], Run]
+    ) -> None:
+        """The lax counter's views are flushed in a few batches and all counted, before
+        and after a node stops."""
+        out = run_example("counters").stdout
+        assert "views: /=1000 /docs=1000 /pricing=1000" in out, out
+        assert "views: /=1010 /docs=1010 /pricing=1010" in out, out
+        flushed = re.search(r"flushed in (\d+) batch messages", out)
+        assert flushed is not None, out
+        assert int(flushed.group(1)) <= 6, out
+
+
 class TestMultiprocessCluster:
     """Node processes started with the testing kit serve their keys and all stop cleanly."""
 

@@ -12,7 +12,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
-from . import _bench, _conformance, _control, _dashboard, _dev, _node, _request, _shard, _status
+from . import (
+    _bench,
+    _conformance,
+    _control,
+    _counter,
+    _dashboard,
+    _dev,
+    _node,
+    _request,
+    _shard,
+    _status,
+)
 from ._common import CliError, configure_logging
 from ._parser import Runner, Subcommands, top_parser
 
@@ -40,6 +51,7 @@ COMMANDS: Final[Sequence[CommandGroup]] = (
     _control,  # cordon, uncordon, drain
     _conformance,  # conformance
     _bench,  # bench
+    _counter,  # counter inc|get|set|del|clear|serve
 )
 
 

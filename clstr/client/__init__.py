@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._batch import BatchItem, BatchReply, send_batch
 from ._client import DEFAULT_TIMEOUT, DEFAULT_WINDOW, Client, ClientState, ScopedClient
 from ._retry import DEFAULT_RETRY, RetryPolicy
 
@@ -13,4 +14,8 @@ __all__ = [
     "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
+    # batches: keyed messages for many shards of one node in one message
+    "BatchItem",
+    "BatchReply",
+    "send_batch",
 ]

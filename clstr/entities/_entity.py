@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 from ..codec import message_type
 from ..errors import ConfigurationError
 from ..protocol import ENTITY_SEPARATOR, entity_type_name
+from ._store import RECORD_REPLIES
 
 __all__ = ["Entity", "EntityContext", "EntitySpec", "handles", "spec_of"]
 
@@ -38,6 +39,7 @@ S = TypeVar("S")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _HANDLES: typing.Final = "__clstr_handles__"
+_READONLY: typing.Final = "__clstr_readonly__"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,9 @@ class Entity(Generic[S]):
     * ``max_instances``: live instances of this type per node (least recently
       used passivate first).
     * ``shard_group``: the shard group (see :class:`~clstr.entities.Sharding`).
+    * ``kept_replies``: with a store, how many replies of requests with an id
+      are kept in the record (the newest), so that a retry after a crash gets
+      its first reply (``0``: none; for types that deduplicate on their own).
 
     Hooks: ``async on_start()`` after the state is loaded, ``async on_stop()``
     before it is saved on passivation.
@@ -76,6 +81,7 @@ class Entity(Generic[S]):
     idle_timeout: ClassVar[float | None] = 600.0
     max_instances: ClassVar[int] = 10_000
     shard_group: ClassVar[str] = "default"
+    kept_replies: ClassVar[int] = RECORD_REPLIES
 
     def __init__(self, context: EntityContext, state: S) -> None:
         self.context = context
@@ -99,22 +105,35 @@ def handles(fn: F, /) -> F: ...
 
 
 @overload
-def handles(message: type[Any], /) -> Callable[[F], F]: ...
+def handles(message: type[Any], /, *, readonly: bool = False) -> Callable[[F], F]: ...
 
 
-def handles(arg: Any, /) -> Any:
+@overload
+def handles(*, readonly: bool = False) -> Callable[[F], F]: ...
+
+
+def handles(arg: Any = None, /, *, readonly: bool = False) -> Any:
     """Mark an entity method as the handler of a message class: ``@handles`` reads
     the class from the annotation of its first parameter, ``@handles(AddItem)``
-    names it. The method returns the reply (msgpack-encoded; ``None``: empty)."""
-    if isinstance(arg, type):
+    names it. The method returns the reply (msgpack-encoded; ``None``: empty).
+
+    ``readonly=True`` (``@handles(readonly=True)``, ``@handles(Get, readonly=True)``)
+    says that the handler does not change the state: nothing is saved after it
+    and its reply is not kept in the record (a retry just reads again). A
+    read-only handler that changes the state anyway has that change saved with
+    the next write, or lost with the instance.
+    """
+    if arg is None or isinstance(arg, type):
         message = arg
 
         def mark(fn: F) -> F:
-            setattr(fn, _HANDLES, message)
+            setattr(fn, _HANDLES, message)  # None: resolved from the annotation
+            setattr(fn, _READONLY, readonly)
             return fn
 
         return mark
     setattr(arg, _HANDLES, None)  # resolved from the annotation by spec_of
+    setattr(arg, _READONLY, False)
     return arg
 
 
@@ -131,6 +150,10 @@ class EntitySpec:
     shard_group: str
     #: message type -> (payload class, unbound method)
     routes: dict[str, tuple[type[Any], Callable[..., Awaitable[Any]]]]
+    #: message types whose handlers leave the state alone (``handles(readonly=True)``)
+    readonly: frozenset[str] = frozenset()
+    #: replies kept in the record (``Entity.kept_replies``)
+    kept_replies: int = RECORD_REPLIES
 
     @property
     def message_types(self) -> list[str]:
@@ -161,6 +184,10 @@ def _build(cls: type[Entity[Any]]) -> EntitySpec:
         raise ConfigurationError(f"{name}.save_every must be >= 0, got {cls.save_every}")
     if cls.max_instances < 1:
         raise ConfigurationError(f"{name}.max_instances must be >= 1, got {cls.max_instances}")
+    if not 0 <= cls.kept_replies <= RECORD_REPLIES:
+        raise ConfigurationError(
+            f"{name}.kept_replies must be in 0..{RECORD_REPLIES}, got {cls.kept_replies}"
+        )
     if cls.state_type is not None:
         try:
             cls.state_type()
@@ -170,6 +197,7 @@ def _build(cls: type[Entity[Any]]) -> EntitySpec:
                 f"(give its fields defaults): {exc}"
             ) from exc
     routes: dict[str, tuple[type[Any], Callable[..., Awaitable[Any]]]] = {}
+    readonly: set[str] = set()
     for attr, fn in inspect.getmembers(cls, _is_async):
         if not hasattr(fn, _HANDLES):
             continue
@@ -180,6 +208,8 @@ def _build(cls: type[Entity[Any]]) -> EntitySpec:
                 f"{name}: message type {msg_type!r} has two handlers ({attr} and another)"
             )
         routes[msg_type] = (message, fn)
+        if getattr(fn, _READONLY, False):
+            readonly.add(msg_type)
     if not routes:
         raise ConfigurationError(f"entity type {name} has no @handles methods")
     return EntitySpec(
@@ -191,6 +221,8 @@ def _build(cls: type[Entity[Any]]) -> EntitySpec:
         cls.max_instances,
         cls.shard_group,
         routes,
+        frozenset(readonly),
+        cls.kept_replies,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -30,7 +31,7 @@ from ..handlers import KeyHandler, decode_message, stream_to
 from ..metrics import NOOP_METRICS, Metrics
 from ..protocol import fingerprint, split_entity_key
 from ._entity import Entity, EntityContext, EntitySpec, spec_of
-from ._store import RECORD_REPLIES, Record, StaleStateError, StateStore
+from ._store import Record, StaleStateError, StateStore
 
 __all__ = ["EntityHost"]
 
@@ -50,7 +51,16 @@ class _Instance:
     """One live entity: the user's object, the revision its state was loaded at,
     and what has not been saved yet."""
 
-    __slots__ = ("entity", "pending", "replies", "revision", "saved", "spec", "store")
+    __slots__ = (
+        "entity",
+        "pending",
+        "replies",
+        "revision",
+        "saved",
+        "saved_replies",
+        "spec",
+        "store",
+    )
 
     def __init__(
         self, spec: EntitySpec, entity: Entity[Any], store: StateStore | None, record: Record | None
@@ -61,6 +71,7 @@ class _Instance:
         self.revision = 0
         self.saved = b"" if record is None else record.state  # the state as last stored
         self.replies: list[tuple[str, bytes, bytes]] = [] if record is None else record.replies
+        self.saved_replies = list(self.replies)
         self.pending = 0  # handled messages whose effect is not saved yet
 
     async def __call__(self, env: Envelope) -> bytes:
@@ -77,6 +88,8 @@ class _Instance:
             )
         message_cls, method = route
         msg = decode_message(env, message_cls)
+        # A read-only handler: nothing to save and no reply to keep (a retry reads again).
+        store = None if env.type in self.spec.readonly else self.store
         try:
             if inspect.isasyncgenfunction(method):
                 # A streaming method: its items go to the caller's stream (or,
@@ -86,7 +99,7 @@ class _Instance:
             else:
                 result = await method(self.entity, msg)
         except BaseException:
-            if self.store is not None:
+            if store is not None:
                 self._roll_back()
             raise
         if result is None:
@@ -95,13 +108,25 @@ class _Instance:
             payload = result.data
         else:
             payload = encode_payload(result)
-        if self.store is not None:
+        if store is not None:
             self.pending += 1
-            if request_id is not None:
+            kept = self.spec.kept_replies
+            if request_id is not None and kept:
                 self.replies.append((request_id, fingerprint(env), payload))
-                del self.replies[:-RECORD_REPLIES]
+                del self.replies[:-kept]
             if self.spec.save_every and self.pending >= self.spec.save_every:
-                await self.save()
+                try:
+                    await self.save()
+                except NotOwnerError:
+                    raise  # written elsewhere: save() reloaded the stored state
+                except BaseException:
+                    if self.spec.save_every == 1:
+                        # Not saved (or not known to be): nothing of this message
+                        # may stay, or a retry would find its effect in memory
+                        # and be acknowledged without ever being stored. Had the
+                        # write landed, the next save's revision check tells.
+                        self._undo_unsaved()
+                    raise
         return payload
 
     def _roll_back(self) -> None:
@@ -109,6 +134,12 @@ class _Instance:
         state_type = self.spec.state_type
         assert state_type is not None
         self.entity.state = decode_payload(self.saved, state_type) if self.saved else state_type()
+
+    def _undo_unsaved(self) -> None:
+        """Back to the state and replies as last stored."""
+        self._roll_back()
+        self.replies = list(self.saved_replies)
+        self.pending = 0
 
     def _stored_reply(self, request_id: str, env: Envelope) -> bytes | None:
         """The reply a request with this id got before (kept with the state), or
@@ -129,10 +160,13 @@ class _Instance:
             return
         found = await self.store.load(self.spec.type_name, self.entity.id)
         if found is None:
-            self.revision, self.saved, self.replies = 0, b"", []
+            self.revision, self.saved, self.replies, self.saved_replies = 0, b"", [], []
+            if self.spec.state_type is not None:
+                self.entity.state = self.spec.state_type()
             return
         record, self.revision = found
         self.saved, self.replies = record.state, record.replies
+        self.saved_replies = list(record.replies)
         self.entity.state = decode_payload(record.state, self.spec.state_type or object)
 
     async def save(self) -> None:
@@ -142,6 +176,9 @@ class _Instance:
         current state, never on top of a stale one)."""
         assert self.store is not None
         state = encode_payload(self.entity.state)
+        if state == self.saved and self.replies == self.saved_replies:
+            self.pending = 0  # nothing changed (a repeat, say): nothing to write
+            return
         try:
             self.revision = await self.store.save(
                 self.spec.type_name, self.entity.id, Record(state, self.replies), self.revision
@@ -152,6 +189,7 @@ class _Instance:
             await self.load()
             raise NotOwnerError(f"{exc}; retry (this node now has the current state)") from exc
         self.saved, self.pending = state, 0
+        self.saved_replies = list(self.replies)
 
     async def passivate(self) -> None:
         """``on_stop``, then save what is not saved yet."""
@@ -216,6 +254,7 @@ class EntityHost:
         self.node_id = node_id
         self.metrics = metrics
         self._types: dict[str, _TypeRuntime] = {}
+        self._families: dict[str, Callable[[str], type[Entity[Any]]]] = {}
         self._started = False
 
     def register(self, entity_cls: type[Entity[Any]]) -> EntitySpec:
@@ -228,6 +267,30 @@ class EntityHost:
         if self._started:
             runtime.instances.start_sweeper()
         return spec
+
+    def register_family(self, prefix: str, factory: Callable[[str], type[Entity[Any]]]) -> None:
+        """Serve every entity type whose name starts with ``prefix``: the first
+        message for such a type registers ``factory(type_name)`` (a class whose
+        ``type_name`` is that name). For types made at run time, such as one
+        counter type per namespace. Raises :class:`ConfigurationError` for an
+        empty prefix or one already registered."""
+        if not prefix or prefix in self._families:
+            raise ConfigurationError(f"entity family prefix {prefix!r} is empty or registered")
+        self._families[prefix] = factory
+
+    def _of_family(self, type_name: str) -> _TypeRuntime | None:
+        """The runtime of ``type_name`` made from its family, or ``None``."""
+        for prefix, factory in self._families.items():
+            if type_name.startswith(prefix) and len(type_name) > len(prefix):
+                cls = factory(type_name)
+                if spec_of(cls).type_name != type_name:
+                    raise ConfigurationError(
+                        f"the {prefix!r} family made type {spec_of(cls).type_name!r} "
+                        f"for {type_name!r}"
+                    )
+                self.register(cls)
+                return self._types[type_name]
+        return None
 
     @property
     def entity_types(self) -> list[str]:
@@ -263,6 +326,8 @@ class EntityHost:
                 "(client.entity(EntityClass, id))"
             )
         runtime = self._types.get(parts[0])
+        if runtime is None and self._families:
+            runtime = self._of_family(parts[0])
         if runtime is None:
             raise NoHandlerError(
                 f"no entity type {parts[0]!r} on this node; registered: {self.entity_types}"

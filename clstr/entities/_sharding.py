@@ -252,6 +252,29 @@ class Sharding:
         host.register(entity_cls)
         self._events.publish(EntityRegistered(spec.type_name))
 
+    def register_entity_family(
+        self,
+        prefix: str,
+        factory: Callable[[str], type[Entity[Any]]],
+        *,
+        shard_group: str = DEFAULT_GROUP,
+    ) -> None:
+        """Serve every entity type whose name starts with ``prefix``, made by
+        ``factory(type_name)`` on the first message for it (one counter type per
+        namespace, say: clstr.counters). Each type made is announced as an
+        :class:`EntityRegistered` event. Raises :class:`~clstr.ConfigurationError`
+        for a group this runner does not serve or a prefix registered twice."""
+        host = self.hosts.get(shard_group)
+        if host is None:
+            raise ConfigurationError(f"no shard group {shard_group!r} on this runner")
+
+        def made(type_name: str) -> type[Entity[Any]]:
+            cls = factory(type_name)
+            self._events.publish(EntityRegistered(type_name))
+            return cls
+
+        host.register_family(prefix, made)
+
     def make_client(self, entity_type: type[Entity[Any]] | str) -> EntityClient:
         """A client for the entities of ``entity_type``: ``make_client(Cart)("cart-42")``."""
         name, group = self._type_and_group(entity_type)

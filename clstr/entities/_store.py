@@ -20,7 +20,14 @@ import msgpack
 
 from ..errors import ClstrError, PayloadError
 from ..transports.base import Transport
-from ..transports.jetstream import bucket_name, is_cas_failure, kv_key, open_bucket, settling
+from ..transports.jetstream import (
+    bucket_name,
+    is_cas_failure,
+    kv_key,
+    kv_key_text,
+    open_bucket,
+    settling,
+)
 
 __all__ = [
     "KvStateStore",
@@ -78,6 +85,10 @@ class StateStore(Protocol):
         when another writer was first."""
         ...
 
+    async def ids(self, entity_type: str) -> list[str]:
+        """The ids of the entities of ``entity_type`` that have a record, sorted."""
+        ...
+
 
 class MemoryStateStore:
     """A :class:`StateStore` in this process (shared by the nodes of a test cluster)."""
@@ -99,6 +110,9 @@ class MemoryStateStore:
         self._revision += 1
         self._records[entity_type, entity_id] = (record.encode(), self._revision)
         return self._revision
+
+    async def ids(self, entity_type: str) -> list[str]:
+        return sorted(i for t, i in self._records if t == entity_type)
 
 
 class KvStateStore:
@@ -123,6 +137,11 @@ class KvStateStore:
     def kv_key(entity_id: str) -> str:
         """The KV key of ``entity_id`` (see :func:`~clstr.transports.jetstream.kv_key`)."""
         return kv_key(entity_id)
+
+    @staticmethod
+    def entity_id(kv_key: str) -> str:
+        """The entity id of KV key ``kv_key`` (the inverse of :meth:`kv_key`)."""
+        return kv_key_text(kv_key)
 
     async def bucket(self, entity_type: str) -> Any:
         """The KV bucket (nats-py ``KeyValue``) of ``entity_type``'s records,
@@ -160,3 +179,13 @@ class KvStateStore:
                     f"revision {revision}"
                 ) from exc
             raise
+
+    async def ids(self, entity_type: str) -> list[str]:
+        import nats.js.errors
+
+        bucket = await self.bucket(entity_type)
+        try:
+            keys = await bucket.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        return sorted(self.entity_id(k) for k in keys)

@@ -42,7 +42,7 @@ from ..errors import (
     RequestInterruptedError,
 )
 from ._calls import Calls, cancel_tasks
-from ._lanes import Job, Lane, Waiting
+from ._lanes import Job, Lane, ReplyTo, Waiting
 from ._replies import NOT_STORED, ReplyCache
 from ._state import Owner
 from ._stream import Streams, StreamWriter
@@ -96,7 +96,7 @@ class Dispatcher:
         self._streams = Streams(node.transport)  # streamed replies under way
         #: Idempotency: ids still in flight: their request's fingerprint, and
         #: who else waits for their reply.
-        self.in_flight: dict[str, tuple[bytes, list[str]]] = {}
+        self.in_flight: dict[str, tuple[bytes, list[ReplyTo]]] = {}
         # Queued messages answered at their deadline (see Waiting).
         self._queue_timeouts: Timeouts[Waiting] | None = None
         # The handlers that started last (for the loop-stall report).
@@ -142,7 +142,7 @@ class Dispatcher:
         starting = min(self._node.max_concurrency - self.running, ready)
         return self.queued + 1 - starting > self._node.max_pending
 
-    def overloaded(self, reply: str | None) -> None:
+    def overloaded(self, reply: ReplyTo) -> None:
         """Refuse a message for want of room; log when the node falls behind."""
         node = self._node
         self.rejected("overloaded")
@@ -182,7 +182,7 @@ class Dispatcher:
         message = f"envelope {env.type!r} for shard {env.shard} expired before its handler ran"
         return error_reply_for(EnvelopeExpiredError(message))
 
-    def enqueue(self, env: Envelope, reply: str | None) -> None:
+    def enqueue(self, env: Envelope, reply: ReplyTo) -> None:
         node = self._node
         node.stats.received += 1
         self.queued += 1
@@ -325,7 +325,7 @@ class Dispatcher:
             self._lanes.pop((lane.shard, lane.key), None)
 
     async def _run(
-        self, env: Envelope, reply: str | None, me: asyncio.Task[None], received: float
+        self, env: Envelope, reply: ReplyTo, me: asyncio.Task[None], received: float
     ) -> None:
         node = self._node
         if env.expired():
@@ -350,7 +350,7 @@ class Dispatcher:
         stream: StreamWriter | None = None
         result: bytes | bytearray | memoryview | None = None
         try:
-            if env.stream and reply is not None:
+            if env.stream and isinstance(reply, str):
                 stream = await self._streams.open(env, reply, partial(self._calls.interrupt, me))
             result = await self._calls.call(node.handler, env, me, stream)
             if result is None:
@@ -425,7 +425,7 @@ class Dispatcher:
         )
 
     def _finish(
-        self, env: Envelope, reply: str | None, body: bytes | None, *, cache: bool = True
+        self, env: Envelope, reply: ReplyTo, body: bytes | None, *, cache: bool = True
     ) -> None:
         """Answer ``reply`` and every retry of the same id that waited, and remember
         the reply for later retries when the handler ran (``cache``)."""
@@ -529,9 +529,12 @@ class Dispatcher:
 
     # -- replies ------------------------------------------------------------
 
-    def reply(self, reply: str | None, body: bytes | None) -> None:
+    def reply(self, reply: ReplyTo, body: bytes | None) -> None:
         """Send a reply at once, without waiting (callable from synchronous code)."""
         if reply is None or body is None:
+            return
+        if not isinstance(reply, str):
+            reply(body)  # a batch item's (node/_batch.py)
             return
         try:
             self._node.transport.publish_nowait(reply, body)

@@ -17,10 +17,18 @@ import structlog
 
 from ..codec import decode_request, encode_payload, encode_reply, error_reply_for
 from ..envelope import Envelope
-from ..errors import BadRequestError, IdempotencyKeyReusedError, NotOwnerError, WrongShardError
+from ..errors import (
+    BadRequestError,
+    IdempotencyKeyReusedError,
+    NotOwnerError,
+    ReplyTooLargeError,
+    WrongShardError,
+)
 from ..hashing import ShardCache, ShardMapper
-from ..protocol import INTERRUPT_TYPE, NODE_INFO_TYPE, NodeInfo, fingerprint
+from ..protocol import BATCH_TYPE, INTERRUPT_TYPE, NODE_INFO_TYPE, NodeInfo, fingerprint
+from ._batch import BatchReplies, decode_batch, encode_batch_reply
 from ._dispatch import Dispatcher
+from ._lanes import ReplyTo
 from ._state import Owner
 
 __all__ = ["Intake"]
@@ -61,6 +69,9 @@ class Intake:
             dispatch.rejected("expired")
             dispatch.reply(reply, dispatch.expired_reply(env))
             return
+        if env.type == BATCH_TYPE:
+            self._batch(env, reply)
+            return
         if env.type == NODE_INFO_TYPE:
             handler = node.handler
             types = getattr(handler, "message_types", None)
@@ -73,6 +84,15 @@ class Intake:
             )
             dispatch.reply(reply, encode_reply(encode_payload(info)))
             return
+        self._take(env, reply)
+
+    def _take(self, env: Envelope, reply: ReplyTo) -> None:
+        """The checks after decoding (the key's shard, interrupts, ownership, the
+        request id, room in the queue), then the queue: for a message, and for
+        each item of a batch."""
+        node = self._node
+        dispatch = self._dispatch
+        shard = env.shard
         key = env.key
         if key is not None and self._shard_of(key) != shard:
             dispatch.rejected("wrong_shard")
@@ -115,6 +135,35 @@ class Intake:
             return
         dispatch.enqueue(env, reply)
 
+    def _batch(self, env: Envelope, reply: str | None) -> None:
+        """Take a batch (node/_batch.py): each item as a message of its own; one
+        reply once every item has its own."""
+        node = self._node
+        dispatch = self._dispatch
+        try:
+            items = decode_batch(env, node.limits)
+        except BadRequestError as exc:
+            dispatch.rejected("bad_request")
+            dispatch.reply(reply, error_reply_for(exc))
+            return
+
+        def answer(replies: list[bytes]) -> None:
+            body = encode_reply(encode_batch_reply(node.node_id, node.shards, replies))
+            if len(body) > node.transport.max_payload:
+                dispatch.rejected("reply_too_large")
+                body = error_reply_for(
+                    ReplyTooLargeError(
+                        f"the replies to a batch of {len(replies)} items make {len(body)} bytes, "
+                        f"over the max_payload of {node.transport.max_payload}: the items ran; "
+                        "send smaller batches"
+                    )
+                )
+            dispatch.reply(reply, body)
+
+        collect = BatchReplies(len(items), answer)
+        for i, item in enumerate(items):
+            self._take(item, collect.target(i))
+
     def _wrong_shard(self, key: str, shard: int) -> WrongShardError:
         node = self._node
         return WrongShardError(
@@ -123,7 +172,7 @@ class Intake:
             "seed differs from the node's: fix its settings"
         )
 
-    def _reused(self, env: Envelope, reply: str | None) -> None:
+    def _reused(self, env: Envelope, reply: ReplyTo) -> None:
         """Refuse a request whose id names another request."""
         self._dispatch.rejected("id_reused")
         message = (

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Job", "Lane", "Waiting"]
+__all__ = ["Job", "Lane", "ReplyTo", "Waiting"]
+
+#: Where a message's reply goes: a NATS reply subject, a batch's collector of
+#: its items' replies (node/_batch.py), or nowhere (a notification).
+ReplyTo = str | Callable[[bytes], None] | None
 
 # A message, where to reply, when it arrived (monotonic; 0.0 unmetered), and
 # its Waiting while it waits behind others with a deadline (else None). A

@@ -25,6 +25,7 @@ __all__ = [
     "is_cas_failure",
     "jetstream_of",
     "kv_key",
+    "kv_key_text",
     "open_bucket",
     "put_with_ttl",
     "settling",
@@ -61,6 +62,14 @@ def kv_key(text: str) -> str:
     if _SAFE_KEY.fullmatch(text):
         return text
     return "b64." + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def kv_key_text(key: str) -> str:
+    """The text a :func:`kv_key` was made from (its inverse)."""
+    if not key.startswith("b64."):
+        return key
+    encoded = key[4:]
+    return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
 
 
 def is_cas_failure(exc: BaseException) -> bool:
