@@ -67,7 +67,7 @@ class TestEnvelope:
         must be added there too) and the result is a real, frozen Envelope."""
         names = [f.name for f in dataclasses.fields(Envelope)]
         assert list(inspect.signature(_Unfrozen).parameters) == names
-        values = ("t", b"d", 3, "k", {"a": "b"}, 2.0, 1.5, "id", 9.0)
+        values = ("t", b"d", 3, "k", {"a": "b"}, 2.0, 1.5, "id", 9.0, 2)
         built = _envelope(*values)
         assert type(built) is Envelope
         assert built == Envelope(*values)

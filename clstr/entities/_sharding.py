@@ -24,6 +24,7 @@ from ..ids import Snowflake, node_snowflake
 from ..metrics import NOOP_METRICS, Metrics
 from ..node import Membership, Node, NodeEvent, NodeEventKind, ShardContext
 from ..protocol import DEFAULT_PREFIX, entity_key, entity_type_name
+from ..tracing import NOOP_TRACING, Tracing
 from ..transports.base import Transport
 from ._entity import Entity, spec_of
 from ._events import (
@@ -88,6 +89,7 @@ class Sharding:
     ``membership`` factory (group name -> a new :class:`~clstr.node.Membership`,
     e.g. ``lambda g: KvMembership()``), or ``nodes`` (a static member list), or
     neither (this node serves every shard). ``store`` keeps entity state;
+    ``metrics`` and ``tracing`` go to every node and client of the runner;
     ``node_options`` go to each :class:`~clstr.Node`.
     """
 
@@ -106,6 +108,7 @@ class Sharding:
         timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         metrics: Metrics = NOOP_METRICS,
+        tracing: Tracing = NOOP_TRACING,
         node_options: Mapping[str, Any] | None = None,
     ) -> None:
         if membership is not None and nodes is not None:
@@ -140,6 +143,7 @@ class Sharding:
                 seed=seed,
                 prefix=group_prefix,
                 metrics=metrics,
+                tracing=tracing,
                 **kwargs,
             )
             node_id = node.node_id  # one id for every group's node
@@ -154,6 +158,7 @@ class Sharding:
                 timeout=timeout,
                 retry=retry,
                 metrics=metrics,
+                tracing=tracing,
             )
         self.node_id: str = self.nodes[DEFAULT_GROUP].node_id
 
