@@ -322,16 +322,19 @@ class _OtelCallSpan:
 class _OtelHandlerSpan:
     __slots__ = ("_detach", "_span", "_token")
 
-    def __init__(self, span: Span, token: object, detach: Callable[[Any], None]) -> None:
+    def __init__(self, span: Span | None, token: object, detach: Callable[[Any], None]) -> None:
         self._span = span
         self._token = token
         self._detach = detach
 
     def end(self, error: BaseException | None) -> None:
-        if isinstance(error, RequestError) and error.code == "interrupted":
-            self._span.add_event("clstr.interrupted")
         self._detach(self._token)
-        _end(self._span, error, "handler_error")
+        span = self._span
+        if span is None:
+            return
+        if isinstance(error, RequestError) and error.code == "interrupted":
+            span.add_event("clstr.interrupted")
+        _end(span, error, "handler_error")
 
 
 class _OtelNodeTracing:
@@ -370,6 +373,10 @@ class _OtelNodeTracing:
         owner = self._owner
         trace = owner._trace
         queue, parent, attributes, links, now = self._queue(env, arrived)
+        if not queue.is_recording():
+            # Not sampled: neither is the handler's span (same parent, same trace),
+            # so none is made; the handler's calls still carry the trace onwards.
+            return _OtelHandlerSpan(None, owner._attach(parent), owner._detach)
         queue.set_attribute("clstr.outcome", "started")
         queue.end(end_time=now)
         # A request (or stream) is answered: a server span; a notification is consumed.

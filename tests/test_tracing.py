@@ -227,6 +227,34 @@ class TestOneTrace:
         assert handle.parent.span_id == notify.context.span_id
         assert handle.context.trace_id == notify.context.trace_id
 
+    async def test_an_unsampled_trace_makes_no_node_spans_and_carries_on(
+        self, connect: Connect
+    ) -> None:
+        """When the client's trace is not sampled (flags 00), the node records no span
+        but its handler runs in that trace, so its own calls stay in it."""
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracing = OpenTelemetryTracing(provider)
+        inside: list[trace.SpanContext] = []
+
+        async def handler(env: Envelope) -> bytes:
+            inside.append(trace.get_current_span().get_span_context())
+            return env.headers[TRACEPARENT_HEADER].encode()
+
+        try:
+            async with _node(await connect("node"), handler, tracing=tracing):
+                client = Client(await connect("client"), num_shards=NUM_SHARDS, tracing=tracing)
+                sent = (await client.request_key("k", "T")).decode()
+        finally:
+            provider.shutdown()
+        assert int(sent[-2:], 16) & 1 == 0  # not sampled, and said so on the wire
+        assert exporter.get_finished_spans() == ()
+        assert inside[0].trace_id == int(sent[3:35], 16)
+        assert not inside[0].trace_flags.sampled
+
     async def test_record_keys_puts_the_raw_key_on_spans(
         self, connect: Connect, traces: Traces
     ) -> None:
