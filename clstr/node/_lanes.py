@@ -7,7 +7,7 @@ from typing import Any
 
 __all__ = ["Job", "Lane", "Waiting"]
 
-# A message, where to reply, when it arrived (monotonic; 0.0 unmetered), and
+# A message, where to reply, when it arrived (monotonic; 0.0 unless timed), and
 # its Waiting while it waits behind others with a deadline (else None). A
 # list, not an object: it is made for every message.
 Job = list[Any]
