@@ -19,6 +19,11 @@ nats-server (both in the process, 64 requests in flight, 1000 keys), and
 reports messages per second and its CPU time per message (the figure to
 compare on a noisy host: other processes do not move it). Ratios are
 variant / ``before``, of the medians over the rounds.
+
+Then, for the finer figure that process-to-process noise hides, ``before``
+and ``off`` in **one** process (the baseline imported as ``clstr_before``):
+sequential requests and notifications over the memory transport, the two
+alternating run by run, best of ``--same-runs`` runs.
 """
 
 from __future__ import annotations
@@ -174,12 +179,137 @@ def _run(variant: str, transport: str, url: str, args: argparse.Namespace, basel
     return json.loads(lines[-1][len(_MARK) :])
 
 
+def _import_before(baseline: Path) -> Any:
+    """The baseline package, imported under the name ``clstr_before``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "clstr_before",
+        baseline / "clstr" / "__init__.py",
+        submodule_search_locations=[str(baseline / "clstr")],
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["clstr_before"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def _sequential(package: Any, n: int) -> tuple[float, float]:
+    """(CPU µs a request, CPU µs a notification) of ``n`` sequential calls each,
+    one node and one client of ``package`` on its memory transport. CPU time:
+    other processes on the host move it far less than wall time."""
+    handled = 0
+    reached = asyncio.Event()
+
+    async def handler(env: Any) -> bytes:
+        nonlocal handled
+        handled += 1
+        if handled == n:
+            reached.set()
+        return b""
+
+    network = package.MemoryNetwork()
+    async with package.Node(package.MemoryTransport(network), handler, num_shards=64):
+        client = package.Client(package.MemoryTransport(network), num_shards=64)
+        started = time.process_time()
+        for i in range(n):
+            await client.request_key(KEYS[i % len(KEYS)], "echo", b"x")
+        request = (time.process_time() - started) / n * 1e6
+        handled = 0
+        started = time.process_time()
+        for i in range(n):
+            await client.notify_key(KEYS[i % len(KEYS)], "count", b"x")
+        await reached.wait()
+        notify = (time.process_time() - started) / n * 1e6
+    return request, notify
+
+
+async def _opcodes(package: Any, n: int) -> tuple[float, float]:
+    """Python bytecodes executed per request and per notification (``n`` each,
+    after a warm-up), counted with opcode tracing: no noise, and only the
+    Python part of the work (msgpack, BLAKE3 and the loop's C code are not
+    counted, so it overstates what a change in Python code weighs)."""
+    count = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        if "/clstr/" not in frame.f_code.co_filename:
+            return None  # asyncio's share moves with wall time (timers), not with clstr
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return tracer
+
+    handled = 0
+    reached = asyncio.Event()
+
+    async def handler(env: Any) -> bytes:
+        nonlocal handled
+        handled += 1
+        if handled == n:
+            reached.set()
+        return b""
+
+    network = package.MemoryNetwork()
+    async with package.Node(package.MemoryTransport(network), handler, num_shards=64):
+        client = package.Client(package.MemoryTransport(network), num_shards=64)
+        for i in range(100):
+            await client.request_key(KEYS[i], "echo", b"x")
+        sys.settrace(tracer)
+        for i in range(n):
+            await client.request_key(KEYS[i % len(KEYS)], "echo", b"x")
+        sys.settrace(None)
+        requests, count, handled = count / n, 0, 0
+        sys.settrace(tracer)
+        for i in range(n):
+            await client.notify_key(KEYS[i % len(KEYS)], "count", b"x")
+        await reached.wait()
+        sys.settrace(None)
+    return requests, count / n
+
+
+def same_process(baseline: Path, runs: int, n: int) -> None:
+    import structlog
+
+    import clstr
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    packages = {"before": _import_before(baseline), "off": clstr}
+    best = {name: [float("inf"), float("inf")] for name in packages}
+    for run in range(runs):
+        for name in packages if run % 2 == 0 else reversed(packages):
+            request, notify = asyncio.run(_sequential(packages[name], n))
+            best[name] = [min(best[name][0], request), min(best[name][1], notify)]
+    before, off = best["before"], best["off"]
+    ops = {name: asyncio.run(_opcodes(package, 500)) for name, package in packages.items()}
+    print("one process, memory transport, clstr's Python bytecodes executed a call:")
+    for i, op in enumerate(("request/reply", "notify")):
+        counts = ops["before"][i], ops["off"][i]
+        print(
+            f"  {op + ':':14} before {counts[0]:.0f}, off {counts[1]:.0f} "
+            f"({counts[1] - counts[0]:+.0f}, {(counts[1] / counts[0] - 1) * 100:+.1f} %)"
+        )
+    print(f"one process, memory transport, CPU, best of {runs} runs of {n} sequential calls:")
+    print(
+        f"  request/reply: before {before[0]:.2f} µs, off {off[0]:.2f} µs, "
+        f"ratio {before[0] / off[0]:.3f} (rate off / before)"
+    )
+    print(
+        f"  notify:        before {before[1]:.2f} µs, off {off[1]:.2f} µs, "
+        f"ratio {before[1] / off[1]:.3f}"
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     from clstr.testing import NatsServer
 
     results: dict[tuple[str, str], list[Any]] = {}
     with tempfile.TemporaryDirectory() as tmp, NatsServer() as server:
         baseline = _baseline(args.baseline, Path(tmp))
+        if args.same_runs:
+            same_process(baseline, args.same_runs, args.same_calls)
         for round_ in range(args.rounds):
             order = VARIANTS if round_ % 2 == 0 else tuple(reversed(VARIANTS))
             for transport in TRANSPORTS:
@@ -192,6 +322,8 @@ def main(args: argparse.Namespace) -> None:
                         raise RuntimeError(f"{variant} ran {result['package']}, not {source}")
                     results.setdefault((variant, transport), []).append(result)
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    if not args.rounds:
+        return
     print(f"{args.rounds} rounds, medians; ratio = variant / before (rate; CPU per message)")
     head = ("transport", "op", "variant", "msg/s", "CPU µs", "best", "ratio", "CPU x")
     print("{:9} {:6} {:7} {:>9} {:>7} {:>6} {:>6} {:>6}".format(*head))
@@ -215,6 +347,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--notifies", type=int, default=40_000)
+    parser.add_argument("--same-runs", type=int, default=21)
+    parser.add_argument("--same-calls", type=int, default=5000)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--transport", default="memory", help=argparse.SUPPRESS)
     parser.add_argument("--url", default="", help=argparse.SUPPRESS)
