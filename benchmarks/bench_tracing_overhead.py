@@ -23,7 +23,9 @@ variant / ``before``, of the medians over the rounds.
 Then, for the finer figure that process-to-process noise hides, ``before``
 and ``off`` in **one** process (the baseline imported as ``clstr_before``):
 sequential requests and notifications over the memory transport, the two
-alternating run by run, best of ``--same-runs`` runs.
+alternating run by run, best of ``--same-runs`` runs; and what one span costs
+the OpenTelemetry SDK by itself (start with 5 attributes, end, batched to an
+exporter that drops it), for scale.
 """
 
 from __future__ import annotations
@@ -302,6 +304,21 @@ def same_process(baseline: Path, runs: int, n: int) -> None:
     )
 
 
+def span_cost(spans: int = 20_000) -> None:
+    """CPU µs the SDK spends on one span (best of 3), with nothing of clstr's."""
+    provider = _tracing("on")["tracing"]._tracer
+    attributes = {"a": 1, "b": "x", "c": "y", "d": 2, "e": "z"}
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        for _ in range(spans):
+            span = provider.start_span("s", attributes=attributes)
+            span.set_attribute("o", "ok")
+            span.end()
+        best = min(best, (time.process_time() - started) / spans * 1e6)
+    print(f"the OpenTelemetry SDK alone: {best:.1f} CPU µs a span (start, 6 attributes, end)")
+
+
 def main(args: argparse.Namespace) -> None:
     from clstr.testing import NatsServer
 
@@ -310,6 +327,7 @@ def main(args: argparse.Namespace) -> None:
         baseline = _baseline(args.baseline, Path(tmp))
         if args.same_runs:
             same_process(baseline, args.same_runs, args.same_calls)
+            span_cost()
         for round_ in range(args.rounds):
             order = VARIANTS if round_ % 2 == 0 else tuple(reversed(VARIANTS))
             for transport in TRANSPORTS:

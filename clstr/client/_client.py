@@ -365,8 +365,9 @@ class Client:
         (``with_ttl``) so that a message nobody takes in time is dropped.
         """
         env = self._build(shard, msg_type, data, key, options, None)
-        span = self.tracing.start_call("notify", msg_type, shard, key) if self._traced else None
-        if span is not None:
+        span = None
+        if self._traced:
+            span = self.tracing.start_call("notify", msg_type, shard, key)
             env = with_trace(env, span, 1, self.limits)
         ok = False
         try:
