@@ -70,6 +70,7 @@ from .ids import (
 from .metrics import Metrics, NoopMetrics, PrometheusMetrics
 from .node import Node, NodeState, NodeStats
 from .protocol import DEFAULT_PREFIX, NODE_INFO_TYPE, NodeInfo, shard_subject
+from .tracing import NoopTracing, OpenTelemetryTracing, Tracing
 from .transports import MemoryNetwork, MemoryTransport, Transport
 
 __all__ = [
@@ -138,6 +139,10 @@ __all__ = [
     "Metrics",
     "NoopMetrics",
     "PrometheusMetrics",
+    # tracing
+    "Tracing",
+    "NoopTracing",
+    "OpenTelemetryTracing",
     # errors
     "ClstrError",
     "ConfigurationError",

@@ -20,7 +20,7 @@ from typing import Any, Final, NoReturn, TypeVar
 import msgpack
 
 from ._clock import monotonic
-from .envelope import _NO_HEADERS, RESERVED_HEADER_PREFIX, Envelope, _envelope
+from .envelope import _NO_HEADERS, CLSTR_HEADERS, RESERVED_HEADER_PREFIX, Envelope, _envelope
 from .errors import (
     BadRequestError,
     LimitExceededError,
@@ -196,7 +196,8 @@ def decode_request(
     The deadline is based on ``received`` (local monotonic time, default now)
     plus the TTL on the wire, never on the sender's clock. Raises
     :class:`BadRequestError` saying what is wrong with the bytes, a header
-    name with the reserved ``x-clstr-`` prefix included.
+    name with the reserved ``x-clstr-`` prefix included (but for clstr's own,
+    :data:`~clstr.envelope.CLSTR_HEADERS`).
     """
     body = _unpack_map(data, limits, "request")
     get = body.get
@@ -243,13 +244,15 @@ def decode_request(
     except LimitExceededError as exc:
         raise BadRequestError(str(exc)) from exc
     if headers:
-        # Only clstr may set these (a peer must not pass for clstr itself);
-        # after the limits, so the names to look at are few.
+        # Only clstr's own reserved names may pass (trace context: a peer must
+        # not pass for clstr otherwise); after the limits, which count them too,
+        # so the names to look at are few.
         for name in headers:
-            if name[:_RESERVED_LEN].lower() == RESERVED_HEADER_PREFIX:
+            if name[:_RESERVED_LEN].lower() == RESERVED_HEADER_PREFIX and name not in CLSTR_HEADERS:
                 raise BadRequestError(
                     f"header {name!r} uses the reserved prefix {RESERVED_HEADER_PREFIX!r}, "
-                    "which user headers may not; rename it"
+                    "which user headers may not; rename it (clstr's own are exactly "
+                    f"{', '.join(sorted(CLSTR_HEADERS))}, in lower case)"
                 )
     return env
 

@@ -6,12 +6,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Final
 
 from ._clock import monotonic
 from .errors import ConfigurationError, ReservedHeaderError
 
 __all__ = [
     "RESERVED_HEADER_PREFIX",
+    "TRACEPARENT_HEADER",
+    "TRACESTATE_HEADER",
+    "ATTEMPT_HEADER",
+    "CLSTR_HEADERS",
     "Envelope",
     "EnvelopeOption",
     "with_header",
@@ -20,6 +25,17 @@ __all__ = [
 
 #: Header names starting with this prefix belong to clstr; users may not set them.
 RESERVED_HEADER_PREFIX = "x-clstr-"
+
+# The reserved headers clstr itself sends (docs/protocol.md, Trace context): a
+# node accepts exactly these names, in lower case; users still may not set them.
+#: W3C Trace Context ``traceparent`` of the sender's span.
+TRACEPARENT_HEADER: Final = "x-clstr-traceparent"
+#: W3C Trace Context ``tracestate`` that goes with it (sent when not empty).
+TRACESTATE_HEADER: Final = "x-clstr-tracestate"
+#: Which attempt of a retried request this is, in decimal (sent from the second on).
+ATTEMPT_HEADER: Final = "x-clstr-attempt"
+#: Every reserved header name a node accepts.
+CLSTR_HEADERS: Final = frozenset({TRACEPARENT_HEADER, TRACESTATE_HEADER, ATTEMPT_HEADER})
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 

@@ -80,6 +80,7 @@ class TestConformance:
                 await responder.nc.publish(reply, msgpack.packb(body, use_bin_type=True))
 
         sub = await responder.nc.subscribe("clstr.shard.*", queue="clstr", cb=handle)
+        await responder.nc.flush()  # the server has the subscription before the first case
         try:
             results = await run_cases(runner, num_shards=NUM_SHARDS, timeout=2)
         finally:

@@ -12,8 +12,9 @@ import msgpack
 import pytest
 
 import clstr
-from clstr import Envelope, NoHandlerError, shard_for_key
+from clstr import NoHandlerError, shard_for_key
 from clstr.codec import DEFAULT_LIMITS, decode_reply, decode_request, encode_request
+from clstr.envelope import _envelope
 from clstr.errors import BadRequestError, RequestError, error_for_code
 from clstr.hashing import _C1, _C2, _LN2, _SQRT_HALF
 from clstr.node._replies import NOT_STORED
@@ -127,6 +128,30 @@ class TestConstants:
             assert getattr(DEFAULT_LIMITS, field) == int(value), field
 
 
+class TestTraceContext:
+    def test_the_table_names_exactly_the_reserved_headers_a_node_accepts(self) -> None:
+        """The trace context table lists clstr.envelope.CLSTR_HEADERS, no more, no less."""
+        from clstr.envelope import CLSTR_HEADERS
+
+        section = PAGE[PAGE.index("### Trace context") : PAGE.index("### Deadlines and clocks")]
+        names = set(re.findall(r"^\| `(x-clstr-[a-z]+)` \|", section, re.M))
+        assert names == CLSTR_HEADERS
+
+    def test_the_example_context_decodes(self) -> None:
+        """The page's example traceparent is one a W3C propagator reads back: the trace
+        and span ids the page names, sampled."""
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        value = re.search(r'"x-clstr-traceparent":\s+"([^"]+)"', PAGE)
+        assert value is not None
+        context = TraceContextTextMapPropagator().extract({"traceparent": value.group(1)})
+        span = trace.get_current_span(context).get_span_context()
+        assert f"{span.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+        assert f"{span.span_id:016x}" == "b7ad6b7169203331"
+        assert span.trace_flags.sampled
+
+
 class TestWireVectors:
     def test_requests_decode_to_their_fields_and_encode_back(self) -> None:
         """Each request vector decodes to its fields, clstr encodes the same bytes,
@@ -146,8 +171,18 @@ class TestWireVectors:
             assert fingerprint(env).hex() == v["fingerprint_hex"], v["name"]
             if "d" in fields and "ts" in fields:  # what clstr always writes
                 ttl = fields.get("ttl", 0) / 1000 or None
-                again = Envelope(
-                    env.type, env.data, env.shard, env.key, env.headers, ttl, env.created_at, env.id
+                # As the client builds it: clstr's own trace headers pass unchecked.
+                again = _envelope(
+                    env.type,
+                    env.data,
+                    env.shard,
+                    env.key,
+                    env.headers,
+                    ttl,
+                    env.created_at,
+                    env.id,
+                    None,
+                    0,
                 )
                 assert encode_request(again, ttl=ttl).hex() == v["hex"], v["name"]
 

@@ -1,4 +1,12 @@
-"""One deadline, two clocks: the part of a caller's deadline its envelope carries."""
+"""One deadline per request, split between the node and the reply's way back.
+
+The call's ``timeout`` and the envelope's TTL are the same budget. The client
+waits for at most that long, never longer, and the envelope carries the same
+budget less a reserve for the reply's way back (a tenth of it, at least 50 ms
+and at most 250 ms, never more than half), so a node's ``timeout`` error
+reaches the caller before the caller gives up, even when the reply is held up
+for a while on its way (a busy event loop).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ _REPLY_RESERVE_MAX: Final = 0.25
 
 def node_budget(left: float) -> float:
     """The TTL to send when the caller waits ``left`` more seconds: ``left`` less
-    the reply reserve, so that the node's deadline falls before the caller's."""
+    the reply reserve (see the module docstring), so that the node's deadline
+    falls before the caller's."""
     reserve = min(
         max(left * _REPLY_RESERVE_FRACTION, _REPLY_RESERVE_MIN), _REPLY_RESERVE_MAX, left / 2
     )

@@ -1,11 +1,7 @@
 """The client: hashes keys to shards, builds envelopes, sends, maps errors.
 
 One deadline per request: the call's ``timeout`` and the envelope's TTL are
-the same budget. The client waits for at most that long, never longer, and
-the envelope carries the same budget less a reserve for the reply's way back
-(a tenth of it, at least 50 ms and at most 250 ms, never more than half), so
-a node's ``timeout`` error reaches the caller before the caller gives up,
-even when the reply is held up for a while on its way (a busy event loop).
+the same budget (see :mod:`clstr.client._budget` for how it is split).
 """
 
 from __future__ import annotations
@@ -15,8 +11,10 @@ import contextlib
 import enum
 import itertools
 import os
+import sys
 import time
 from collections.abc import AsyncGenerator, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -51,11 +49,13 @@ from ..protocol import (
     entity_type_name,
     shard_subject,
 )
+from ..tracing import NOOP_TRACING, NoopTracing, Tracing
 from ..transports.base import Transport
 from ._budget import node_budget as _node_budget
 from ._retry import RetryPolicy
 from ._scoped import ScopedClient
 from ._stream import interrupt_request, receive_stream
+from ._traced import traced_stream, with_trace
 
 __all__ = [
     "Client",
@@ -92,7 +92,8 @@ class Client:
     applied to every envelope before the per-call ones. With a ``retry``
     policy, requests that meet a retryable error (no owner, not owner,
     overloaded) are sent again with jittered backoff until their deadline,
-    under one request id so that the node never applies them twice.
+    under one request id so that the node never applies them twice. With a
+    ``tracing``, every call is a span continued on the node (docs/observability.md).
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class Client:
         options: Sequence[EnvelopeOption] = (),
         limits: Limits = DEFAULT_LIMITS,
         metrics: Metrics = NOOP_METRICS,
+        tracing: Tracing = NOOP_TRACING,
         retry: RetryPolicy | None = None,
         interrupt_on_cancel: bool = True,
         owns_transport: bool = False,
@@ -126,6 +128,8 @@ class Client:
         #: Cancelling a request's awaiting task interrupts its handler too.
         self.interrupt_on_cancel = interrupt_on_cancel
         self._metered = metrics is not NOOP_METRICS
+        self.tracing = tracing
+        self._traced = not isinstance(tracing, NoopTracing)  # (the no-op one is never called)
         self.state = ClientState.OPEN
         self._subjects = [shard_subject(prefix, s) for s in range(num_shards)]
         # Request ids: 96 random bits per client and a counter, unique across
@@ -256,8 +260,8 @@ class Client:
         One deadline: ``timeout`` (default the client's), capped by the time
         left of a TTL an option set. The call waits at most that long; the
         envelope carries the same deadline less the reply reserve (see the
-        module docstring), so that a handler too slow for it ends in the
-        node's :class:`~clstr.HandlerTimeoutError` rather than the caller's
+        :mod:`~clstr.client._budget`), so that a handler too slow for it ends in
+        the node's :class:`~clstr.HandlerTimeoutError` rather than the caller's
         own timeout.
 
         Raises :class:`NoShardOwnerError` at once when no node serves the
@@ -280,6 +284,7 @@ class Client:
         deadline = now + budget
         started = time.perf_counter() if self._metered else 0.0
         ok = False
+        span = self.tracing.start_call("request", msg_type, shard, key) if self._traced else None
         try:
             attempt = 0
             last: RequestError | None = None
@@ -298,13 +303,16 @@ class Client:
                 # A retry is a new message: stamped now, or a node would judge the
                 # shrinking TTL against the first attempt's time and call it stale.
                 stamp = time.time() if attempt else None
-                body = self._encode(env, ttl=_node_budget(left), created_at=stamp)
+                sent = env if span is None else with_trace(env, span, attempt + 1, self.limits)
+                body = self._encode(sent, ttl=_node_budget(left), created_at=stamp)
                 try:
                     try:
                         reply = await self.transport.request(self._subjects[shard], body, wait)
                     except asyncio.CancelledError:
                         if self.interrupt_on_cancel:
                             self._interrupt_nowait(env, stamp)
+                            if span is not None:
+                                span.event("clstr.interrupt", {"clstr.attempt": attempt + 1})
                         raise
                     payload = decode_reply(reply, limits=self.limits)
                 except RequestError as exc:
@@ -320,6 +328,8 @@ class Client:
                     if monotonic() + pause + _MIN_ATTEMPT >= deadline:
                         raise
                     self.metrics.request_retried(msg_type, exc.code)
+                    if span is not None:
+                        span.retry(attempt, exc.code, pause)
                     last = exc
                     await asyncio.sleep(pause)
                     continue
@@ -334,6 +344,8 @@ class Client:
         finally:
             if self._metered:
                 self.metrics.request_completed(msg_type, ok, time.perf_counter() - started)
+            if span is not None:  # (not ok: the exception on its way out is this call's)
+                span.end(None if ok else sys.exc_info()[1])
 
     async def request_key(
         self,
@@ -371,6 +383,10 @@ class Client:
         (``with_ttl``) so that a message nobody takes in time is dropped.
         """
         env = self._build(shard, msg_type, data, key, options, None)
+        span = None
+        if self._traced:
+            span = self.tracing.start_call("notify", msg_type, shard, key)
+            env = with_trace(env, span, 1, self.limits)
         ok = False
         try:
             await self.transport.publish(self._subjects[shard], self._encode(env))
@@ -378,6 +394,8 @@ class Client:
         finally:
             if self._metered:
                 self.metrics.notify_completed(msg_type, ok)
+            if span is not None:
+                span.end(None if ok else sys.exc_info()[1])
 
     async def notify_key(
         self,
@@ -427,15 +445,22 @@ class Client:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {budget!r}")
         if env.deadline is not None:
             budget = min(budget, env.deadline - monotonic())
-        return receive_stream(
+        ttl = _node_budget(budget)
+        body = self._encode(env, ttl=ttl)  # (its errors are raised here, traced or not)
+        frames = partial(
+            receive_stream,
             self.transport,
             self._subjects[shard],
-            self._encode(env, ttl=_node_budget(budget)),
             window=window,
             budget=budget,
             limits=self.limits,
-            abandon=lambda: self._interrupt_nowait(env, None),
+            abandon=partial(self._interrupt_nowait, env, None),
         )
+        if self._traced:  # one span over the whole stream, from its first iteration
+            return traced_stream(
+                self.tracing, env, frames, partial(self._encode, ttl=ttl), self.limits
+            )
+        return frames(body)
 
     def stream_key(
         self,
@@ -493,10 +518,8 @@ class Client:
     def _interrupt_nowait(self, env: Envelope, stamp: float | None) -> None:
         """Interrupt ``env``'s handler from a cancelled request (never waits): by its
         id, or by its fingerprint and timestamp when it has none."""
-        # Closed, say: the request's own error is what the caller sees.
-        with contextlib.suppress(Exception):
-            body = interrupt_request(env, stamp)
-            self.transport.publish_nowait(self._subjects[env.shard], body)
+        with contextlib.suppress(Exception):  # closed, say: the request's own error stands
+            self.transport.publish_nowait(self._subjects[env.shard], interrupt_request(env, stamp))
 
     # -- scoped clients -----------------------------------------------------
 

@@ -25,6 +25,7 @@ from ..metrics import NOOP_METRICS, Metrics
 from ..node import Membership, Node, NodeEvent, NodeEventKind, ShardContext
 from ..persist import PersistedClient, PersistedConsumers, PersistSettings, serve_persisted
 from ..protocol import DEFAULT_PREFIX, entity_key, entity_type_name
+from ..tracing import NOOP_TRACING, Tracing
 from ..transports.base import Transport
 from ._entity import Entity, spec_of
 from ._events import (
@@ -89,6 +90,7 @@ class Sharding:
     ``membership`` factory (group name -> a new :class:`~clstr.node.Membership`,
     e.g. ``lambda g: KvMembership()``), or ``nodes`` (a static member list), or
     neither (this node serves every shard). ``store`` keeps entity state;
+    ``metrics`` and ``tracing`` go to every node and client of the runner;
     ``node_options`` go to each :class:`~clstr.Node`. With ``persist``
     settings, each group's node consumes the persisted messages of the shards
     it serves (docs/streams.md); sending persisted messages and reading
@@ -110,6 +112,7 @@ class Sharding:
         timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         metrics: Metrics = NOOP_METRICS,
+        tracing: Tracing = NOOP_TRACING,
         node_options: Mapping[str, Any] | None = None,
         persist: PersistSettings | None = None,
     ) -> None:
@@ -148,6 +151,7 @@ class Sharding:
                 seed=seed,
                 prefix=group_prefix,
                 metrics=metrics,
+                tracing=tracing,
                 **kwargs,
             )
             node_id = node.node_id  # one id for every group's node
@@ -164,6 +168,7 @@ class Sharding:
                 timeout=timeout,
                 retry=retry,
                 metrics=metrics,
+                tracing=tracing,
             )
         self.node_id: str = self.nodes[DEFAULT_GROUP].node_id
 

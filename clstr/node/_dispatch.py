@@ -109,6 +109,10 @@ class Dispatcher:
         """Whether ``shard`` has messages queued or running."""
         return bool(self._load.get(shard))
 
+    def load(self, shard: int) -> int:
+        """How many messages of ``shard`` are queued or running."""
+        return self._load.get(shard, 0)
+
     async def wait_idle(self, shard: int) -> None:
         """Return once ``shard`` has no message queued or running."""
         if self._load.get(shard):
@@ -187,9 +191,10 @@ class Dispatcher:
         node.stats.received += 1
         self.queued += 1
         received = 0.0
-        if node.metered:
+        if node.timed:
             received = monotonic()
-            node.metrics.pending_messages(node.node_id, self.queued)
+            if node.metered:
+                node.metrics.pending_messages(node.node_id, self.queued)
         shard = env.shard
         self._load[shard] = self._load.get(shard, 0) + 1
         key = env.key
@@ -236,6 +241,8 @@ class Dispatcher:
         if self._node.metered:
             self._node.metrics.pending_messages(self._node.node_id, self.queued)
         self.rejected("expired")
+        if self._node.traced:
+            self._node.tracer.message_refused(env, waiting.job[2], "expired")
         self._finish(env, reply, self.expired_reply(env), cache=False)
         self._settled(waiting.shard)
 
@@ -330,11 +337,15 @@ class Dispatcher:
         node = self._node
         if env.expired():
             self.rejected("expired")
+            if node.traced:
+                node.tracer.message_refused(env, received, "expired")
             self._finish(env, reply, self.expired_reply(env), cache=False)
             return
         if node.fenced or (self._evicting and self._refusing(env.shard)):
             # Not cached: a retry after unfencing must run the handler.
             self.rejected("not_owner")
+            if node.traced:
+                node.tracer.message_refused(env, received, "not_owner")
             refusal = error_reply_for(NotOwnerError(node.fence_reason(env.shard)))
             self._finish(env, reply, refusal, cache=False)
             return
@@ -349,6 +360,9 @@ class Dispatcher:
         store = True  # the outcome of a handler that ran is kept for retries
         stream: StreamWriter | None = None
         result: bytes | bytearray | memoryview | None = None
+        span = (
+            node.tracer.handler_started(env, received, reply is not None) if node.traced else None
+        )
         try:
             if env.stream and isinstance(reply, str):
                 stream = await self._streams.open(env, reply, partial(self._calls.interrupt, me))
@@ -364,14 +378,9 @@ class Dispatcher:
             if (reply is not None or env.id is not None) and stream is None:
                 body = encode_reply(bytes(result))
         except asyncio.CancelledError:
-            self._finish(
-                env,
-                reply,
-                error_reply_for(
-                    NotOwnerError(f"node {node.node_id} stopped the handler before it finished")
-                ),
-                cache=False,
-            )
+            stopped = NotOwnerError(f"node {node.node_id} stopped the handler before it finished")
+            failure = stopped
+            self._finish(env, reply, error_reply_for(stopped), cache=False)
             raise
         except RequestError as exc:
             # Raised on purpose by the handler (or the timeout): its code goes back.
@@ -381,6 +390,7 @@ class Dispatcher:
             self._log.debug("handler refused", type=env.type, code=exc.code, error=str(exc))
             body = error_reply_for(exc)
         except Exception as exc:
+            failure = exc
             node.stats.last_error = f"{type(exc).__name__}: {exc}"
             self._log.warning(
                 "handler raised", type=env.type, shard=env.shard, error=repr(exc), exc_info=True
@@ -402,6 +412,8 @@ class Dispatcher:
                 label = "_unknown" if unknown else self._type_label(env.type)
                 node.metrics.handler_completed(label, ok, elapsed)
                 node.metrics.request_served(label, ok, monotonic() - received)
+            if span is not None:
+                span.end(failure)
         if stream is not None:
             # Streams are not kept for retries: a retry would stream again.
             self._streams.close_stream(stream)
@@ -476,12 +488,14 @@ class Dispatcher:
                 keep.append(lane)
                 continue
             while lane.items:
-                env, reply, _, waiting = lane.items.popleft()
+                env, reply, received, waiting = lane.items.popleft()
                 if waiting is not None:
                     if waiting.answered:
                         continue
                     waiting.answered = True
                 self.queued -= 1
+                if self._node.traced:
+                    self._node.tracer.message_refused(env, received, "not_owner")
                 self._finish(env, reply, error, cache=False)
                 self._settled(lane.shard)
             if lane.key is not None:
@@ -510,7 +524,7 @@ class Dispatcher:
         )
         for lane in lanes:
             for job in lane.items if lane is not None else ():
-                env, reply, _, waiting = job
+                env, reply, received, waiting = job
                 if (waiting is not None and waiting.answered) or not match(env):
                     continue
                 if waiting is None:
@@ -519,6 +533,8 @@ class Dispatcher:
                     self._queue_timeouts.discard(waiting.slot, waiting)
                 waiting.answered = True  # its worker skips it
                 self.queued -= 1
+                if self._node.traced:
+                    self._node.tracer.message_refused(env, received, "interrupted")
                 message = f"the caller interrupted {env.type!r} before its handler ran"
                 self._finish(
                     env, reply, error_reply_for(RequestInterruptedError(message)), cache=False

@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import structlog
 
+from .._clock import monotonic
 from ..codec import decode_request, encode_payload, encode_reply, error_reply_for
 from ..envelope import Envelope
 from ..errors import (
@@ -67,6 +68,8 @@ class Intake:
         if env.ttl is not None and self._wall_clock() - env.created_at > env.ttl + node.clock_skew:
             # Only this copy's reply: a copy of the same id may be running.
             dispatch.rejected("expired")
+            if node.traced:
+                node.tracer.message_refused(env, monotonic(), "expired")
             dispatch.reply(reply, dispatch.expired_reply(env))
             return
         if env.type == BATCH_TYPE:
@@ -96,6 +99,8 @@ class Intake:
         key = env.key
         if key is not None and self._shard_of(key) != shard:
             dispatch.rejected("wrong_shard")
+            if node.traced:
+                node.tracer.message_refused(env, monotonic(), "wrong_shard")
             dispatch.reply(reply, error_reply_for(self._wrong_shard(key, shard)))
             return
         if env.type == INTERRUPT_TYPE:
@@ -104,6 +109,8 @@ class Intake:
         if not node.serving(shard):
             # Fenced, or a late delivery for a shard it no longer serves.
             dispatch.rejected("not_owner")
+            if node.traced:
+                node.tracer.message_refused(env, monotonic(), "not_owner")
             dispatch.reply(reply, error_reply_for(NotOwnerError(node.fence_reason(shard))))
             return
         request_id = env.id
@@ -115,6 +122,8 @@ class Intake:
                     self._reused(env, reply)
                     return
                 node.stats.reject("duplicate")
+                if node.traced:
+                    node.tracer.message_refused(env, monotonic(), "cached")
                 dispatch.reply(reply, cached[0])
                 return
             running = dispatch.in_flight.get(request_id)
@@ -123,15 +132,17 @@ class Intake:
                     self._reused(env, reply)
                     return
                 # A retry of a request still queued or running: answer both at once.
+                if node.traced:
+                    node.tracer.message_refused(env, monotonic(), "joined")
                 if reply is not None:
                     running[1].append(reply)
                 return
             if dispatch.queued >= node.max_pending and dispatch.full(env):
-                dispatch.overloaded(reply)
+                self._overloaded(env, reply)
                 return
             dispatch.in_flight[request_id] = (print_, [])
         elif dispatch.queued >= node.max_pending and dispatch.full(env):
-            dispatch.overloaded(reply)
+            self._overloaded(env, reply)
             return
         dispatch.enqueue(env, reply)
 
@@ -172,9 +183,16 @@ class Intake:
             "seed differs from the node's: fix its settings"
         )
 
+    def _overloaded(self, env: Envelope, reply: ReplyTo) -> None:
+        if self._node.traced:
+            self._node.tracer.message_refused(env, monotonic(), "overloaded")
+        self._dispatch.overloaded(reply)
+
     def _reused(self, env: Envelope, reply: ReplyTo) -> None:
         """Refuse a request whose id names another request."""
         self._dispatch.rejected("id_reused")
+        if self._node.traced:
+            self._node.tracer.message_refused(env, monotonic(), "id_reused")
         message = (
             f"request id {env.id!r} was used before for another request (type, key, shard "
             "or payload differ); give each new request a new id"

@@ -12,7 +12,7 @@ __all__ = ["Job", "Lane", "ReplyTo", "Waiting"]
 #: its items' replies (node/_batch.py), or nowhere (a notification).
 ReplyTo = str | Callable[[bytes], None] | None
 
-# A message, where to reply, when it arrived (monotonic; 0.0 unmetered), and
+# A message, where to reply, when it arrived (monotonic; 0.0 unless timed), and
 # its Waiting while it waits behind others with a deadline (else None). A
 # list, not an object: it is made for every message.
 Job = list[Any]

@@ -27,6 +27,7 @@ from ..handlers import Handler, shard_released, start_handler, stop_handler
 from ..hashing import validate_num_shards
 from ..metrics import NOOP_METRICS, Metrics
 from ..protocol import DEFAULT_PREFIX, shard_subject
+from ..tracing import NOOP_TRACING, NodeTracing, NoopTracing, Tracing
 from ..transports.base import Subscription, Transport
 from ._bound import BoundTasks, ShardContext, ShardTask
 from ._dispatch import Dispatcher
@@ -57,6 +58,8 @@ class Node:
     and its effect is not applied twice. A handler that blocks the event
     loop for longer than ``loop_stall_threshold`` seconds is reported (a
     warning naming the handler, and a metric); ``None`` turns that off.
+    With a ``tracing`` (:class:`~clstr.tracing.OpenTelemetryTracing`), each
+    message gets spans that continue its sender's trace (docs/observability.md).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class Node:
         reply_cache_ttl: float = 60.0,
         limits: Limits = DEFAULT_LIMITS,
         metrics: Metrics = NOOP_METRICS,
+        tracing: Tracing = NOOP_TRACING,
         wall_clock: Callable[[], float] = time.time,
         loop_stall_threshold: float | None = DEFAULT_LOOP_STALL_THRESHOLD,
     ) -> None:
@@ -102,7 +106,9 @@ class Node:
         self.stop_timeout = stop_timeout
         self.clock_skew = clock_skew
         self.limits = limits
+        self.traced = False
         self.metrics = metrics
+        self.tracing = tracing
         self._wall_clock = wall_clock
         if membership is None:
             if nodes is not None:
@@ -154,6 +160,22 @@ class Node:
         self._metrics = metrics
         #: Whether :attr:`metrics` is a real sink (calls to the no-op one are skipped).
         self.metered = metrics is not NOOP_METRICS
+        #: Whether messages get an arrival time (for metrics or spans).
+        self.timed = self.metered or self.traced
+
+    @property
+    def tracing(self) -> Tracing:
+        """Where the node reports spans (the no-op default is never called)."""
+        return self._tracing
+
+    @tracing.setter
+    def tracing(self, tracing: Tracing) -> None:
+        self._tracing = tracing
+        #: Whether :attr:`tracing` is a real one (the no-op one is never called).
+        self.traced = not isinstance(tracing, NoopTracing)
+        #: This node's side of :attr:`tracing`.
+        self.tracer: NodeTracing = tracing.for_node(self.node_id, self.prefix)
+        self.timed = self.metered or self.traced
 
     @property
     def reply_cache_ttl(self) -> float:
@@ -224,6 +246,8 @@ class Node:
             self._acquiring.discard(shard)
         self._subs[shard] = sub
         self.metrics.shards_owned(self.node_id, len(self._subs))
+        if self.traced:
+            self.tracer.event(NodeEventKind.SHARD_ACQUIRED.value, shard, {"clstr.token": token})
         self._emit(NodeEvent(NodeEventKind.SHARD_ACQUIRED, shard))
         self._bound.shard_up(shard, token)
 
@@ -233,6 +257,9 @@ class Node:
         what is left (callers get ``not_owner``). Called by the membership.
         """
         sub = self._subs.get(shard)
+        if self.traced and sub is not None:
+            in_flight = self._dispatch.load(shard)
+            self.tracer.event("shard_releasing", shard, {"clstr.in_flight": in_flight})
         if sub is not None:
             # Served until drained: what the server sends meanwhile is handled.
             await sub.drain()
@@ -369,6 +396,12 @@ class Node:
             self._listeners.remove(listener)
 
     def _emit(self, event: NodeEvent) -> None:
+        if self.traced and event.kind is not NodeEventKind.SHARD_ACQUIRED:
+            # (Acquired: reported by acquire, with its fencing token.)
+            attributes = {"clstr.task": event.name} if event.name else {}
+            if event.reason:
+                attributes["clstr.reason"] = event.reason
+            self.tracer.event(event.kind.value, event.shard, attributes)
         for listener in list(self._listeners):
             try:
                 listener(event)

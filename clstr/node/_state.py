@@ -10,6 +10,7 @@ from typing import Protocol
 from ..codec import Limits
 from ..handlers import Handler
 from ..metrics import Metrics
+from ..tracing import NodeTracing
 from ..transports.base import Transport
 
 __all__ = ["NodeEvent", "NodeEventKind", "NodeListener", "NodeState", "NodeStats", "Owner"]
@@ -54,6 +55,11 @@ class Owner(Protocol):
     max_pending: int
     max_concurrency: int
     stats: NodeStats
+    #: Whether :attr:`tracer` is a real one (the no-op one is never called).
+    traced: bool
+    #: Whether messages get an arrival time (metered or traced).
+    timed: bool
+    tracer: NodeTracing
 
     @property
     def metrics(self) -> Metrics: ...

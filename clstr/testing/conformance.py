@@ -218,6 +218,38 @@ async def _reserved(c: _Cluster) -> None:
     _expect(await c.send(0, _request("x", h={"X-Clstr-Trace": "1"})), "bad_request")
 
 
+@_case("clstr's trace headers are accepted", "Trace context")
+async def _trace_headers(c: _Cluster) -> None:
+    headers = {
+        "x-clstr-traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "x-clstr-tracestate": "congo=t61rcWkgMzE",
+        "x-clstr-attempt": "2",
+    }
+    _expect(await c.send(0, _request(NODE_INFO_TYPE, h=headers)), "ok")
+
+
+@_case("a malformed traceparent is ignored, not refused", "Trace context")
+async def _bad_traceparent(c: _Cluster) -> None:
+    c.needs_app()
+    headers = {"x-clstr-traceparent": "not-a-traceparent", "x-clstr-attempt": "two"}
+    reply = await c.send(0, _request(APP_TYPES[0], d=b"ok", h=headers))
+    _expect(reply, "ok")
+
+
+@_case("a trace header not in lower case", "Trace context")
+async def _trace_case(c: _Cluster) -> None:
+    bad = {"X-Clstr-Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    _expect(await c.send(0, _request("x", h=bad)), "bad_request")
+
+
+@_case("trace headers count in the headers' limits", "Trace context")
+async def _trace_limits(c: _Cluster) -> None:
+    headers = {f"h{i}": "v" for i in range(63)}
+    headers["x-clstr-traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers["x-clstr-tracestate"] = "congo=t61rcWkgMzE"
+    _expect(await c.send(0, _request("x", h=headers)), "bad_request")
+
+
 @_case("65 headers", "Headers")
 async def _many_headers(c: _Cluster) -> None:
     headers = {f"h{i}": "v" for i in range(65)}

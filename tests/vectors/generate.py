@@ -310,6 +310,27 @@ WIRE_REQUESTS: list[tuple[str, dict[str, Any], int]] = [
         16,
     ),
     ("node info", {"v": 1, "t": "clstr.node.info", "ts": 1795000000000}, 8),
+    (
+        # The reserved headers a node accepts (docs/protocol.md, Trace context);
+        # headers stay out of the fingerprint: it is the "everything" one's.
+        "trace context",
+        {
+            "v": 1,
+            "t": "Greet",
+            "d": msgpack.packb({"name": "ada"}),
+            "k": "user-42",
+            "h": {
+                "tenant": "acme",
+                "x-clstr-traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                "x-clstr-tracestate": "congo=t61rcWkgMzE",
+                "x-clstr-attempt": "2",
+            },
+            "ttl": 4950,
+            "ts": 1795000000000,
+            "id": "req-1",
+        },
+        64,
+    ),
 ]
 
 WIRE_BAD: list[tuple[str, bytes]] = [
@@ -324,6 +345,10 @@ WIRE_BAD: list[tuple[str, bytes]] = [
     ("boolean ttl", msgpack.packb({"v": 1, "t": "x", "ttl": True})),
     ("header value not str", msgpack.packb({"v": 1, "t": "x", "h": {"a": 1}})),
     ("reserved header", msgpack.packb({"v": 1, "t": "x", "h": {"X-CLSTR-trace": "1"}})),
+    (
+        "trace header not in lower case",
+        msgpack.packb({"v": 1, "t": "x", "h": {"X-Clstr-Traceparent": "1"}}),
+    ),
     ("type of 257 bytes", msgpack.packb({"v": 1, "t": "t" * 257})),
 ]
 
