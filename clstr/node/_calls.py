@@ -1,6 +1,7 @@
 """Calling a handler: under its envelope's deadline, interruptible by its caller.
 
-A handler runs in the worker task that took its message. Two things may cancel
+A handler runs in the worker task that took its message (the node awaits it
+between :meth:`Calls.begin` and :meth:`Calls.end`). Two things may cancel
 that task while the handler runs, and each becomes the handler's outcome:
 
 * its deadline passes (one shared timer per millisecond, :class:`Timeouts`):
@@ -14,7 +15,6 @@ Any other cancellation (the node stopping, a shard moving) propagates.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 import structlog
@@ -22,9 +22,7 @@ import structlog
 from .._clock import Timeouts
 from .._tasks import cancel_and_wait
 from ..envelope import Envelope
-from ..errors import HandlerTimeoutError, RequestInterruptedError
-from ..handlers import ChunkSink, streaming
-from ..handlers._stream import reset as _reset_stream
+from ..errors import HandlerTimeoutError, RequestError, RequestInterruptedError
 
 __all__ = ["Calls", "cancel_tasks"]
 
@@ -42,47 +40,46 @@ class Calls:
         self._overdue: set[asyncio.Task[None]] = set()
         self._interrupted: set[asyncio.Task[None]] = set()
 
-    async def call(
-        self,
-        handler: Callable[[Envelope], Awaitable[bytes | None]],
-        env: Envelope,
-        me: asyncio.Task[None],
-        stream: ChunkSink | None = None,
-    ) -> bytes | None:
-        """``await handler(env)`` in worker ``me`` (with ``stream`` as its current
-        stream, when it streams its reply); raises the handler's error,
-        :class:`HandlerTimeoutError` past the deadline, or
-        :class:`RequestInterruptedError` when interrupted."""
+    def begin(self, env: Envelope, me: asyncio.Task[None]) -> int:
+        """Start ``env``'s deadline for the handler about to run in worker ``me``;
+        returns the slot to give :meth:`end` (0: no deadline).
+
+        Not a coroutine wrapping the handler (a frame per message): the node
+        awaits the handler itself, between :meth:`begin` and :meth:`end`, and
+        asks :meth:`outcome` what a cancellation stands for."""
         deadline = env.deadline
-        slot = 0
-        if deadline is not None:
-            # Not an asyncio.timeout (a context manager, a current_task(), a
-            # timer handle and loop look-ups per message).
-            timeouts = self._timeouts
-            if timeouts is None:
-                timeouts = self._timeouts = Timeouts(asyncio.get_running_loop(), self._overrun)
-            slot = timeouts.add(deadline, me)
-        token = None if stream is None else streaming(stream)
-        try:
-            return await handler(env)
-        except asyncio.CancelledError:
-            if me in self._overdue:
-                me.uncancel()
-                raise HandlerTimeoutError(
-                    f"handler for {env.type!r} ran past the deadline "
-                    f"({env.ttl:.3f}s TTL) and was cancelled"
-                ) from None
-            if me in self._interrupted:
-                me.uncancel()
-                raise RequestInterruptedError(
-                    f"the caller interrupted {env.type!r} while its handler ran"
-                ) from None
-            raise
-        finally:
-            if token is not None:
-                _reset_stream(token)
-            if deadline is not None:
-                self._timeouts.discard(slot, me)  # type: ignore[union-attr]
+        if deadline is None:
+            return 0
+        # Not an asyncio.timeout (a context manager, a current_task(), a timer
+        # handle and loop look-ups per message).
+        timeouts = self._timeouts
+        if timeouts is None:
+            timeouts = self._timeouts = Timeouts(asyncio.get_running_loop(), self._overrun)
+        return timeouts.add(deadline, me)
+
+    def outcome(self, env: Envelope, me: asyncio.Task[None]) -> RequestError | None:
+        """What a ``CancelledError`` in worker ``me``'s handler stands for:
+        :class:`HandlerTimeoutError` past the deadline,
+        :class:`RequestInterruptedError` when interrupted, ``None`` otherwise
+        (the node stopping, a shard moving: let it propagate)."""
+        if me in self._overdue:
+            me.uncancel()
+            return HandlerTimeoutError(
+                f"handler for {env.type!r} ran past the deadline "
+                f"({env.ttl:.3f}s TTL) and was cancelled"
+            )
+        if me in self._interrupted:
+            me.uncancel()
+            return RequestInterruptedError(
+                f"the caller interrupted {env.type!r} while its handler ran"
+            )
+        return None
+
+    def end(self, slot: int, me: asyncio.Task[None]) -> None:
+        """The handler of worker ``me`` returned or raised: stop its deadline."""
+        if slot:
+            self._timeouts.discard(slot, me)  # type: ignore[union-attr]
+        if self._overdue or self._interrupted:
             for cancelled in (self._overdue, self._interrupted):
                 if me in cancelled:  # (also when the handler swallowed the cancellation)
                     cancelled.discard(me)

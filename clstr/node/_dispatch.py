@@ -41,6 +41,8 @@ from ..errors import (
     RequestError,
     RequestInterruptedError,
 )
+from ..handlers import streaming
+from ..handlers._stream import reset as reset_stream
 from ._calls import Calls, cancel_tasks
 from ._lanes import Job, Lane, ReplyTo, Waiting
 from ._replies import NOT_STORED, ReplyCache
@@ -366,7 +368,20 @@ class Dispatcher:
         try:
             if env.stream and isinstance(reply, str):
                 stream = await self._streams.open(env, reply, partial(self._calls.interrupt, me))
-            result = await self._calls.call(node.handler, env, me, stream)
+            calls = self._calls
+            slot = calls.begin(env, me)
+            token = None if stream is None else streaming(stream)
+            try:
+                result = await node.handler(env)
+            except asyncio.CancelledError:
+                mapped = calls.outcome(env, me)
+                if mapped is None:
+                    raise
+                raise mapped from None
+            finally:
+                if token is not None:
+                    reset_stream(token)
+                calls.end(slot, me)
             if result is None:
                 result = b""
             elif not isinstance(result, bytes | bytearray | memoryview):
