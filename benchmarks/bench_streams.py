@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 
@@ -137,10 +138,8 @@ async def interrupt_latency(url: str, samples: int) -> list[float]:
                 await entered.wait()
                 sent = time.perf_counter()
                 await client.interrupt(f"r{i}", key="k")
-                try:
+                with contextlib.suppress(RequestInterruptedError):
                     await call
-                except RequestInterruptedError:
-                    pass
                 latencies.append(seen[-1] - sent)
     finally:
         await client_transport.close()
@@ -166,7 +165,9 @@ async def main(chunks: int, window: int, runs: int, samples: int) -> None:
         latencies = sorted(await interrupt_latency(server.url, samples))
         p50 = statistics.median(latencies) * 1000
         p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-        print(f"interrupt -> handler cancelled: median {p50:.2f} ms, p99 {p99:.2f} ms over {samples}")
+        print(
+            f"interrupt -> handler cancelled: median {p50:.2f} ms, p99 {p99:.2f} ms over {samples}"
+        )
 
 
 if __name__ == "__main__":

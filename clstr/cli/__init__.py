@@ -13,6 +13,7 @@ shell, the shard map, production node processes.
     clstr node --id ID --app M:ATTR   run one node process (production)
     clstr cordon|uncordon|drain ID    operations on a node with dynamic membership
     clstr bench ...                   benchmarks (clstr.bench)
+    clstr ledger serve|up|event|...   the credit ledger (docs/ledger.md)
 
 Options shared by every command may come before or after it; each has an
 environment variable (see :data:`ENV_VARS`) so containers configure it
@@ -36,7 +37,8 @@ which adds the cluster options and sets the command's ``run``) and
 - ``_dev`` (dev up, demo; the cluster itself in ``_devcluster``),
   ``_request`` (request, notify), ``_status``, ``_shard``, ``_node`` (with
   ``_app``, which loads ``--app``), ``_control`` (cordon, uncordon, drain),
-  ``_bench`` (imports :mod:`clstr.bench` only when used);
+  ``_bench`` (imports :mod:`clstr.bench` only when used), ``_ledger`` (the
+  ledger's commands; its nodes and dev cluster in ``_ledger_serve``);
 - shared: ``_common`` (CliError, exit codes, logging, JSON <-> msgpack),
   ``_connection`` (the NATS connection of the command line).
 

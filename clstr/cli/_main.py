@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
-from . import _bench, _control, _dev, _node, _request, _shard, _status
+from . import _bench, _control, _dev, _ledger, _node, _request, _shard, _status
 from ._common import CliError, configure_logging
 from ._parser import Runner, Subcommands, top_parser
 
@@ -38,6 +38,7 @@ COMMANDS: Final[Sequence[CommandGroup]] = (
     _node,  # node
     _control,  # cordon, uncordon, drain
     _bench,  # bench
+    _ledger,  # ledger serve|up|event|balance|account|events|reserve|settle|release|edges
 )
 
 

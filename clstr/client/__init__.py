@@ -1,8 +1,11 @@
-"""The client layer: hashes keys to shards, builds envelopes, sends, maps errors."""
+"""The client layer: hashes keys to shards, builds envelopes, sends, maps errors;
+and :class:`EdgeClient`, one client over several clusters (the closest healthy
+one, with one failover)."""
 
 from __future__ import annotations
 
 from ._client import DEFAULT_TIMEOUT, DEFAULT_WINDOW, Client, ClientState, ScopedClient
+from ._edges import EdgeClient, EdgeHealth, EdgeSettings, EdgeStatus, Endpoint
 from ._retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = [
@@ -13,4 +16,9 @@ __all__ = [
     "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
+    "EdgeClient",
+    "EdgeSettings",
+    "EdgeStatus",
+    "EdgeHealth",
+    "Endpoint",
 ]

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 from ..codec import message_type
 from ..errors import ConfigurationError
 from ..protocol import ENTITY_SEPARATOR, entity_type_name
+from ._store import RECORD_REPLIES
 
 __all__ = ["Entity", "EntityContext", "EntitySpec", "handles", "spec_of"]
 
@@ -65,6 +66,10 @@ class Entity(Generic[S]):
     * ``max_instances``: live instances of this type per node (least recently
       used passivate first).
     * ``shard_group``: the shard group (see :class:`~clstr.entities.Sharding`).
+    * ``stored_replies``: with a store, how many replies of the requests that
+      changed the state are kept with it (the newest; at most 64), so that a
+      retry after a crash gets its first reply; ``0`` for an entity that answers
+      repeats itself (the ledger's accounts find them by their nonce).
 
     Hooks: ``async on_start()`` after the state is loaded, ``async on_stop()``
     before it is saved on passivation.
@@ -76,6 +81,7 @@ class Entity(Generic[S]):
     idle_timeout: ClassVar[float | None] = 600.0
     max_instances: ClassVar[int] = 10_000
     shard_group: ClassVar[str] = "default"
+    stored_replies: ClassVar[int] = 64
 
     def __init__(self, context: EntityContext, state: S) -> None:
         self.context = context
@@ -129,6 +135,7 @@ class EntitySpec:
     idle_timeout: float | None
     max_instances: int
     shard_group: str
+    stored_replies: int
     #: message type -> (payload class, unbound method)
     routes: dict[str, tuple[type[Any], Callable[..., Awaitable[Any]]]]
 
@@ -161,6 +168,10 @@ def _build(cls: type[Entity[Any]]) -> EntitySpec:
         raise ConfigurationError(f"{name}.save_every must be >= 0, got {cls.save_every}")
     if cls.max_instances < 1:
         raise ConfigurationError(f"{name}.max_instances must be >= 1, got {cls.max_instances}")
+    if not 0 <= cls.stored_replies <= RECORD_REPLIES:
+        raise ConfigurationError(
+            f"{name}.stored_replies must be 0 to {RECORD_REPLIES}, got {cls.stored_replies}"
+        )
     if cls.state_type is not None:
         try:
             cls.state_type()
@@ -190,6 +201,7 @@ def _build(cls: type[Entity[Any]]) -> EntitySpec:
         cls.idle_timeout,
         cls.max_instances,
         cls.shard_group,
+        cls.stored_replies,
         routes,
     )
 

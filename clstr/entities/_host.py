@@ -30,7 +30,7 @@ from ..handlers import KeyHandler, decode_message, stream_to
 from ..metrics import NOOP_METRICS, Metrics
 from ..protocol import fingerprint, split_entity_key
 from ._entity import Entity, EntityContext, EntitySpec, spec_of
-from ._store import RECORD_REPLIES, Record, StaleStateError, StateStore
+from ._store import Record, StaleStateError, StateStore
 
 __all__ = ["EntityHost"]
 
@@ -96,12 +96,19 @@ class _Instance:
         else:
             payload = encode_payload(result)
         if self.store is not None:
+            encoded = None
+            if self.spec.save_every == 1 and not self.pending:
+                # Write-through: a message that leaves the state as stored (a read)
+                # writes nothing, neither state nor reply; its retry runs again.
+                encoded = encode_payload(self.entity.state)
+                if encoded == self.saved:
+                    return payload
             self.pending += 1
-            if request_id is not None:
+            if request_id is not None and self.spec.stored_replies:
                 self.replies.append((request_id, fingerprint(env), payload))
-                del self.replies[:-RECORD_REPLIES]
+                del self.replies[: -self.spec.stored_replies]
             if self.spec.save_every and self.pending >= self.spec.save_every:
-                await self.save()
+                await self.save(encoded)
         return payload
 
     def _roll_back(self) -> None:
@@ -135,13 +142,14 @@ class _Instance:
         self.saved, self.replies = record.state, record.replies
         self.entity.state = decode_payload(record.state, self.spec.state_type or object)
 
-    async def save(self) -> None:
-        """Write the state and the replies that produced it, conditional on the
-        revision loaded. On :class:`StaleStateError` the state is read again and
-        the message refused with ``not_owner`` (retryable: it runs again on the
-        current state, never on top of a stale one)."""
+    async def save(self, encoded: bytes | None = None) -> None:
+        """Write the state (``encoded`` when the caller has it already) and the
+        replies that produced it, conditional on the revision loaded. On
+        :class:`StaleStateError` the state is read again and the message refused
+        with ``not_owner`` (retryable: it runs again on the current state, never
+        on top of a stale one)."""
         assert self.store is not None
-        state = encode_payload(self.entity.state)
+        state = encode_payload(self.entity.state) if encoded is None else encoded
         try:
             self.revision = await self.store.save(
                 self.spec.type_name, self.entity.id, Record(state, self.replies), self.revision

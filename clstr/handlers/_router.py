@@ -144,9 +144,7 @@ class Router:
             self._objects.append(target)
 
     @overload
-    def on(
-        self, message: type[M]
-    ) -> Callable[[F], F]: ...
+    def on(self, message: type[M]) -> Callable[[F], F]: ...
 
     @overload
     def on(self, message: str) -> Callable[[Handler], Handler]: ...
