@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import pytest
 
-from clstr import Client, IdempotencyKeyReusedError, RetryPolicy
+from clstr import Client, IdempotencyKeyReusedError, NoopMetrics, RetryPolicy
 from clstr.ledger import (
     ENTRY,
     HOLD,
@@ -31,8 +32,10 @@ from clstr.ledger import (
     decode_event,
 )
 from clstr.ledger._fold import encode_event
-from clstr.testing import NatsServer
+from clstr.testing import NatsServer, TcpProxy
 from clstr.transports.nats import NatsTransport
+
+from _support import eventually
 
 NUM_SHARDS = 8
 FAST = LedgerSettings(sweep_interval=0.1, duplicate_window=30)
@@ -60,6 +63,7 @@ async def ledger_cluster(
     start: Sequence[str] | None = None,
     prefix: str = "clstr",
     store_url: str | None = None,
+    settings: LedgerSettings = FAST,
 ) -> AsyncIterator[Ledger]:
     """Nodes with a static member list (``start``: only those run), one client."""
     transports: list[NatsTransport] = []
@@ -79,7 +83,7 @@ async def ledger_cluster(
                 node_id=f"{prefix}-{node_id}",
                 prefix=prefix,
                 nodes=[f"{prefix}-{n}" for n in node_ids],
-                settings=FAST,
+                settings=settings,
             )
             await service.start()
             services.append(service)
@@ -353,3 +357,81 @@ class TestTwoClusters:
             for client in clients:
                 view = await client.get_account("credits", "shared")
                 assert view.balance == running
+
+    async def test_a_snapshot_behind_the_journal_loses_nothing(self, server: NatsServer) -> None:
+        """With snapshots every 5 events, another cluster's owner loads a snapshot two
+        events behind the journal: it folds them in (balance, events), knows their
+        nonces, and appends after them."""
+        lagging = LedgerSettings(snapshot_every=5, sweep_interval=0.1)
+        async with ledger_cluster(server, prefix="east", settings=lagging) as east:
+            made = [
+                await east.client.create_event("credits", "lag", n, EventOptions(nonce=f"e{n}"))
+                for n in range(1, 8)
+            ]
+            async with ledger_cluster(server, prefix="west") as west:
+                view = await west.client.get_account("credits", "lag")
+                assert (view.balance, view.events) == (28, 7)
+                again = await west.client.create_event(
+                    "credits", "lag", 7, EventOptions(nonce="e7")
+                )
+                assert again == made[-1]
+                after = await west.client.create_event("credits", "lag", 2)
+                assert (after.sequence, after.balance) == (8, 30)
+
+
+class _Retries(NoopMetrics):
+    """Counts the client's retries by reason."""
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+
+    def request_retried(self, message_type: str, reason: str) -> None:
+        self.reasons[reason] += 1
+
+
+class TestStore:
+    async def test_an_append_the_store_did_not_confirm_is_found_by_its_retry(
+        self, server: NatsServer
+    ) -> None:
+        """The store takes an append but its confirmations are held: the owner answers
+        not_owner (retryable, not kept) after store_timeout, the client sends the
+        same request again, and once the store answers the retry returns the event
+        that landed; the journal holds the nonce once."""
+        async with TcpProxy(server.host, server.port) as proxy:
+            transport = await NatsTransport.connect(server.url)
+            store = await NatsTransport.connect(proxy.url)
+            service = LedgerService(
+                transport,
+                store=store,
+                num_shards=NUM_SHARDS,
+                node_id="n1",
+                settings=LedgerSettings(store_timeout=0.3),
+            )
+            retries = _Retries()
+            client = Client(
+                transport,
+                num_shards=NUM_SHARDS,
+                timeout=15,
+                retry=RetryPolicy(attempt_timeout=2.0, max_backoff=0.1),
+                metrics=retries,
+            )
+            ledger = LedgerClient(client)
+            try:
+                await service.start()
+                await ledger.create_event("credits", "ann", 10)
+                proxy.stall(upstream=False)  # appends reach the store; its answers wait
+                call = asyncio.ensure_future(
+                    ledger.create_event("credits", "ann", 5, EventOptions(nonce="slow-1"))
+                )
+                await eventually(lambda: retries.reasons["not_owner"] >= 1, 10)
+                assert not call.done()
+                proxy.resume()
+                event = await call
+                assert (event.nonce, event.balance) == ("slow-1", 15)
+                events = await journal_events(service.journal, "credits", "ann")
+                assert [e.nonce for e in events].count("slow-1") == 1
+            finally:
+                proxy.resume()
+                await service.shutdown()
+                await store.close()
+                await transport.close()

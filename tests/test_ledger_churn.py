@@ -18,7 +18,7 @@ from functools import partial
 
 import pytest
 
-from clstr import Client, RequestError, RetryPolicy
+from clstr import Client, NoopMetrics, RequestError, RetryPolicy
 from clstr.cli._ledger_serve import serve_argv
 from clstr.hashing import assign_shards
 from clstr.ledger import (
@@ -99,14 +99,28 @@ async def worker(n: int, ledger: LedgerClient, book: Book, stop: asyncio.Event) 
         elif roll < 0.92 and book.open_holds:
             reservation = rng.choice(sorted(book.open_holds))
             account, amount = book.open_holds.pop(reservation)
-            if rng.random() < 0.6:
-                capture = rng.randint(1, amount)
-                redo = partial(
-                    ledger.settle, BUCKET, account, reservation, amount=capture, nonce=nonce
-                )
-            else:
-                redo = partial(ledger.release, BUCKET, account, reservation, nonce=nonce)
-            book.closed[reservation] = account
+            capture = rng.randint(1, amount) if rng.random() < 0.6 else None
+
+            async def close(
+                account: str = account,
+                reservation: str = reservation,
+                capture: int | None = capture,
+                nonce: str = nonce,
+            ) -> LedgerEvent:
+                try:
+                    if capture is not None:
+                        event = await ledger.settle(
+                            BUCKET, account, reservation, amount=capture, nonce=nonce
+                        )
+                    else:
+                        event = await ledger.release(BUCKET, account, reservation, nonce=nonce)
+                except LedgerError:
+                    book.closed[reservation] = account  # it expired first: closed all the same
+                    raise
+                book.closed[reservation] = account
+                return event
+
+            redo = close
         elif book.closed and roll < 0.96:
             # A second settle of a closed reservation must be refused, never applied.
             reservation, account = rng.choice(sorted(book.closed.items()))
@@ -159,6 +173,16 @@ async def read_journal(journal: Journal) -> dict[str, list[LedgerEvent]]:
     return found
 
 
+class Retries(NoopMetrics):
+    """Counts the client's retries by reason (a request sent again, same id)."""
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+
+    def request_retried(self, message_type: str, reason: str) -> None:
+        self.reasons[reason] += 1
+
+
 def shard_of(account: str) -> int:
     from clstr.hashing import shard_for_key
 
@@ -190,7 +214,8 @@ async def test_invariants_hold_through_kills_and_joins() -> None:
 
         transport = await NatsTransport.connect(server.url)
         retry = RetryPolicy(attempt_timeout=1.0, max_backoff=0.2)
-        client = Client(transport, num_shards=NUM_SHARDS, timeout=20, retry=retry)
+        retries = Retries()
+        client = Client(transport, num_shards=NUM_SHARDS, timeout=20, retry=retry, metrics=retries)
         ledger = LedgerClient(client)
         book = Book()
         stop = asyncio.Event()
@@ -286,6 +311,7 @@ async def test_invariants_hold_through_kills_and_joins() -> None:
         f"{len(book.acked) / elapsed:.0f} ops/s over {elapsed:.1f} s with 2 kills and 2 joins; "
         f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; {book.repeats} repeats answered with "
         f"their original; refused {dict(book.refused)}; {len(book.unknown)} outcomes unknown "
-        f"then settled by their nonce; crash -> account served again: "
+        f"then settled by their nonce; retried under the same id {dict(retries.reasons)}; "
+        f"crash -> account served again: "
         f"{', '.join(f'{r:.2f} s' for r in recovery)}"
     )

@@ -131,7 +131,13 @@ def _add_serve(actions: Subcommands, env: Mapping[str, str]) -> None:
         metavar="N",
         help="write an account's snapshot after every N events (default 1: write-through)",
     )
-    serve.add_argument("--metrics-port", type=port_number, default=None)
+    serve.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=None,
+        help="serve Prometheus metrics over HTTP on this port (0: any free port)",
+    )
+    serve.add_argument("--metrics-host", default="0.0.0.0", help="(default 0.0.0.0)")
     serve.add_argument("--no-discovery", dest="discovery", action="store_false")
     serve.add_argument("--stop-timeout", type=seconds, default=10.0)
     serve.add_argument("--watch-stdin", action="store_true", help="stop when stdin closes")

@@ -93,7 +93,7 @@ async def _serve(args: argparse.Namespace) -> int:
     watcher = await signals.watch_stdin() if args.watch_stdin else None
     opened: list[NatsTransport] = []
     try:
-        with _metrics_server(args.metrics_port, "127.0.0.1") as (metrics, metrics_port):
+        with _metrics_server(args.metrics_port, args.metrics_host) as (metrics, metrics_port):
             options = _connection.nats_options(args, f"clstr-ledger-{node_id}")
             try:
                 transport = await NatsTransport.connect(args.nats_url, options)
@@ -253,14 +253,60 @@ async def _up(args: argparse.Namespace) -> int:
         try:
             if not await _dev._start(cluster, stop):
                 return EXIT_OK
-            banner = _dev._banner(cluster).replace("clstr dev cluster", "clstr ledger cluster")
-            _dev._say(banner, "", _hints(cluster))
+            owned = await _settled(cluster, stop)
+            _dev._say(_banner(cluster, owned), "", _hints(cluster))
             code = await _dev._serve(cluster, stop)
             _dev._say(_dev._stopping(cluster))
         finally:
             await cluster.stop()
     _dev._say(_dev._stopped(cluster))
     return code
+
+
+async def _settled(cluster: DevCluster, stop: asyncio.Event) -> dict[str, int]:
+    """Shards per node once every shard has an owner and every node serves some
+    (the membership has spread them), or as they are after a bounded wait."""
+    from ..observe import gather_view
+    from ..transports.nats import NatsTransport
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15.0
+    transport = await NatsTransport.connect(cluster.url)
+    try:
+        while True:
+            view = await gather_view(
+                transport,
+                num_shards=cluster.num_shards,
+                prefix=cluster.prefix,
+                expected_nodes=len(cluster.node_ids),
+            )
+            owned = {node.node_id: len(node.shards) for node in view.nodes}
+            spread = len([n for n in owned.values() if n]) == len(cluster.node_ids)
+            if (view.complete and spread) or loop.time() >= deadline or stop.is_set():
+                return owned
+            # Nothing announces that the membership has settled: ask again shortly.
+            await asyncio.sleep(0.25)
+    finally:
+        await transport.close()
+
+
+def _banner(cluster: DevCluster, owned: dict[str, int]) -> str:
+    """The cluster's processes: the server and every node, with pids and shards."""
+    lines = [
+        f"clstr ledger cluster: {len(cluster.node_ids)} nodes, {cluster.num_shards} shards, "
+        f"prefix {cluster.prefix!r}"
+    ]
+    if cluster.embedded and cluster.server is not None:
+        lines.append(
+            f"  nats-server  {cluster.url}  (embedded, JetStream on, pid {cluster.server.pid})"
+        )
+    else:
+        lines.append(f"  nats-server  {cluster.url}  (external)")
+    for process in cluster.processes:
+        lines.append(
+            f"  {process.node_id}  pid {process.pid}  {owned.get(process.node_id, 0)} shards"
+        )
+    return "\n".join(lines)
 
 
 def _hints(cluster: DevCluster) -> str:

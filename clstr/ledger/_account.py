@@ -41,7 +41,7 @@ from ._errors import (
     UnknownReservationError,
 )
 from ._fold import AccountState, apply, decode_event, encode_event, view_of
-from ._journal import JournalConflict
+from ._journal import JournalConflict, StoreUnavailableError
 from ._model import (
     ENTRY,
     HOLD,
@@ -238,6 +238,10 @@ class AccountEntity(Entity[AccountState]):
             except _Duplicate as dup:
                 await self._catch_up()
                 return await self._original(dup.position, nonce, request)
+            except StoreUnavailableError as exc:
+                # Landed or not, the journal will say: the retry of this nonce reads it.
+                # Not kept (unlike a timeout or an error), so that retry runs.
+                raise NotOwnerError(f"{exc}; retry with the same nonce") from exc
         raise self._busy()
 
     async def _append(self, draft: Draft, nonce: str) -> LedgerEvent:

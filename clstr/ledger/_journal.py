@@ -29,7 +29,14 @@ from ..transports.base import Transport
 from ..transports.jetstream import bucket_name, is_cas_failure, open_bucket, settling
 from ._settings import LedgerSettings
 
-__all__ = ["DueHold", "Journal", "JournalConflict", "account_token"]
+__all__ = [
+    "DueHold",
+    "Journal",
+    "JournalConflict",
+    "StoreUnavailableError",
+    "account_token",
+    "is_unavailable",
+]
 
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,200}")
 # A reservation index key: its expiry (so the sweeper reads only the due ones) and a hash.
@@ -38,6 +45,28 @@ _HOLD_KEY: Final = re.compile(r"x(\d{13})\.([0-9a-f]{32})")
 
 class JournalConflict(ClstrError):
     """Another writer appended to the account since the position this one knew."""
+
+
+class StoreUnavailableError(ClstrError):
+    """The store did not answer an append in time (or the connection to it is
+    down): whether the event landed is unknown until the journal is read again."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store could not be asked or did not answer (as
+    opposed to answering no)."""
+    import nats.errors
+    import nats.js.errors
+
+    return isinstance(
+        exc,
+        nats.errors.TimeoutError
+        | nats.errors.NoRespondersError
+        | nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionReconnectingError
+        | nats.errors.StaleConnectionError
+        | nats.js.errors.NoStreamResponseError,
+    )
 
 
 def account_token(account: str) -> str:
@@ -76,7 +105,7 @@ class Journal:
                 "the ledger keeps its journal in JetStream: give it a NatsTransport "
                 "connected to a server with JetStream"
             )
-        self._js = nc.jetstream()
+        self._js = nc.jetstream(timeout=settings.store_timeout)
         self.settings = settings
         self._prefix = settings.store_prefix
         self._streams: set[str] = set()
@@ -159,6 +188,11 @@ class Journal:
             if is_cas_failure(exc):
                 raise JournalConflict(
                     f"{bucket}/{account} has events past position {expected}"
+                ) from exc
+            if is_unavailable(exc):
+                raise StoreUnavailableError(
+                    f"the ledger's store did not take the event of {bucket}/{account} "
+                    f"({type(exc).__name__})"
                 ) from exc
             raise
         return int(ack.seq), bool(ack.duplicate)

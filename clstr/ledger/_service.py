@@ -18,7 +18,7 @@ from typing import Any, Self, cast
 import structlog
 
 from ..client import RetryPolicy
-from ..entities import KvStateStore, Sharding
+from ..entities import KvStateStore, Record, Sharding, StaleStateError
 from ..errors import ClstrError
 from ..hashing import ShardMapper
 from ..metrics import NOOP_METRICS, Metrics
@@ -27,7 +27,7 @@ from ..protocol import DEFAULT_PREFIX
 from ..transports.base import Transport
 from ._account import AccountEntity
 from ._client import LedgerClient
-from ._journal import Journal
+from ._journal import Journal, is_unavailable
 from ._model import ExpireHolds
 from ._runtime import ACCOUNT_TYPE, LedgerRuntime, account_entity_id, now_ms
 from ._settings import LedgerSettings
@@ -80,8 +80,10 @@ class LedgerService:
             seed=seed,
             membership=membership,
             nodes=nodes,
-            store=KvStateStore(
-                self.store, prefix=self.settings.store_prefix, replicas=self.settings.replicas
+            store=_Snapshots(
+                KvStateStore(
+                    self.store, prefix=self.settings.store_prefix, replicas=self.settings.replicas
+                )
             ),
             timeout=timeout,
             retry=retry,
@@ -179,3 +181,27 @@ class LedgerService:
             except TimeoutError:
                 pass
         _log.info("reservation sweeper stopped", node_id=ctx.node_id)
+
+
+class _Snapshots:
+    """The account snapshots in KV, where a write the store did not answer counts
+    as stale: the entity host then reloads and answers ``not_owner`` (retryable,
+    not kept), and the retry of the nonce finds its event in the journal, instead
+    of an error kept for the nonce although the event landed."""
+
+    def __init__(self, inner: KvStateStore) -> None:
+        self._inner = inner
+
+    async def load(self, entity_type: str, entity_id: str) -> tuple[Record, int] | None:
+        return await self._inner.load(entity_type, entity_id)
+
+    async def save(self, entity_type: str, entity_id: str, record: Record, revision: int) -> int:
+        try:
+            return await self._inner.save(entity_type, entity_id, record, revision)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            raise StaleStateError(
+                f"the snapshot of {entity_id} was not written ({type(exc).__name__}); "
+                "its event is in the journal"
+            ) from exc

@@ -38,6 +38,10 @@ class LedgerSettings:
     the journal is the source of truth either way, so a larger n loses nothing
     and repeats nothing, it only makes a new owner read up to n - 1 events from
     the journal after a crash (docs/ledger.md has the measured trade-off).
+    ``store_timeout``: seconds a JetStream operation may take; an append the
+    store does not confirm in time is answered ``not_owner`` (retryable, not
+    kept), so that the retry of its nonce learns from the journal whether it
+    landed. Keep it below the clients' timeouts.
 
     Raises :class:`~clstr.ConfigurationError` for values that cannot work.
     """
@@ -50,6 +54,7 @@ class LedgerSettings:
     balances_concurrency: int = 32
     max_conflicts: int = 8
     snapshot_every: int = 1
+    store_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if not _PREFIX.fullmatch(self.store_prefix):
@@ -58,7 +63,7 @@ class LedgerSettings:
             )
         if self.replicas < 1:
             raise ConfigurationError(f"replicas must be >= 1, got {self.replicas}")
-        for name in ("duplicate_window", "sweep_interval", "idle_timeout"):
+        for name in ("duplicate_window", "sweep_interval", "idle_timeout", "store_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if min(self.balances_concurrency, self.max_conflicts, self.snapshot_every) < 1:
