@@ -133,11 +133,39 @@ def report(name: str, runs: list[tuple[float, list[float]]]) -> float:
     return statistics.median(rates)
 
 
+async def edge_overhead(url: str, requests: int = 2000, rounds: int = 5) -> None:
+    """Node-info round trips through an EdgeClient (one endpoint) against a plain
+    Client on the same cluster, interleaved rounds, best of each."""
+    from clstr import Client
+    from clstr.client import EdgeClient
+    from clstr.protocol import NODE_INFO_TYPE
+    from clstr.transports.nats import NatsTransport
+
+    transport = await NatsTransport.connect(url)
+    client = Client(transport, num_shards=NUM_SHARDS)
+    edge = EdgeClient([url], num_shards=NUM_SHARDS)
+    await edge.start()
+    best = {"Client": 0.0, "EdgeClient": 0.0}
+    for _ in range(rounds):
+        for name, sender in (("Client", client), ("EdgeClient", edge)):
+            started = time.perf_counter()
+            for n in range(requests):
+                await sender.request_shard(n % NUM_SHARDS, NODE_INFO_TYPE, b"")
+            best[name] = max(best[name], requests / (time.perf_counter() - started))
+    ratio = best["EdgeClient"] / best["Client"]
+    print(
+        f"edge client: {best['EdgeClient']:,.0f} sequential requests/s against "
+        f"{best['Client']:,.0f} for a plain Client (ratio {ratio:.2f})"
+    )
+    await edge.close()
+    await client.close()
+    await transport.close()
+
+
 async def crash_recovery(url: str, processes: dict[str, object], args: argparse.Namespace) -> None:
     from clstr import Client, RequestError, RetryPolicy
     from clstr.hashing import shard_for_key
-    from clstr.ledger import LedgerClient
-    from clstr.ledger._runtime import ACCOUNT_TYPE, account_entity_id
+    from clstr.ledger import ACCOUNT_TYPE, LedgerClient, account_entity_id
     from clstr.protocol import entity_key
     from clstr.transports.nats import NatsTransport
 
@@ -235,6 +263,7 @@ async def main(args: argparse.Namespace) -> None:
                 processes[node_id] = await start_node(server.url, node_id, args)
             await settled(server.url, 3)
             report("ledger, 3 nodes", await ledger_runs(server.url, ["n1", "n2", "n3"], args))
+            await edge_overhead(server.url)
             if args.kills:
                 await crash_recovery(server.url, processes, args)
         finally:

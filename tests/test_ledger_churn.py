@@ -22,6 +22,7 @@ from clstr import Client, NoopMetrics, RequestError, RetryPolicy
 from clstr.cli._ledger_serve import serve_argv
 from clstr.hashing import assign_shards
 from clstr.ledger import (
+    ACCOUNT_TYPE,
     ENTRY,
     HOLD,
     RELEASE,
@@ -32,9 +33,9 @@ from clstr.ledger import (
     LedgerEvent,
     LedgerSettings,
     ReservationClosedError,
+    account_entity_id,
     decode_event,
 )
-from clstr.ledger._runtime import ACCOUNT_TYPE, account_entity_id
 from clstr.protocol import entity_key
 from clstr.testing import NatsServer, NodeProcess
 from clstr.transports.nats import NatsTransport

@@ -40,7 +40,7 @@ from ._model import (
     LedgerEvent,
     Reservation,
 )
-from ._runtime import ACCOUNT_TYPE, SHARD_INDEX_TYPE, shard_index_ids
+from ._runtime import ACCOUNT_TYPE, SHARD_INDEX_TYPE, account_entity_id, shard_index_ids
 from ._service import EXPIRY_SINGLETON, LedgerService
 from ._settings import LedgerSettings
 
@@ -66,6 +66,7 @@ __all__ = [
     "account_token",
     "decode_event",
     "ACCOUNT_TYPE",
+    "account_entity_id",
     "SHARD_INDEX_TYPE",
     "EXPIRY_SINGLETON",
     "shard_index_ids",
