@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from clstr import NoShardOwnerError
+from clstr import Node, NoShardOwnerError, Router
 from clstr.client import EdgeClient, EdgeSettings, Endpoint
 from clstr.ledger import (
     EventOptions,
@@ -140,7 +140,11 @@ class TestEdges:
             assert not call.done()
             await asyncio.to_thread(r.servers["B"].kill)
             await r.proxies["B"].cut()  # the killed server's connections reset
+            loop = asyncio.get_running_loop()
+            cut_at = loop.time()
             event = await call
+            # At once on the dropped connection, not after the attempt's 1.5 s.
+            assert loop.time() - cut_at < 1.0
             assert (event.origin, event.balance) == ("b1", 70)
             assert len(await nonce_events(r.journal, "ann", "charge-1")) == 1
             assert r.edge.active == "C"
@@ -191,3 +195,35 @@ class TestNoEndpoint:
                 with pytest.raises(NoShardOwnerError, match="cannot connect"):
                     await edge.key("k").request_raw("t")
                 assert not edge.health().ok
+
+
+class TestCancellation:
+    async def test_a_callers_cancellation_stays_a_cancellation(self) -> None:
+        """Cancelling the task of a call in flight raises CancelledError in it, as for
+        any awaitable: the edge client takes it for neither a dropped connection nor a
+        reason to fail over."""
+        router = Router()
+        started = asyncio.Event()
+
+        @router.on("slow")
+        async def slow(data: bytes) -> bytes:
+            started.set()
+            await asyncio.sleep(30)
+            return data
+
+        async with NatsServer(jetstream=False) as server:
+            transport = await NatsTransport.connect(server.url)
+            try:
+                async with (
+                    Node(transport, router, num_shards=NUM_SHARDS, node_id="n1", stop_timeout=0.2),
+                    EdgeClient([server.url], num_shards=NUM_SHARDS, settings=EDGES) as edge,
+                ):
+                    call = asyncio.ensure_future(edge.key("k").request_raw("slow"))
+                    await started.wait()
+                    call.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await call
+                    assert [e.failovers for e in edge.edges()] == [0]
+                    assert edge.health().ok
+            finally:
+                await transport.close()

@@ -367,33 +367,34 @@ class EdgeClient:
         options: Sequence[EnvelopeOption],
         request_id: str,
     ) -> bytes:
-        """One endpoint's try, given up early when its connection drops."""
+        """One endpoint's try, given up early when its connection drops (the link
+        cancels the tasks waiting on it: no task or waiter of its own per request)."""
         client = edge.client
         if client is None:
             raise TransportClosedError(f"endpoint {edge.name} is not connected")
-        wait = min(share, deadline - monotonic())
-        request = asyncio.ensure_future(
-            client.request_shard(
+        me = asyncio.current_task()
+        assert me is not None
+        edge.waiting.add(me)
+        try:
+            return await client.request_shard(
                 shard,
                 msg_type,
                 data,
                 key=key,
-                timeout=max(wait, 0.001),
+                timeout=max(min(share, deadline - monotonic()), 0.001),
                 options=options,
                 request_id=request_id,
             )
-        )
-        lost = asyncio.ensure_future(edge.lost.wait())
-        try:
-            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Cancelled by the link (and by nobody else): its connection dropped.
+            if me in edge.dropped and me.uncancel() == 0:
+                raise TransportError(
+                    f"endpoint {edge.name} lost its connection during the request"
+                ) from None
+            raise
         finally:
-            lost.cancel()
-            if not request.done():
-                request.cancel()
-            await asyncio.gather(request, lost, return_exceptions=True)
-        if request.cancelled():
-            raise TransportError(f"endpoint {edge.name} lost its connection during the request")
-        return request.result()
+            edge.waiting.discard(me)
+            edge.dropped.discard(me)
 
     async def _pick(self, deadline: float) -> EndpointLink:
         """The active endpoint, waiting for one to be healthy until ``deadline``."""

@@ -143,7 +143,8 @@ class EndpointLink:
         self.samples: deque[float] = deque(maxlen=routing.settings.samples)
         self.healthy = False
         self.checked = asyncio.Event()  # its first connection attempt and probe are done
-        self.lost = asyncio.Event()  # its connection dropped (set until it is back)
+        self.waiting: set[asyncio.Task[object]] = set()  # tasks with a request here
+        self.dropped: set[asyncio.Task[object]] = set()  # ... cancelled as it dropped
         self.wake = asyncio.Event()  # probe now
         self.error = "not probed yet"
         self.probes = self.failures = self.failovers = 0
@@ -272,14 +273,14 @@ class EndpointLink:
             limits=routing.limits,
             interrupt_on_cancel=False,
         )
-        self.lost.clear()
         transport.add_listener(self._on_connection)
 
     def _on_connection(self, event: ConnectionEvent) -> None:
-        if event is ConnectionEvent.RECONNECTED:
-            self.lost.clear()
-        else:  # disconnected or closed: in-flight requests here give up now
-            self.lost.set()
+        if event is not ConnectionEvent.RECONNECTED:
+            # Disconnected or closed: in-flight requests here give up now.
             self.healthy, self.error = False, f"connection {event.value}"
+            for task in self.waiting - self.dropped:
+                self.dropped.add(task)
+                task.cancel()
             self._changed()
         self.wake.set()
