@@ -264,7 +264,7 @@ class Journal:
         import nats.js.errors
 
         kv = await self._bucket("ledger_epochs")
-        key = account_token(node_id).replace("=", "b64.")
+        key = account_token(node_id)  # KV keys take its characters too
         while True:
             try:
                 entry = await kv.get(key)
