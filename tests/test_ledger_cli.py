@@ -97,7 +97,13 @@ async def test_ledger_up_serves_the_client_commands(
     finally:
         if up.returncode is None:
             up.send_signal(signal.SIGINT)
-        async with asyncio.timeout(30):
-            rest = (await up.stdout.read()).decode()
-            assert await up.wait() == 0
+        try:
+            async with asyncio.timeout(30):
+                rest = (await up.stdout.read()).decode()
+                code = await up.wait()
+        finally:
+            if up.returncode is None:  # it did not stop: leave nothing behind
+                os.killpg(up.pid, signal.SIGKILL)
+                await up.wait()
+    assert code == 0
     assert "stopped: ledger-1 (exit 0), ledger-2 (exit 0), nats-server" in rest
