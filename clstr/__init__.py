@@ -7,7 +7,19 @@ is private and may change.
 from __future__ import annotations
 
 from ._version import __version__ as __version__
-from .client import DEFAULT_RETRY, DEFAULT_TIMEOUT, Client, ClientState, RetryPolicy, ScopedClient
+from .client import (
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    Client,
+    ClientState,
+    EdgeClient,
+    EdgeHealth,
+    EdgeSettings,
+    EdgeStatus,
+    Endpoint,
+    RetryPolicy,
+    ScopedClient,
+)
 from .codec import DEFAULT_LIMITS, Limits, decode_payload, encode_payload, message_type
 from .counters import Counter, LaxCounter, StrictCounter, serve_counters
 from .entities import (
@@ -81,6 +93,12 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "RetryPolicy",
     "DEFAULT_RETRY",
+    # one client over several clusters
+    "EdgeClient",
+    "EdgeSettings",
+    "EdgeStatus",
+    "EdgeHealth",
+    "Endpoint",
     # server side
     "Node",
     "NodeInfo",

@@ -232,6 +232,35 @@ class TestCounters:
         assert int(flushed.group(1)) <= 6, out
 
 
+class TestLedger:
+    """The ledger over two regions: the closer one first, one event per nonce, and
+    balances that are the sum of the events."""
+
+    def test_the_closer_region_serves_and_refusals_are_typed(
+        self, run_example: Callable[[str], Run]
+    ) -> None:
+        """East (no proxy) is active; the reservation settles once; the overdraft and
+        the second settle are refused with their own errors."""
+        out = run_example("ledger").stdout
+        assert "active edge: east" in out, out
+        assert re.search(r"#3 entry -25 -> balance 75, .*credits:east-1:", out), out
+        assert "second settle refused: ReservationClosedError" in out, out
+        assert "overdraft refused: InsufficientFundsError" in out, out
+
+    def test_a_killed_region_moves_the_client_and_the_nonce_lands_once(
+        self, run_example: Callable[[str], Run]
+    ) -> None:
+        """After east's server is killed the charge goes through west, its repeat is the
+        same event, and the four events add up to the balance."""
+        out = run_example("ledger").stdout
+        after = out.partition("killing east's nats-server")[2]
+        assert re.search(r"charge order-7 via west: #4 entry -10 -> balance 65, .*west-1", after)
+        assert "charge order-7 again: same event: True" in after, out
+        assert "events of credits/ann: 4" in after, out
+        assert "ann: balance 65 = sum of her events 65" in after, out
+        assert "balances: [('ann', 65)], partial False" in after, out
+
+
 class TestMultiprocessCluster:
     """Node processes started with the testing kit serve their keys and all stop cleanly."""
 

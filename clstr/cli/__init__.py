@@ -18,6 +18,7 @@ protocol's conformance cases.
     clstr cordon|uncordon|drain ID    operations on a node with dynamic membership
     clstr conformance                 docs/protocol.md's cases against a live cluster
     clstr bench ...                   benchmarks (clstr.bench)
+    clstr ledger serve|up|event|...   the credit ledger (docs/ledger.md)
 
 Options shared by every command may come before or after it; each has an
 environment variable (see :data:`ENV_VARS`) so containers configure it
@@ -43,7 +44,9 @@ which adds the cluster options and sets the command's ``run``) and
   and the one dev up and demo serve), ``_shard``, ``_node`` (with
   ``_app``, which loads ``--app``), ``_control`` (cordon, uncordon, drain),
   ``_conformance`` (imports :mod:`clstr.testing.conformance` only when
-  used), ``_bench`` (imports :mod:`clstr.bench` only when used);
+  used), ``_bench`` (imports :mod:`clstr.bench` only when used),
+  ``_counter`` (the counters' commands), ``_ledger`` (the ledger's commands;
+  its nodes and dev cluster in ``_ledger_serve``);
 - shared: ``_common`` (CliError, exit codes, logging, JSON <-> msgpack),
   ``_connection`` (the NATS connection of the command line).
 

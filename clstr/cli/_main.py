@@ -19,6 +19,7 @@ from . import (
     _counter,
     _dashboard,
     _dev,
+    _ledger,
     _node,
     _request,
     _shard,
@@ -52,6 +53,7 @@ COMMANDS: Final[Sequence[CommandGroup]] = (
     _conformance,  # conformance
     _bench,  # bench
     _counter,  # counter inc|get|set|del|clear|serve
+    _ledger,  # ledger serve|up|event|balance|account|events|reserve|settle|release|edges
 )
 
 

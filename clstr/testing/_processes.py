@@ -328,6 +328,7 @@ class NodeProcess:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
+        await process.wait()  # reaped: stop() then only collects it, no SIGTERM, no warning
         await self.stop(timeout=0)
 
     async def _join_readers(self) -> None:

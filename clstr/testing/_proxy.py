@@ -1,8 +1,10 @@
-"""A TCP proxy that can cut a connection on command: partitions against a real server."""
+"""A TCP proxy that can cut, stall or slow a connection on command: partitions,
+black holes and distant regions against a real server."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from types import TracebackType
 from typing import Self
@@ -10,15 +12,28 @@ from typing import Self
 __all__ = ["TcpProxy"]
 
 
+class _Direction:
+    """One way through the proxy: whether it flows now."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+
 class TcpProxy:
     """Forwards ``127.0.0.1:<port>`` to ``upstream`` until :meth:`cut` is called.
 
     ``cut()`` closes every open connection and refuses new ones (the client
     sees its server vanish); ``heal()`` accepts connections again.
-    ``stall()`` keeps the connections open but moves nothing in either
-    direction (a black hole: neither side notices until its own timeouts),
-    and ``resume()`` delivers what waited, in order. Use it to
-    put one node on the far side of a partition from a real nats-server::
+    ``stall()`` keeps the connections open but moves nothing (a black hole:
+    neither side notices until its own timeouts), both ways or, with
+    ``upstream=False`` or ``downstream=False``, one way only (requests reach
+    the server and its replies are held, say); ``resume()`` delivers what
+    waited, in order. ``delay`` adds that many seconds of latency to every
+    byte, each way (a distant region: a round trip costs twice the delay),
+    without limiting throughput; it may be changed while connections are open.
+    Use it to put one node on the far side of a partition from a real
+    nats-server::
 
         async with TcpProxy("127.0.0.1", server.port) as proxy:
             transport = await NatsTransport.connect(proxy.url)
@@ -26,14 +41,18 @@ class TcpProxy:
             await proxy.heal()  # and gets it back (nats-py reconnects by itself)
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, *, delay: float = 0.0) -> None:
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0 seconds, got {delay}")
         self.upstream = (upstream_host, upstream_port)
+        #: Seconds of latency added to each direction.
+        self.delay = delay
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._open = True
-        self._flowing = asyncio.Event()
-        self._flowing.set()
+        self._up = _Direction()  # client -> upstream
+        self._down = _Direction()  # upstream -> client
         self.port = 0
 
     @property
@@ -56,13 +75,18 @@ class TcpProxy:
         for writer in list(self._writers):
             writer.transport.abort()
 
-    def stall(self) -> None:
-        """Stop forwarding, both ways, without closing anything."""
-        self._flowing.clear()
+    def stall(self, *, upstream: bool = True, downstream: bool = True) -> None:
+        """Stop forwarding without closing anything: towards the server
+        (``upstream``), towards the client (``downstream``), or both."""
+        if upstream:
+            self._up.flowing.clear()
+        if downstream:
+            self._down.flowing.clear()
 
     def resume(self) -> None:
-        """Forward again; what was held back goes first."""
-        self._flowing.set()
+        """Forward again, both ways; what was held back goes first."""
+        self._up.flowing.set()
+        self._down.flowing.set()
 
     async def heal(self) -> None:
         """Accept connections again, on the same port."""
@@ -72,7 +96,7 @@ class TcpProxy:
 
     async def stop(self) -> None:
         """Close the listener and every connection."""
-        self._flowing.set()
+        self.resume()
         await self.cut()
         for task in list(self._pipes):
             task.cancel()
@@ -90,20 +114,60 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         loop = asyncio.get_running_loop()
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = loop.create_task(self._pipe(src, dst))
+        for src, dst, direction in (
+            (reader, up_writer, self._up),
+            (up_reader, writer, self._down),
+        ):
+            task = loop.create_task(self._pipe(src, dst, direction))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: _Direction
+    ) -> None:
+        """Read ``src`` as it comes, stamping each chunk with its arrival, and write
+        each chunk to ``dst`` once its delay has passed and the direction flows:
+        the delay is latency, not a pause between chunks."""
+        loop = asyncio.get_running_loop()
+        queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        arrived = asyncio.Event()
+        ended = False
+
+        async def read() -> None:
+            nonlocal ended
+            try:
+                while data := await src.read(65536):
+                    queue.append((loop.time(), data))
+                    arrived.set()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                ended = True
+                arrived.set()
+
+        reading = loop.create_task(read())
         try:
-            while data := await src.read(65536):
-                await self._flowing.wait()
+            while True:
+                if not queue:
+                    if ended:
+                        break
+                    arrived.clear()
+                    await arrived.wait()
+                    continue
+                stamp, data = queue[0]
+                wait = stamp + self.delay - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # the chunk's latency, not a poll
+                await direction.flowing.wait()
+                queue.popleft()
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
             pass
         finally:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
             self._writers.discard(dst)
             await _close(dst)
 
