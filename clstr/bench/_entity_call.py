@@ -8,7 +8,9 @@ very same key strings, ``BenchEcho/id-<i>``), 256 calls in flight, and a
 dataclass of 100 random bytes echoed back and decoded into its class. So
 the ratio is what the entity layer costs on top of a typed request: the
 host's look-up of the type, the per-entity instance (created during the
-warm-up, then live), and its ``@handles`` dispatch.
+warm-up, then live), and its ``@handles`` dispatch. (On NATS a runner leases
+its snowflake machine id in JetStream KV, one of the reasons the bench's
+nats-server runs JetStream.)
 """
 
 from __future__ import annotations
