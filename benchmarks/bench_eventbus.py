@@ -22,7 +22,9 @@ Times are the best of ``--runs``; each pair is measured back to back in the same
 process. What runs in this process alone (ingest, the memory-log poll) is timed
 in CPU time (``time.process_time``: on a shared machine the time spent
 descheduled is not the code's); what involves the nats-server in wall time. The
-figures are recorded in docs/eventbus.md.
+figures are recorded in docs/eventbus.md. The ingest-vs-deque and the JetStream
+pairs are ``clstr bench``'s groups ``eventbus_ingest`` and ``eventbus_jetstream``
+(clstr/bench/_eventbus.py), whose functions this script runs in its own process.
 """
 
 from __future__ import annotations
@@ -33,15 +35,25 @@ import collections
 import gc
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
+from clstr.bench._eventbus import (
+    KEYS,
+    PAYLOAD,
+    SHARDS,
+    big_ring,
+    bus_to_jetstream,
+    deque_seconds,
+    events,
+    ingest_seconds,
+    raw_to_jetstream,
+)
 from clstr.eventbus import (
     BackpressureError,
     BusConfig,
     BusReader,
     Event,
     EventBus,
-    JetStreamAdapter,
     MemoryAdapter,
     Ordering,
     PollRequest,
@@ -52,27 +64,13 @@ from clstr.hashing import ShardMapper
 from clstr.testing import NatsServer
 from clstr.transports.nats import NatsTransport
 
-SHARDS = 4
 # In-process measurements count this process's CPU time: on a shared machine the
 # time it spends descheduled is not the code's. Wall time for those with a server.
 _cpu = time.process_time
-KEYS = 1000
-PAYLOAD = b"x" * 100
 
 
-def events(n: int, *, unique: bool = False) -> list[Event]:
-    if unique:
-        return [Event(f"event-{i}", PAYLOAD, "click") for i in range(n)]
-    pool = [Event(f"user-{i}", PAYLOAD, "click") for i in range(KEYS)]
-    return [pool[i % KEYS] for i in range(n)]
-
-
-def big_ring(n: int, **kw: object) -> BusConfig:
-    return BusConfig(name="bench", shards=SHARDS, ring_capacity=n, **kw)  # type: ignore[arg-type]
-
-
-async def best(runs: int, once: Callable[[], Awaitable[float]]) -> float:
-    return min([await once() for _ in range(runs)])
+async def _sync(fn: Callable[[list[Event]], float], batch: list[Event]) -> float:
+    return fn(batch)
 
 
 # -- ingest ---------------------------------------------------------------------
@@ -81,18 +79,6 @@ async def best(runs: int, once: Callable[[], Awaitable[float]]) -> float:
 async def ingest_rates(n: int, runs: int) -> dict[str, float]:
     batch = events(n)
     fresh = events(n, unique=True)
-
-    async def bus_ingest(items: list[Event]) -> float:
-        bus = EventBus(big_ring(n))
-        await bus.start()
-        ingest = bus.ingest
-        gc.collect()
-        started = _cpu()
-        for e in items:
-            ingest(e)
-        elapsed = _cpu() - started
-        await bus.shutdown()
-        return elapsed
 
     async def bus_raw() -> float:
         bus = EventBus(big_ring(n))
@@ -106,15 +92,6 @@ async def ingest_rates(n: int, runs: int) -> dict[str, float]:
         elapsed = _cpu() - started
         await bus.shutdown()
         return elapsed
-
-    async def deque_append() -> float:
-        ring: collections.deque[Event] = collections.deque()
-        append = ring.append
-        gc.collect()
-        started = _cpu()
-        for e in batch:
-            append(e)
-        return _cpu() - started
 
     async def sustained() -> float:
         bus = EventBus(BusConfig(name="bench", shards=SHARDS))
@@ -136,9 +113,9 @@ async def ingest_rates(n: int, runs: int) -> dict[str, float]:
     out = {}
     for _ in range(runs):  # interleaved, best of each
         for name, once in (
-            ("deque", deque_append),
-            ("ingest", lambda: bus_ingest(batch)),
-            ("ingest_unique", lambda: bus_ingest(fresh)),
+            ("deque", lambda: _sync(deque_seconds, batch)),
+            ("ingest", lambda: ingest_seconds(batch)),
+            ("ingest_unique", lambda: ingest_seconds(fresh)),
             ("ingest_raw", bus_raw),
             ("sustained", sustained),
         ):
@@ -179,8 +156,8 @@ async def jetstream_rates(url: str, n: int, runs: int) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         sides = {
-            "bus": lambda name: _bus_to_jetstream(transport, name, batch),
-            "raw": lambda name: _raw_to_jetstream(js, name, batch),
+            "bus": lambda name: bus_to_jetstream(transport, name, batch),
+            "raw": lambda name: raw_to_jetstream(js, name, batch),
             "hand": lambda name: _by_hand_to_jetstream(js, name, batch),
         }
         for run in range(runs):
@@ -198,52 +175,6 @@ async def jetstream_rates(url: str, n: int, runs: int) -> dict[str, float]:
         "poll_sequence": poll_seq,
         "poll_timestamp": poll_ts,
     }
-
-
-async def _bus_to_jetstream(transport: NatsTransport, name: str, batch: list[Event]) -> float:
-    bus = EventBus(BusConfig(name=name, shards=SHARDS, adapter=JetStreamAdapter(transport)))
-    await bus.start()
-    ingest, ingest_wait = bus.ingest, bus.ingest_wait
-    started = time.perf_counter()
-    for i, e in enumerate(batch):
-        try:
-            ingest(e)
-        except BackpressureError:
-            await ingest_wait(e)
-        if i & 1023 == 1023:
-            await asyncio.sleep(0)
-    await bus.flush()
-    elapsed = time.perf_counter() - started
-    stats = await bus.shutdown()
-    assert stats.events_dispatched == len(batch), stats
-    return elapsed
-
-
-async def _raw_to_jetstream(js: object, name: str, batch: list[Event]) -> float:
-    """The primitive under the adapter: the same batches (1024 events of a shard, the
-    same frame bytes and message ids), built before the clock starts, published with
-    ``js.publish_async`` and every ack awaited."""
-    from nats.js.api import StreamConfig
-
-    subject = f"raw.{name}"
-    await js.add_stream(StreamConfig(name=f"raw_{name}", subjects=[f"{subject}.*"]))  # type: ignore[attr-defined]
-    mapper = ShardMapper(SHARDS).shard
-    per_shard: list[list[Record]] = [[] for _ in range(SHARDS)]
-    for e in batch:
-        per_shard[mapper(e.key)].append((time.time_ns(), e.key, e.payload, e.type, e.headers))
-    frames = []
-    for shard, records in enumerate(per_shard):
-        for first in range(0, len(records), 1024):
-            chunk = records[first : first + 1024]
-            for frame in encode_frames(f"raw.{name}", shard, first, chunk, 1 << 20):
-                frames.append((f"{subject}.{shard}", frame.msg_id, frame.data))
-    publish = js.publish_async  # type: ignore[attr-defined]
-    started = time.perf_counter()
-    futures = [
-        await publish(subj, data, headers={"Nats-Msg-Id": msg_id}) for subj, msg_id, data in frames
-    ]
-    await asyncio.gather(*futures)
-    return time.perf_counter() - started
 
 
 async def _by_hand_to_jetstream(js: object, name: str, batch: list[Event]) -> float:

@@ -5,26 +5,23 @@
 OS, not ordered). Rounds are interleaved and the best of each is kept, so the
 ratios compare the three under the same machine load. Also: the cost of
 ``parse_snowflake``. Run from anywhere: ``python benchmarks/bench_ids.py``
-(``--ids N --rounds R`` to change the sizes).
+(``--ids N --rounds R`` to change the sizes). The measurement is ``clstr
+bench``'s group ``snowflake`` (``clstr/bench/_ids.py``), run here in this
+process.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-import uuid
-from collections.abc import Callable
 
-from clstr.ids import Snowflake, StaticMachineId, parse_snowflake
+from clstr.bench._ids import measure_ids
 
-
-def per_call(fn: Callable[[], object], n: int) -> float:
-    """Seconds per call of ``fn`` over ``n`` calls (the loop's own cost included,
-    as it is in every row)."""
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
+_LABELS = {
+    "next_id": "Snowflake.next_id()",
+    "uuid4": "uuid.uuid4()",
+    "time_ns": "time.time_ns()",
+    "parse_snowflake": "parse_snowflake(id)",
+}
 
 
 def main() -> None:
@@ -33,29 +30,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="rounds (best kept)")
     args = parser.parse_args()
 
-    snowflake = Snowflake(StaticMachineId(1))
-    some_id = snowflake.next_id()
-    rows: dict[str, Callable[[], object]] = {
-        "Snowflake.next_id()": snowflake.next_id,
-        "uuid.uuid4()": uuid.uuid4,
-        "time.time_ns()": time.time_ns,
-        "parse_snowflake(id)": lambda: parse_snowflake(some_id),
-    }
-    best = dict.fromkeys(rows, float("inf"))
-    for _ in range(args.rounds):
-        for name, fn in rows.items():
-            best[name] = min(best[name], per_call(fn, args.ids))
-
-    ours = best["Snowflake.next_id()"]
+    best = measure_ids(args.ids, args.rounds)
+    ours = best["next_id"]
     print(f"{args.ids:,} calls per round, best of {args.rounds} rounds (interleaved)")
-    for name, seconds in best.items():
+    for name, label in _LABELS.items():
+        seconds = best[name]
         print(
-            f"{name:22s} {seconds * 1e9:6.0f} ns  {1 / seconds / 1e6:6.2f} M/s  "
+            f"{label:22s} {seconds * 1e9:6.0f} ns  {1 / seconds / 1e6:6.2f} M/s  "
             f"time per call vs next_id: {seconds / ours:5.2f}x"
         )
     # Borrowed milliseconds: more than 4096 ids in a millisecond (0 when the
     # loop is slower than 4.1 M ids/s).
-    print(f"lead after the run: {snowflake.lead() * 1000:.0f} ms")
+    print(f"lead after the run: {best['lead'] * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

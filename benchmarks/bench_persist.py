@@ -3,7 +3,9 @@
     python benchmarks/bench_persist.py [--messages 5000] [--rounds 3] [--kills 5]
 
 Throughput (one process, one embedded nats-server with JetStream, 8 shards):
-the same ``--messages`` messages of 100 bytes over 256 keys go
+``clstr bench``'s group ``persisted_rr`` (clstr/bench/_persisted.py), whose
+rounds this script runs in its own process: the same ``--messages`` messages
+of 100 bytes over 256 keys go
 
 * **raw**: published by nats-py to a work-queue stream (``Nats-Msg-Id`` on each,
   256 publishes in flight) and pulled by one durable consumer per shard
@@ -37,14 +39,9 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-NUM_SHARDS = 8
-KEYS = 256
-IN_FLIGHT = 256
-PAYLOAD = b"x" * 100
-
+from clstr.bench._persisted import NUM_SHARDS, clstr_round, raw_round
 
 # -- node mode (crash rounds) ----------------------------------------------------
 
@@ -84,111 +81,6 @@ async def node_main(url: str, node_id: str, prefix: str, ttl: float) -> None:
 
 
 # -- throughput ----------------------------------------------------------------------
-
-
-async def _windowed(count: int, send: Callable[[int], Awaitable[Any]]) -> None:
-    """``send(0)`` ... ``send(count - 1)``, IN_FLIGHT at a time (a sliding window)."""
-    room = asyncio.Semaphore(IN_FLIGHT)
-
-    async def one(n: int) -> None:
-        try:
-            await send(n)
-        finally:
-            room.release()
-
-    async with asyncio.TaskGroup() as group:
-        for n in range(count):
-            await room.acquire()
-            group.create_task(one(n))
-
-
-async def raw_round(url: str, count: int, *, reply: bool) -> float:
-    """Publish ``count`` messages to a work-queue stream and pull them (acknowledging
-    each, and with ``reply`` writing a KV reply first); seconds from first to last."""
-    import nats
-    import nats.js.api as api
-
-    from clstr.transports.jetstream import open_bucket
-
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    name = f"raw{uuid.uuid4().hex[:8]}"
-    await js.add_stream(name=name, subjects=[f"{name}.*"], retention=api.RetentionPolicy.WORK_QUEUE)
-    bucket = await open_bucket(js, f"{name}_replies", replicas=1) if reply else None
-    subs = []
-    for shard in range(NUM_SHARDS):
-        config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT)
-        durable = f"{name}_{shard}"
-        subs.append(await js.pull_subscribe(f"{name}.{shard}", durable, stream=name, config=config))
-    done = 0
-    finished = asyncio.Event()
-
-    async def consume(sub: Any) -> None:
-        nonlocal done
-        while not finished.is_set():
-            try:
-                msgs = await sub.fetch(64, timeout=0.5)
-            except TimeoutError:  # nats-py raises its own and asyncio's
-                continue
-            for msg in msgs:
-                if bucket is not None:
-                    await bucket.create(msg.headers["Nats-Msg-Id"], b"reply")
-                await msg.ack()
-            done += len(msgs)
-            if done >= count:
-                finished.set()
-
-    async def publish(n: int) -> None:
-        subject = f"{name}.{n % KEYS % NUM_SHARDS}"
-        await js.publish(subject, PAYLOAD, headers={"Nats-Msg-Id": f"m{n}"})
-
-    started = time.perf_counter()
-    consumers = [asyncio.create_task(consume(sub)) for sub in subs]
-    await _windowed(count, publish)
-    await finished.wait()
-    elapsed = time.perf_counter() - started
-    await asyncio.gather(*consumers)
-    await js.delete_stream(name)
-    if reply:
-        await js.delete_key_value(f"{name}_replies")
-    await nc.close()
-    return elapsed
-
-
-async def clstr_round(url: str, count: int) -> float:
-    """Send ``count`` persisted messages to a node that consumes them; seconds from
-    the first publish to the last stored reply."""
-    from clstr import Client, Envelope, Node
-    from clstr.persist import PersistedClient, serve_persisted
-    from clstr.transports.nats import NatsTransport
-
-    prefix = f"b{uuid.uuid4().hex[:8]}"
-    node_transport = await NatsTransport.connect(url)
-    client_transport = await NatsTransport.connect(url)
-
-    async def echo(env: Envelope) -> bytes:
-        return env.data
-
-    node = Node(node_transport, echo, num_shards=NUM_SHARDS, prefix=prefix)
-    consumers = serve_persisted(node)
-    await node.start()
-    persisted = PersistedClient(Client(client_transport, num_shards=NUM_SHARDS, prefix=prefix))
-    await persisted.send_raw("warm", key="k0")  # the stream and bucket exist before timing
-    while consumers.stats.stored < 1:  # noqa: ASYNC110 - a counter, no event
-        await asyncio.sleep(0.01)
-
-    async def send(n: int) -> None:
-        await persisted.send_raw("echo", PAYLOAD, key=f"k{n % KEYS}")
-
-    started = time.perf_counter()
-    await _windowed(count, send)
-    while consumers.stats.stored < count + 1:  # noqa: ASYNC110 - a counter, no event
-        await asyncio.sleep(0.001)
-    elapsed = time.perf_counter() - started
-    await node.stop()
-    await node_transport.close()
-    await client_transport.close()
-    return elapsed
 
 
 async def throughput(url: str, count: int, rounds: int) -> None:

@@ -85,6 +85,7 @@ class TestQuickRun:
         assert "intro kept" in text
         assert "<!-- clstr-bench:asyncio:start -->" in text
         assert "| request/reply throughput over NATS" in text
+        assert "| typed entity call over NATS" in text
 
 
 def test_uvloop_and_plot(tmp_path: Path) -> None:
@@ -124,6 +125,27 @@ def test_update_markdown_replaces_only_its_section() -> None:
     assert "first" not in text
     assert "other" in text
     assert text.count("clstr-bench:asyncio:start") == 1
+
+
+def test_small_ratios_keep_three_significant_digits() -> None:
+    """A ratio below 0.1 (the event bus's ingest against deque.append) is shown with
+    three significant digits in the table and the Markdown, so that it can be read
+    against a floor such as 0.015x; larger ratios keep two decimals."""
+    from clstr.bench._group import Collected
+    from clstr.bench._report import build_rows, format_table, markdown_table
+    from clstr.bench._specs import Spec
+
+    specs = [
+        Spec("small", "g", "small row", "base", "events/s", True, 0.015),
+        Spec("large", "g", "large row", "base", "events/s", True, 0.7),
+    ]
+    collected = Collected()
+    collected.add("small", 1.0, 39.4)
+    collected.add("large", 1.0, 1.25)
+    rows = build_rows(specs, collected)
+    assert "0.0254x" in format_table(rows)
+    assert "**0.0254x**" in markdown_table(rows)
+    assert "**0.80x**" in markdown_table(rows)
 
 
 def test_summarise_profile_leaves_out_idle_and_imports() -> None:

@@ -22,19 +22,26 @@ Modules:
 - ``_group``: what a group and a stage are, and what they measure with;
   ``_registry``: every group, in table order; ``_specs``: rows and sizes.
 - ``_children``, ``_protocol``, ``_worker``: worker processes, both ends;
-  ``_timing``: how workers time; ``_profile``: profile summaries.
-- The groups: ``_nats`` (its own stage of NATS workers), ``_startup`` (its
-  own processes), and, in the in-process stage (``_local``): ``_memory_rr``,
-  ``_hashing``, ``_keyhandler``.
+  ``_timing``: how workers time; ``_profile``: profile summaries;
+  ``_pairs``: stages of a node and a client process per side.
+- The groups: ``_nats``, ``_entity_call`` and ``_streams`` (each a stage of
+  node and client processes, ``_pairs``), ``_startup`` (its own processes);
+  in the in-process stage (``_local.IN_PROCESS``): ``_memory_rr``,
+  ``_hashing``, ``_keyhandler``, ``_eventbus`` (ingest), ``_ids``; in the
+  in-process stage beside the nats-server (``_local.NEAR_NATS``):
+  ``_interrupts``, ``_persisted``, ``_eventbus`` (into JetStream).
 
 Adding a group: write one module holding its ``Spec`` s and how one run
 measures them (worker-side code at the module's top level, importing clstr,
 nats-py or anything optional inside its functions), and add the group to
 ``_registry.REGISTERED``. Measured in-process, it is an ``InProcessGroup``
 (an ``op`` the shared worker runs, and a ``measure`` that sends it
-commands); with workers of its own, a ``Group`` in ``own_processes(...)``
-(see ``_startup``), or in a new ``Stage`` when several groups share workers
-(see ``_nats``). New counts go in ``Sizes`` (full and ``--quick``).
+commands; ``stage=NEAR_NATS`` when it talks to the nats-server, which runs
+JetStream); with workers of its own, a ``Group`` in ``own_processes(...)``
+(see ``_startup``), or in a stage of its own (``_pairs.pair_stage``: a node
+and a client process per side, see ``_entity_call``). New counts go in
+``Sizes`` (full and ``--quick``); ``--quick`` must run every group, with
+counts small enough to prove only that it works.
 """
 
 from __future__ import annotations

@@ -13,15 +13,14 @@ counted every message. Each worker also reports its CPU time per message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ._children import Child
-from ._group import Context, Group, Stage, Workers, side_order
+from ._group import Context, Group, Workers
+from ._pairs import add_throughput, both_sides, pair_stage
 from ._protocol import JSON, Op, cpu, quiet_logs, serve
 from ._specs import CLSTR_PREFIX, KEYS, PAYLOAD_BYTES, Spec
 from ._timing import latency, throughput
@@ -280,67 +279,31 @@ _ROLES: Final = {
 }
 
 
-@contextlib.asynccontextmanager
-async def _open(context: Context, _groups: Sequence[Group]) -> AsyncIterator[Workers]:
+def _config(context: Context) -> JSON:
     sizes = context.sizes
-    cfg = {
+    return {
         "url": context.url,
         "shards": sizes.nats_shards,
         "inflight": sizes.inflight,
         "timeout": context.options.timeout,
         "max_pending": sizes.notify_messages + 1_000,
     }
-    workers = {
-        label: Child(role, cfg, context.options, label=label) for label, role in _ROLES.items()
-    }
-    async with contextlib.AsyncExitStack() as stack:
-        for child in workers.values():
-            stack.push_async_callback(child.close)
-        context.progress.begin("starting NATS workers (2 nodes, 2 clients)")
-        await asyncio.gather(*(child.start() for child in workers.values()))
-        context.progress.advance()
-        yield workers
 
 
-_PAIR: Final = Stage(needs_nats=True, start_steps=1, open=_open)
-
-
-async def _both_sides(
-    context: Context, workers: Workers, run_index: int, op: str, command: JSON
-) -> dict[str, JSON]:
-    """Each side's client answer to ``command``, with its node's CPU µs per message."""
-    answers: dict[str, JSON] = {}
-    for side in side_order(run_index):
-        context.progress.begin(f"{op}: {side} {context.run_text(run_index)}")
-        node, client = workers[f"{side}-node"], workers[f"{side}-client"]
-        before = (await node.call({"op": "cpu"}))["cpu"]
-        answers[side] = await client.call({"op": op, **command})
-        node_cpu = (await node.call({"op": "cpu"}))["cpu"] - before
-        # The node's figure covers the warm-up too.
-        handled = command["n"] + command.get("warmup", 0)
-        answers[side]["node_cpu_us"] = node_cpu / handled * 1e6
-        context.progress.advance()
-    return answers
-
-
-def _add_throughput(context: Context, row: str, answers: dict[str, JSON]) -> None:
-    clstr, raw = answers["clstr"], answers["raw"]
-    context.out.add(row, clstr["rate"], raw["rate"])
-    context.out.cpu(row, "client", clstr["cpu_us"], raw["cpu_us"])
-    context.out.cpu(row, "node", clstr["node_cpu_us"], raw["node_cpu_us"])
+_PAIR: Final = pair_stage(_ROLES, _config, what="NATS workers (2 nodes, 2 clients)")
 
 
 async def _measure_rr(context: Context, workers: Workers, run_index: int) -> None:
     sizes = context.sizes
     command = {"n": sizes.rr_requests, "warmup": sizes.rr_warmup}
-    answers = await _both_sides(context, workers, run_index, "nats_rr", command)
-    _add_throughput(context, "nats_rr_throughput", answers)
+    answers = await both_sides(context, workers, run_index, "nats_rr", command)
+    add_throughput(context, "nats_rr_throughput", answers)
 
 
 async def _measure_latency(context: Context, workers: Workers, run_index: int) -> None:
     sizes = context.sizes
     command = {"n": sizes.latency_requests, "warmup": sizes.latency_warmup}
-    answers = await _both_sides(context, workers, run_index, "nats_latency", command)
+    answers = await both_sides(context, workers, run_index, "nats_latency", command)
     clstr, raw = answers["clstr"], answers["raw"]
     out = context.out
     out.add("nats_latency_p50", clstr["p50"], raw["p50"])
@@ -351,8 +314,8 @@ async def _measure_latency(context: Context, workers: Workers, run_index: int) -
 
 async def _measure_notify(context: Context, workers: Workers, run_index: int) -> None:
     command = {"n": context.sizes.notify_messages}
-    answers = await _both_sides(context, workers, run_index, "nats_notify", command)
-    _add_throughput(context, "nats_notify_throughput", answers)
+    answers = await both_sides(context, workers, run_index, "nats_notify", command)
+    add_throughput(context, "nats_notify_throughput", answers)
 
 
 RR: Final = Group(name="nats_rr", specs=_RR_SPECS, steps=2, stage=_PAIR, measure=_measure_rr)

@@ -6,7 +6,19 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import _hashing, _keyhandler, _memory_rr, _nats, _startup
+from . import (
+    _entity_call,
+    _eventbus,
+    _hashing,
+    _ids,
+    _interrupts,
+    _keyhandler,
+    _memory_rr,
+    _nats,
+    _persisted,
+    _startup,
+    _streams,
+)
 from ._group import Group
 from ._specs import Spec
 
@@ -14,10 +26,17 @@ REGISTERED: Final[tuple[Group, ...]] = (
     _nats.RR,
     _nats.LATENCY,
     _nats.NOTIFY,
+    _entity_call.GROUP,
+    _streams.GROUP,
+    _interrupts.GROUP,
+    _persisted.GROUP,
+    _eventbus.JETSTREAM,
     _memory_rr.GROUP,
     _hashing.SHARD_FOR_KEY,
     _hashing.HRW_ASSIGN,
     _keyhandler.GROUP,
+    _eventbus.INGEST,
+    _ids.GROUP,
     _startup.GROUP,
 )
 

@@ -1,9 +1,10 @@
 """The orchestrator: runs the selected groups, stage by stage, and collects
 their figures. It runs no measured code itself.
 
-The stages that need NATS run first, on one nats-server (started here unless
-given) that is stopped before the others run; each stage opens its shared
-workers once, then measures its groups run after run.
+The stages that need NATS run first, on one nats-server with JetStream
+(started here unless given: a server given with ``--nats-url`` needs JetStream
+for the groups that store in it) that is stopped before the others run; each
+stage opens its shared workers once, then measures its groups run after run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ async def _nats_server(url: str | None) -> AsyncIterator[str]:
         return
     from clstr.testing import NatsServer
 
-    async with NatsServer(jetstream=False) as server:
+    async with NatsServer(jetstream=True) as server:
         yield server.url
 
 

@@ -68,6 +68,16 @@ class Sizes:
     hrw_repeat: int = 3
     live_keys: int = 100_000
     startup_shards: int = 1024
+    stream_chunks: int = 20_000
+    stream_warmup: int = 2_000
+    interrupt_samples: int = 200
+    interrupt_warmup: int = 20
+    persisted_messages: int = 5_000
+    bus_events: int = 200_000
+    bus_repeat: int = 5
+    bus_jetstream_events: int = 200_000
+    id_calls: int = 200_000
+    id_repeat: int = 5
 
 
 FULL_SIZES: Final = Sizes()
@@ -83,4 +93,14 @@ QUICK_SIZES: Final = Sizes(
     hrw_repeat=1,
     live_keys=2_000,
     startup_shards=128,
+    stream_chunks=500,
+    stream_warmup=100,
+    interrupt_samples=20,
+    interrupt_warmup=5,
+    persisted_messages=200,
+    bus_events=5_000,
+    bus_repeat=1,
+    bus_jetstream_events=5_000,
+    id_calls=5_000,
+    id_repeat=1,
 )
