@@ -52,7 +52,7 @@ from ..protocol import (
 from ..tracing import NOOP_TRACING, NoopTracing, Tracing
 from ..transports.base import Transport
 from ._budget import node_budget as _node_budget
-from ._retry import RetryPolicy
+from ._retry import MIN_ATTEMPT, RetryPolicy
 from ._scoped import ScopedClient
 from ._stream import interrupt_request, receive_stream
 from ._traced import traced_stream, with_trace
@@ -71,9 +71,6 @@ DEFAULT_WINDOW: Final = 64
 
 #: Default request timeout (and so TTL), in seconds.
 DEFAULT_TIMEOUT: Final = 5.0
-
-# A retry needs at least this long to have a chance.
-_MIN_ATTEMPT: Final = 0.005
 
 
 class ClientState(enum.Enum):
@@ -213,6 +210,16 @@ class Client:
         check_limits(env, self.limits)
         return env
 
+    def _budget(self, env: Envelope, timeout: float | None) -> float:
+        """Seconds the call may take: ``timeout`` (default the client's), capped by
+        the time left of a TTL an option set."""
+        budget = self.timeout if timeout is None else timeout
+        if not budget > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {budget!r}")
+        if env.deadline is not None:
+            budget = min(budget, env.deadline - monotonic())
+        return budget
+
     def _encode(
         self, env: Envelope, ttl: float | None = None, created_at: float | None = None
     ) -> bytes:
@@ -275,13 +282,8 @@ class Client:
             # with the first reply instead of running the handler again.
             request_id = f"{self._id_prefix}{next(self._ids)}"
         env = self._build(shard, msg_type, data, key, options, request_id)
-        budget = self.timeout if timeout is None else timeout
-        if not budget > 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {budget!r}")
-        now = monotonic()
-        if env.deadline is not None:
-            budget = min(budget, env.deadline - now)
-        deadline = now + budget
+        budget = self._budget(env, timeout)
+        deadline = monotonic() + budget
         started = time.perf_counter() if self._metered else 0.0
         ok = False
         span = self.tracing.start_call("request", msg_type, shard, key) if self._traced else None
@@ -290,7 +292,7 @@ class Client:
             last: RequestError | None = None
             while True:
                 left = deadline - monotonic() if attempt else budget
-                if left <= _MIN_ATTEMPT and last is not None:
+                if left <= MIN_ATTEMPT and last is not None:
                     # The backoff ate the deadline: the last answer stands (better
                     # than a timeout of an attempt that had no time to succeed).
                     raise last
@@ -318,14 +320,10 @@ class Client:
                 except RequestError as exc:
                     if retry is None:
                         raise
-                    lost = isinstance(exc, RequestTimeoutError) and wait < left
-                    if not (exc.retryable or lost):
-                        raise
-                    pause = retry.backoff(attempt)
                     attempt += 1
-                    if retry.max_attempts is not None and attempt >= retry.max_attempts:
-                        raise
-                    if monotonic() + pause + _MIN_ATTEMPT >= deadline:
+                    lost = isinstance(exc, RequestTimeoutError) and wait < left
+                    pause = retry.pause_after(exc, attempt, deadline - monotonic(), lost=lost)
+                    if pause is None:
                         raise
                     self.metrics.request_retried(msg_type, exc.code)
                     if span is not None:
@@ -440,11 +438,7 @@ class Client:
         if not isinstance(window, int) or window < 1:
             raise ConfigurationError(f"window must be an int >= 1, got {window!r}")
         env = self._build(shard, msg_type, data, key, options, None, window)
-        budget = self.timeout if timeout is None else timeout
-        if not budget > 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {budget!r}")
-        if env.deadline is not None:
-            budget = min(budget, env.deadline - monotonic())
+        budget = self._budget(env, timeout)
         ttl = _node_budget(budget)
         body = self._encode(env, ttl=ttl)  # (its errors are raised here, traced or not)
         frames = partial(

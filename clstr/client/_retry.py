@@ -6,9 +6,12 @@ import random
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, RequestError
 
-__all__ = ["RetryPolicy", "DEFAULT_RETRY"]
+__all__ = ["RetryPolicy", "DEFAULT_RETRY", "MIN_ATTEMPT"]
+
+#: A retry needs at least this long (seconds) to have a chance.
+MIN_ATTEMPT: Final = 0.005
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +48,19 @@ class RetryPolicy:
         """The pause before retry number ``attempt + 1``."""
         bound = min(self.max_backoff, self.initial_backoff * self.multiplier**attempt)
         return random.uniform(0, bound)
+
+    def pause_after(
+        self, exc: RequestError, attempts: int, left: float, *, lost: bool = False
+    ) -> float | None:
+        """The pause before sending again after attempt number ``attempts`` met
+        ``exc`` with ``left`` seconds to the deadline (``lost``: the attempt's own
+        wait ran out, not the request's), or ``None``: give up, ``exc`` stands."""
+        if not (exc.retryable or lost):
+            return None
+        if self.max_attempts is not None and attempts >= self.max_attempts:
+            return None
+        pause = self.backoff(attempts - 1)
+        return None if pause + MIN_ATTEMPT >= left else pause
 
 
 #: A sensible retry policy for clusters whose shards move (dynamic membership).

@@ -238,15 +238,21 @@ class Dispatcher:
         if waiting.answered:
             return
         waiting.answered = True
-        env, reply = waiting.job[0], waiting.job[1]
-        self.queued -= 1
-        if self._node.metered:
-            self._node.metrics.pending_messages(self._node.node_id, self.queued)
         self.rejected("expired")
-        if self._node.traced:
-            self._node.tracer.message_refused(env, waiting.job[2], "expired")
-        self._finish(env, reply, self.expired_reply(env), cache=False)
-        self._settled(waiting.shard)
+        self._drop(waiting.job, waiting.shard, self.expired_reply(waiting.job[0]), "expired")
+
+    def _drop(self, job: Job, shard: int, body: bytes, reason: str) -> None:
+        """Answer the queued ``job`` with ``body`` (refused for ``reason``): it never
+        runs. Its worker skips it (the caller marked its ``Waiting`` answered)."""
+        env, reply, received, _ = job
+        self.queued -= 1
+        node = self._node
+        if node.metered:
+            node.metrics.pending_messages(node.node_id, self.queued)
+        if node.traced:
+            node.tracer.message_refused(env, received, reason)
+        self._finish(env, reply, body, cache=False)
+        self._settled(shard)
 
     # -- workers --------------------------------------------------------------
 
@@ -503,16 +509,13 @@ class Dispatcher:
                 keep.append(lane)
                 continue
             while lane.items:
-                env, reply, received, waiting = lane.items.popleft()
+                job = lane.items.popleft()
+                waiting = job[3]
                 if waiting is not None:
                     if waiting.answered:
                         continue
                     waiting.answered = True
-                self.queued -= 1
-                if self._node.traced:
-                    self._node.tracer.message_refused(env, received, "not_owner")
-                self._finish(env, reply, error, cache=False)
-                self._settled(lane.shard)
+                self._drop(job, lane.shard, error, "not_owner")
             if lane.key is not None:
                 self._lanes.pop((lane.shard, lane.key), None)
         # In place: workers hold a reference to this deque.
@@ -539,7 +542,7 @@ class Dispatcher:
         )
         for lane in lanes:
             for job in lane.items if lane is not None else ():
-                env, reply, received, waiting = job
+                env, waiting = job[0], job[3]
                 if (waiting is not None and waiting.answered) or not match(env):
                     continue
                 if waiting is None:
@@ -547,14 +550,9 @@ class Dispatcher:
                 elif self._queue_timeouts is not None:
                     self._queue_timeouts.discard(waiting.slot, waiting)
                 waiting.answered = True  # its worker skips it
-                self.queued -= 1
-                if self._node.traced:
-                    self._node.tracer.message_refused(env, received, "interrupted")
                 message = f"the caller interrupted {env.type!r} before its handler ran"
-                self._finish(
-                    env, reply, error_reply_for(RequestInterruptedError(message)), cache=False
-                )
-                self._settled(shard)
+                error = error_reply_for(RequestInterruptedError(message))
+                self._drop(job, shard, error, "interrupted")
                 count += 1
         return count
 
