@@ -1,13 +1,15 @@
-"""Shared fixtures: both transports for the contract suite, and the task-leak guard."""
+"""Shared fixtures: both transports for the contract suite, the task-leak guard, and
+structlog's configuration put back after each test."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import pytest_asyncio
+import structlog
 
 from clstr import MemoryNetwork, MemoryTransport, Transport
 from clstr.testing import NatsServer
@@ -21,6 +23,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fn = getattr(item, "function", None)
         if fn is not None and inspect.iscoroutinefunction(fn):
             item.fixturenames.insert(0, "no_leaked_tasks")  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def restore_structlog() -> Iterator[None]:
+    """Whatever a test configures (``clstr.cli.main`` configures structlog globally, as a
+    command does), the next test starts from the configuration before it: a filter
+    left behind would hide the log lines later tests check."""
+    saved = structlog.get_config()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 @pytest_asyncio.fixture

@@ -21,7 +21,7 @@ import sys
 import textwrap
 import types
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,16 +40,6 @@ from clstr.transports.nats import NatsTransport
 NODE_IDS = ["node-1", "node-2", "node-3"]
 NUM_SHARDS = 16
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def restore_structlog() -> Iterator[None]:
-    """main() configures structlog globally; put the previous configuration back."""
-    saved = structlog.get_config()
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 @dataclass

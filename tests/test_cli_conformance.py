@@ -9,11 +9,10 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-import structlog
 
 from clstr.cli import main
 from clstr.testing import NatsServer
@@ -21,16 +20,6 @@ from clstr.testing._processes import NodeProcess
 
 NUM_SHARDS = 8
 SUMMARY = re.compile(r"^(\d+) cases: (\d+) passed, (\d+) failed, (\d+) skipped$", re.M)
-
-
-@pytest.fixture(autouse=True)
-def restore_structlog() -> Iterator[None]:
-    """main() configures structlog globally; put the previous configuration back."""
-    saved = structlog.get_config()
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 @pytest_asyncio.fixture

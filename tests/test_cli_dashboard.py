@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
-import structlog
 
 from clstr.cli import build_parser, main
 from clstr.cli._common import CliError
@@ -33,16 +32,6 @@ from _support import dashboard_snapshot
 NODE_IDS = ["node-1", "node-2"]
 NUM_SHARDS = 8
 READY = re.compile(r"clstr dashboard: (http://127\.0\.0\.1:(\d+)/) \(Ctrl-C to stop\)")
-
-
-@pytest.fixture(autouse=True)
-def restore_structlog() -> Iterator[None]:
-    """main() configures structlog globally; put the previous configuration back."""
-    saved = structlog.get_config()
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from clstr import owner_of, shard_for_key
 from clstr.cli import main
@@ -30,16 +29,6 @@ from _support import dashboard_snapshot
 
 NUM_SHARDS = 16
 READY = "press Ctrl-C to stop"
-
-
-@pytest.fixture(autouse=True)
-def restore_structlog() -> Iterator[None]:
-    """main() configures structlog globally; put the previous configuration back."""
-    saved = structlog.get_config()
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 def alive(pid: int) -> bool:

@@ -7,11 +7,10 @@ import asyncio
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-import structlog
 
 from clstr import Client, NoShardOwnerError, OverloadedError
 from clstr.cli import build_parser, main
@@ -21,16 +20,6 @@ from clstr.testing._processes import NodeProcess
 from clstr.transports.nats import NatsTransport
 
 NUM_SHARDS = 8
-
-
-@pytest.fixture(autouse=True)
-def restore_structlog() -> Iterator[None]:
-    """main() configures structlog globally; put the previous configuration back."""
-    saved = structlog.get_config()
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 @pytest_asyncio.fixture

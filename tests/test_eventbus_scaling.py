@@ -23,8 +23,10 @@ from clstr.eventbus import (
     ScalingPolicy,
     ScalingSignals,
     ShuttingDownError,
+    StoredEvent,
     UnroutedError,
 )
+from clstr.eventbus._query import MAX_POLL_LIMIT
 from clstr.eventbus._routing import TABLE_MASK, plan
 from clstr.eventbus._scaling import suggest
 
@@ -38,6 +40,18 @@ def config(adapter: MemoryAdapter, shards: int = 1, **kw: object) -> BusConfig:
         **kw,
     }
     return BusConfig(name="s", shards=shards, adapter=adapter, **settings)  # type: ignore[arg-type]
+
+
+async def every_event(bus: EventBus) -> list[StoredEvent]:
+    """Every stored event, polled page by page (the producer's count has no bound)."""
+    events: list[StoredEvent] = []
+    cursor = None
+    while True:
+        page = await bus.poll(PollRequest(limit=MAX_POLL_LIMIT, cursor=cursor))
+        events += page.events
+        if not page.has_more:
+            return events
+        cursor = page.cursor
 
 
 def moving_keys(bus: EventBus, old: list[int], new: list[int]) -> tuple[str, str]:
@@ -88,7 +102,7 @@ class TestRescale:
         assert stats.events_dropped == 0
         assert stats.retired_shards == (0,)
         assert sorted(s.shard for s in stats.shards) == [1, 2, 3]
-        events = (await bus.poll(PollRequest(limit=100_000))).events
+        events = await every_event(bus)
         assert sorted(int(e.payload) for e in events) == list(range(produced))
         by_key = defaultdict(list)
         for e in sorted(events, key=lambda e: (e.frame, e.offset)):

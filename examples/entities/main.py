@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats.js.errors
 import structlog
 
-from clstr import Client, decode_payload
+from clstr import DEFAULT_RETRY, Client, decode_payload
 from clstr.entities import Entity, KvStateStore, Record, Sharding, Singleton, handles
 from clstr.membership import KvMembership, KvSettings
 from clstr.node import ShardContext
@@ -53,6 +54,13 @@ class CartState:
     items: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Report:
+    node: str
+    carts: int
+    items: int
+
+
 class Cart(Entity[CartState]):
     state_type = CartState  # saved in the KV bucket clstr_entity_Cart
     idle_timeout = 60.0
@@ -67,8 +75,9 @@ class Cart(Entity[CartState]):
         return CartView(self.id, self.state.items, self.context.node_id)
 
 
-def totals_singleton(store: KvStateStore) -> Singleton:
-    """A singleton that sums every cart in the store once a second."""
+def totals_singleton(store: KvStateStore, reports: asyncio.Queue[Report]) -> Singleton:
+    """A singleton that sums every cart in the store once a second (and hands each
+    report to ``reports`` too, for the example to await)."""
 
     async def totals(ctx: ShardContext) -> None:
         bucket = await store.bucket("Cart")
@@ -80,6 +89,7 @@ def totals_singleton(store: KvStateStore) -> Singleton:
                 state = decode_payload(record.state, CartState)
                 carts, items = carts + 1, items + len(state.items)
             print(f"[totals] on {ctx.node_id}: {carts} carts, {items} items", flush=True)
+            reports.put_nowait(Report(ctx.node_id, carts, items))
             try:
                 async with asyncio.timeout(1.0):
                     await ctx.stopping.wait()
@@ -90,6 +100,13 @@ def totals_singleton(store: KvStateStore) -> Singleton:
     return totals
 
 
+async def _report(reports: asyncio.Queue[Report], wanted: Callable[[Report], bool]) -> None:
+    """Wait (10 s at most) for the singleton's first report that is ``wanted``."""
+    async with asyncio.timeout(10.0):
+        while not wanted(await reports.get()):
+            pass
+
+
 async def _keys(bucket: Any) -> list[str]:
     try:
         return list(await bucket.keys())
@@ -97,7 +114,9 @@ async def _keys(bucket: Any) -> list[str]:
         return []
 
 
-async def start_runner(url: str, node_id: str) -> tuple[Sharding, NatsTransport]:
+async def start_runner(
+    url: str, node_id: str, reports: asyncio.Queue[Report]
+) -> tuple[Sharding, NatsTransport]:
     transport = await NatsTransport.connect(url)
     store = KvStateStore(transport)
     runner = Sharding(
@@ -108,7 +127,7 @@ async def start_runner(url: str, node_id: str) -> tuple[Sharding, NatsTransport]
         store=store,
     )
     runner.register_entity(Cart)
-    runner.register_singleton("totals", totals_singleton(store), grace=1.0)
+    runner.register_singleton("totals", totals_singleton(store, reports), grace=1.0)
     await runner.start()
     return runner, transport
 
@@ -119,14 +138,18 @@ async def main() -> None:
         wrapper_class=structlog.make_filtering_bound_logger(30),
     )
     async with NatsServer(jetstream=True) as server:
-        runners = dict([await start_runner(server.url, f"node-{n}") for n in (1, 2, 3)])
+        reports: asyncio.Queue[Report] = asyncio.Queue()
+        nodes = [await start_runner(server.url, f"node-{n}", reports) for n in (1, 2, 3)]
+        runners = dict(nodes)
         by_id = {runner.node_id: (runner, transport) for runner, transport in runners.items()}
         client_transport = await NatsTransport.connect(server.url)
-        client = Client(client_transport, num_shards=NUM_SHARDS)
+        # Shards move while the nodes join: the retry policy resends a request that
+        # met no owner (or a node that just gave its shard away) until its deadline.
+        client = Client(client_transport, num_shards=NUM_SHARDS, retry=DEFAULT_RETRY)
         for cart, item in [("ann", "tea"), ("bob", "jam"), ("ann", "bread"), ("cy", "milk")]:
             view = await client.entity(Cart, cart).call(AddItem(item), CartView)
             print(f"add {item:5} to {cart:3} -> {view.items} on {view.node}")
-        await asyncio.sleep(1.5)  # let the singleton report once (the example's pace)
+        await _report(reports, lambda r: r.carts == 3)
 
         singleton_shard = next(iter(runners)).singleton_shard("totals").shard
         host = next(r for r in runners if singleton_shard in r.nodes["default"].shards)
@@ -134,7 +157,8 @@ async def main() -> None:
         runner, transport = by_id.pop(host.node_id)
         await runner.shutdown()
         await transport.close()
-        await asyncio.sleep(1.5)  # the singleton starts elsewhere and reports
+        # The singleton starts on another node and reports.
+        await _report(reports, lambda r: r.node != host.node_id)
 
         for cart in ("ann", "bob", "cy"):
             view = await client.entity(Cart, cart).call(Contents(), CartView)
