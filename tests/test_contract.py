@@ -418,6 +418,38 @@ class TestTransport:
             await receiver.close()
             await sender.close()
 
+    async def test_a_publish_nobody_hears_gets_an_empty_reply(self, connect: Connect) -> None:
+        """A publish with a reply subject to a subject nobody subscribes to puts one
+        empty message on the reply subject (nats-server's no-responders notice); one
+        that is heard does not."""
+        listener, sender = await connect("listener"), await connect("sender")
+        got: list[bytes] = []
+        arrived = asyncio.Event()
+
+        def collect(data: bytes, reply: str | None) -> None:
+            got.append(data)
+            arrived.set()
+
+        try:
+            await listener.subscribe("heard.test", lambda data, reply: None)
+            inbox = sender.new_inbox()
+            await sender.subscribe(inbox, collect)
+            await sender.publish("heard.test", b"x", reply=inbox)
+            await sender.publish("nobody.test", b"x", reply=inbox)
+            await arrived.wait()
+            await sender.publish("heard.test", b"x", reply=inbox)
+            await listener.subscribe(
+                "last.test", lambda data, reply: sender.publish_nowait(inbox, b"end")
+            )
+            await sender.publish("last.test", b"x")
+            while got[-1] != b"end":
+                arrived.clear()
+                await arrived.wait()
+            assert got == [b"", b"end"]
+        finally:
+            await listener.close()
+            await sender.close()
+
     async def test_close_fails_pending_requests_at_once(self, connect: Connect) -> None:
         """close() fails a request waiting for its reply with TransportClosedError
         at once, not when its (30 s) timeout runs out."""
@@ -546,6 +578,20 @@ class TestErrors:
             started = time.monotonic()
             with pytest.raises(NoShardOwnerError):
                 await client.request_shard(5, "echo")
+            assert time.monotonic() - started < 0.5, "no-owner must not wait for the timeout"
+        finally:
+            await stop_all(nodes)
+
+    async def test_a_stream_nobody_serves_fails_at_once(self, connect: Connect) -> None:
+        """A stream to a shard nobody serves fails with NoShardOwnerError within a
+        round trip, like a request, not after its 10 s timeout."""
+        nodes = await start_nodes(connect, ["a"], lambda n: Recorder(), shards=[0])
+        client = Client(await connect("client"), num_shards=NUM_SHARDS, timeout=10)
+        try:
+            started = time.monotonic()
+            with pytest.raises(NoShardOwnerError, match="no node serves"):
+                async for _ in client.stream_shard(5, "echo"):
+                    pass
             assert time.monotonic() - started < 0.5, "no-owner must not wait for the timeout"
         finally:
             await stop_all(nodes)

@@ -22,6 +22,7 @@ from clstr import (
     NotOwnerError,
     PrometheusMetrics,
     RemoteHandlerError,
+    RequestInterruptedError,
     decode_payload,
 )
 from clstr.entities import (
@@ -152,6 +153,40 @@ class TestCalls:
         with pytest.raises(RemoteHandlerError, match="no bombs"):
             await cart.call(AddItem("bomb"), Total)
         assert await cart.call(Checkout(), Total) == Total(1, ["tea"])
+
+
+class TestInterrupts:
+    async def test_an_entity_message_is_interrupted_through_the_runner(self) -> None:
+        """sharding.interrupt(id, key=...) cancels the message an entity runs: its
+        handler sees CancelledError, the caller gets interrupted, and the entity
+        goes on serving its next message."""
+        entered, cancelled = asyncio.Event(), asyncio.Event()
+
+        class Waiter(Entity[None]):
+            @handles
+            async def wait(self, msg: Checkout) -> int:
+                entered.set()
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+                return 0
+
+            @handles
+            async def add(self, msg: AddItem) -> int:
+                return len(msg.item)
+
+        async with Sharding(MemoryTransport(MemoryNetwork()), num_shards=NUM_SHARDS) as runner:
+            runner.register_entity(Waiter)
+            waiter = runner.entity(Waiter, "w1")
+            call = asyncio.create_task(waiter.call(Checkout(), int, request_id="r1"))
+            await entered.wait()
+            assert await runner.interrupt("r1", key=waiter.key) == 1
+            with pytest.raises(RequestInterruptedError):
+                await call
+            assert cancelled.is_set()
+            assert await waiter.call(AddItem("tea"), int) == 3
 
 
 class TestPlacement:

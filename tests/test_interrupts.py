@@ -95,6 +95,26 @@ class TestInterrupt:
         with pytest.raises(RequestInterruptedError):
             await call
 
+    async def test_an_id_sent_to_the_shard_alone_finds_a_keyed_request(
+        self, rig: tuple[Client, Held]
+    ) -> None:
+        """interrupt(id, shard=...) without the key reaches a keyed request, running
+        or queued: an id names one request of the shard whatever its key."""
+        client, held = rig
+        shard = client.shard_for("k")
+        running = asyncio.create_task(client.request_key("k", "work", b"a", request_id="r1"))
+        await held.started("a").wait()
+        queued = asyncio.create_task(client.request_key("k", "work", b"b", request_id="r2"))
+        while await client.interrupt("r2", shard=shard) == 0:
+            pass  # the interrupt may overtake the request on its way
+        with pytest.raises(RequestInterruptedError, match="before its handler ran"):
+            await queued
+        assert await client.interrupt("r1", shard=shard) == 1
+        with pytest.raises(RequestInterruptedError):
+            await running
+        assert held.cancelled == ["a"]
+        assert "b" not in held.finished
+
     async def test_an_unknown_id_interrupts_nothing(self, rig: tuple[Client, Held]) -> None:
         """Interrupting an id nobody runs returns 0 and changes nothing."""
         client, _ = rig

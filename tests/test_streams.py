@@ -14,6 +14,7 @@ from clstr import (
     Envelope,
     HandlerTimeoutError,
     Node,
+    NotOwnerError,
     RemoteHandlerError,
     RequestTimeoutError,
     Router,
@@ -160,6 +161,25 @@ class TestStreams:
         with pytest.raises((HandlerTimeoutError, RequestTimeoutError)):
             await read()
         await report.cancelled.wait()
+
+    async def test_a_shard_moved_mid_stream_ends_it_and_frees_the_writer(
+        self, rig: tuple[Node, Client, Report]
+    ) -> None:
+        """A stream whose shard is released while its handler is held (a reader
+        that stopped reading): the handler is cancelled, the reader's next read
+        gets not_owner, and the node forgets the stream."""
+        node, client, report = rig
+        scoped = client.key("r1")
+        stream = scoped.stream(Query(10_000), Row, window=2)
+        async with contextlib.aclosing(stream):
+            assert await anext(stream) == Row(0, "row 0")
+            await eventually(lambda: any(w.sent == w.acked + 2 for w in _writers(node)))
+            await node.release(scoped.shard, timeout=0)
+            await report.cancelled.wait()
+            assert not _writers(node)
+            with pytest.raises(NotOwnerError, match="stopped the handler"):
+                async for _ in stream:
+                    pass
 
     async def test_one_reply_collects_a_streaming_handler(
         self, rig: tuple[Node, Client, Report]

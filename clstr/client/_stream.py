@@ -22,7 +22,7 @@ import msgpack
 from .._clock import monotonic
 from ..codec import Limits, encode_request
 from ..envelope import Envelope
-from ..errors import BadRequestError, RequestTimeoutError, error_for_code
+from ..errors import BadRequestError, NoShardOwnerError, RequestTimeoutError, error_for_code
 from ..protocol import INTERRUPT_TYPE, fingerprint
 from ..transports.base import Transport
 
@@ -75,7 +75,10 @@ async def receive_stream(
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(left):
                         await arrived.wait()
-            frame = _decode(frames.popleft(), limits)
+            data = frames.popleft()
+            if not data:  # the transport's "no responders": frames are never empty
+                raise NoShardOwnerError(f"no node serves {subject!r} (nobody subscribes to it)")
+            frame = _decode(data, limits)
             n = frame.get("n")
             if n is None:  # a node that answered with one reply: one chunk
                 done = True

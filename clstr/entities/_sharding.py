@@ -396,6 +396,21 @@ class Sharding:
             shard, envelope.type, envelope.data, key=envelope.key, options=_header_options(envelope)
         )
 
+    async def interrupt(
+        self,
+        request_id: str,
+        *,
+        key: str | None = None,
+        shard: int | None = None,
+        group: str = DEFAULT_GROUP,
+        timeout: float | None = None,
+    ) -> int:
+        """Interrupt the request sent with ``request_id`` to ``key``'s (or ``shard``'s)
+        owner: see :meth:`clstr.Client.interrupt`. Returns how many were interrupted."""
+        return await self.clients[group].interrupt(
+            request_id, key=key, shard=shard, timeout=timeout
+        )
+
     # -- persisted messages -------------------------------------------------------
 
     def persisted(self, group: str = DEFAULT_GROUP) -> PersistedClient:

@@ -401,7 +401,10 @@ class Dispatcher:
         except asyncio.CancelledError:
             stopped = NotOwnerError(f"node {node.node_id} stopped the handler before it finished")
             failure = stopped
-            self._finish(env, reply, error_reply_for(stopped), cache=False)
+            if stream is None:
+                self._finish(env, reply, error_reply_for(stopped), cache=False)
+            else:
+                self._end_stream(env, stream, error_reply_for(stopped), b"")
             raise
         except RequestError as exc:
             # Raised on purpose by the handler (or the timeout): its code goes back.
@@ -436,14 +439,21 @@ class Dispatcher:
             if span is not None:
                 span.end(failure)
         if stream is not None:
-            # Streams are not kept for retries: a retry would stream again.
-            self._streams.close_stream(stream)
-            stream.finish(body, bytes(result) if ok and result else b"")
-            self._finish(env, None, None, cache=False)
+            self._end_stream(env, stream, body, bytes(result) if ok and result else b"")
             return
         if body is not None and len(body) > node.transport.max_payload:
             body = self._too_large(env, len(body))
         self._finish(env, reply, body, cache=store)
+
+    def _end_stream(
+        self, env: Envelope, stream: StreamWriter, body: bytes | None, data: bytes
+    ) -> None:
+        """End ``env``'s stream with ``body`` (an error reply, or ``None``: done) and
+        ``data`` (a raw handler's last chunk). Streams are not kept for retries: a
+        retry would stream again."""
+        self._streams.close_stream(stream)
+        stream.finish(body, data)
+        self._finish(env, None, None, cache=False)
 
     def _too_large(self, env: Envelope, size: int) -> bytes:
         """The reply that stands for one too large to send (the handler ran)."""
@@ -524,24 +534,28 @@ class Dispatcher:
 
     # -- interrupts -------------------------------------------------------------
 
-    def interrupt(self, shard: int, key: str | None, match: Callable[[Envelope], bool]) -> int:
-        """Interrupt the messages of ``shard`` and ``key`` that ``match`` selects:
-        a running one's handler is cancelled (its caller gets ``interrupted``, kept
-        for retries: it ran); a queued one is answered ``interrupted`` and never
-        runs. Returns how many were interrupted."""
+    def interrupt(
+        self, shard: int, key: str | None, match: Callable[[Envelope], bool], *, any_key: bool
+    ) -> int:
+        """Interrupt the messages of ``shard`` and ``key`` (of any key of the shard
+        when ``any_key``) that ``match`` selects: a running one's handler is
+        cancelled (its caller gets ``interrupted``, kept for retries: it ran); a
+        queued one is answered ``interrupted`` and never runs. Returns how many
+        were interrupted."""
         count = 0
         for task, job in list(self._current.items()):
             env = job[0]
-            if env.shard == shard and env.key == key and match(env):
+            if env.shard == shard and (any_key or env.key == key) and match(env):
                 self._calls.interrupt(task)
                 count += 1
-        lanes = (
-            [self._lanes.get((shard, key))]
-            if key is not None
-            else [lane for lane in self._ready if lane.key is None and lane.shard == shard]
-        )
+        lanes = [lane for lane in self._ready if lane.key is None and lane.shard == shard]
+        if any_key:
+            lanes += [lane for lane in self._lanes.values() if lane.shard == shard]
+        elif key is not None:
+            lane = self._lanes.get((shard, key))
+            lanes = [] if lane is None else [lane]
         for lane in lanes:
-            for job in lane.items if lane is not None else ():
+            for job in lane.items:
                 env, waiting = job[0], job[3]
                 if (waiting is not None and waiting.answered) or not match(env):
                     continue

@@ -212,7 +212,10 @@ class Intake:
         except Exception as exc:
             self._dispatch.rejected("bad_request")
             return error_reply_for(BadRequestError(f"bad interrupt: {exc}"))
-        count = self._dispatch.interrupt(env.shard, env.key, match)
+        # An id or a fingerprint names one request whatever its key; `current`
+        # means the key's own messages.
+        any_key = target.get("current") is not True
+        count = self._dispatch.interrupt(env.shard, env.key, match, any_key=any_key)
         return encode_reply(encode_payload(count))
 
 

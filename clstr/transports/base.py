@@ -73,7 +73,9 @@ class Transport(abc.ABC):
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
         """Send ``data`` without waiting for anything (fire and forget); only
         waits while the transport's outgoing buffer is full. ``reply`` sets the
-        message's reply subject (a stream's inbox, say)."""
+        message's reply subject (a stream's inbox, say). When nobody subscribes
+        to ``subject``, the ``reply`` subject gets one empty message instead, as
+        nats-server answers a publish that finds no responders."""
 
     def new_inbox(self) -> str:
         """A subject nobody else uses, to :meth:`subscribe` to for replies that

@@ -304,9 +304,14 @@ class MemoryTransport(Transport):
             self._pending.pop(inbox, None)
 
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
-        """Send ``data`` without waiting; ``reply`` sets a reply subject."""
+        """Send ``data`` without waiting; ``reply`` sets a reply subject (which gets
+        an empty message when nobody subscribes to ``subject``, as from NATS)."""
         self._check(data)
-        self.network.route(subject, data, reply, self.name)
+        network = self.network
+        if reply is not None and not network.has_interest(subject, self.name):
+            network.route(reply, b"", None)  # nats-server's "no responders"
+            return
+        network.route(subject, data, reply, self.name)
 
     def publish_nowait(self, subject: str, data: bytes) -> None:
         self._check(data)
