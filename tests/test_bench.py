@@ -108,6 +108,53 @@ def test_uvloop_and_plot(tmp_path: Path) -> None:
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+#: The groups of the subsystems (counters, ledger and edge client, tracing): every
+#: row of theirs has a floor, checked by --strict.
+_SUBSYSTEM_GROUPS = ("counters", "ledger", "edge_client", "tracing")
+
+
+def test_subsystem_rows_have_floors() -> None:
+    """Every row of the subsystem groups has a floor (a rate ratio it must reach),
+    so that --strict guards it."""
+    rows = [spec for spec in bench.SPECS if spec.group in _SUBSYSTEM_GROUPS]
+    assert {spec.group for spec in rows} == set(_SUBSYSTEM_GROUPS)
+    for spec in rows:
+        assert spec.higher_is_better, spec.name
+        assert spec.target is not None, spec.name
+        assert spec.target_text().startswith(">="), spec.name
+
+
+def test_strict_fails_when_a_floor_is_missed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--strict exits 1 when a row misses its floor and 0 when it meets it; without
+    --strict a missed floor is reported, not an error. (The measurement is replaced
+    by given figures: what is tested is the verdict, not the workers.)"""
+    from clstr.bench import _command
+    from clstr.bench._group import Collected
+
+    spec = next(s for s in bench.SPECS if s.name == "tracing_rr")
+    assert spec.target is not None
+
+    def figures(ratio: float) -> Any:
+        async def measure(*_args: object, **_kwargs: object) -> Collected:
+            collected = Collected()
+            collected.add(spec.name, ratio * 1000.0, 1000.0)
+            return collected
+
+        return measure
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    only = ["--quick", "--no-progress", "--only", spec.group]
+    monkeypatch.setattr(_command, "measure", figures(spec.target * 0.5))
+    assert bench.run(parser.parse_args([*only, "--strict"])) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert bench.run(parser.parse_args(only)) == 0
+    monkeypatch.setattr(_command, "measure", figures(spec.target * 2))
+    assert bench.run(parser.parse_args([*only, "--strict"])) == 0
+
+
 def test_unknown_measurement_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     """--only with an unknown name fails at once, naming the valid ones."""
     parser = argparse.ArgumentParser()

@@ -24,7 +24,8 @@ Modules:
 - ``_children``, ``_protocol``, ``_worker``: worker processes, both ends;
   ``_timing``: how workers time; ``_profile``: profile summaries;
   ``_pairs``: stages of a node and a client process per side.
-- The groups: ``_nats``, ``_entity_call`` and ``_streams`` (each a stage of
+- The groups: ``_nats``, ``_entity_call``, ``_streams``, ``_counters``,
+  ``_ledger`` and ``_senders`` (the edge client, tracing) (each a stage of
   node and client processes, ``_pairs``), ``_startup`` (its own processes);
   in the in-process stage (``_local.IN_PROCESS``): ``_memory_rr``,
   ``_hashing``, ``_keyhandler``, ``_eventbus`` (ingest), ``_ids``; in the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 from ._children import Child
 from ._group import Context, Group, Stage, Workers, side_order
@@ -81,3 +82,16 @@ def add_throughput(context: Context, row: str, answers: Mapping[str, JSON]) -> N
     context.out.add(row, clstr["rate"], raw["rate"])
     context.out.cpu(row, "client", clstr["cpu_us"], raw["cpu_us"])
     context.out.cpu(row, "node", clstr["node_cpu_us"], raw["node_cpu_us"])
+
+
+async def drop_streams(nc: Any, prefix: str) -> None:
+    """Delete the JetStream streams and KV buckets named ``<prefix>_...`` (what a
+    worker made under its run's own prefix), so that a server given with
+    ``--nats-url`` keeps nothing of the run. Best effort: a failure is ignored."""
+    js = nc.jetstream()
+    # Cleanup after the figures are in: it never fails a run.
+    with contextlib.suppress(Exception):
+        names = [info.config.name for info in await js.streams_info()]
+        for name in names:
+            if name.startswith((f"{prefix}_", f"KV_{prefix}_")):
+                await js.delete_stream(name)

@@ -7,15 +7,18 @@ from __future__ import annotations
 from typing import Final
 
 from . import (
+    _counters,
     _entity_call,
     _eventbus,
     _hashing,
     _ids,
     _interrupts,
     _keyhandler,
+    _ledger,
     _memory_rr,
     _nats,
     _persisted,
+    _senders,
     _startup,
     _streams,
 )
@@ -31,6 +34,10 @@ REGISTERED: Final[tuple[Group, ...]] = (
     _interrupts.GROUP,
     _persisted.GROUP,
     _eventbus.JETSTREAM,
+    _counters.GROUP,
+    _ledger.GROUP,
+    _senders.EDGE,
+    _senders.TRACING,
     _memory_rr.GROUP,
     _hashing.SHARD_FOR_KEY,
     _hashing.HRW_ASSIGN,

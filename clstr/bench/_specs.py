@@ -78,6 +78,10 @@ class Sizes:
     bus_jetstream_events: int = 200_000
     id_calls: int = 200_000
     id_repeat: int = 5
+    counter_incs: int = 5_000
+    counter_warmup: int = 1_024
+    ledger_events: int = 3_000
+    ledger_warmup: int = 1_024
 
 
 FULL_SIZES: Final = Sizes()
@@ -103,4 +107,8 @@ QUICK_SIZES: Final = Sizes(
     bus_jetstream_events=5_000,
     id_calls=5_000,
     id_repeat=1,
+    counter_incs=200,
+    counter_warmup=50,
+    ledger_events=100,
+    ledger_warmup=50,
 )
