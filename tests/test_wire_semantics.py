@@ -270,6 +270,38 @@ class TestQueuedExpiry:
             decode_reply(await first)
             assert handler.runs == {"hold": 1}
 
+    async def test_a_new_key_left_without_a_worker_is_answered_at_its_deadline(
+        self, connect: Connect
+    ) -> None:
+        """Three new keys in one burst on a node of two workers: the two first hold
+        both workers, and the third, which no worker will start before its deadline,
+        is answered expired at the deadline, its room in the queue freed."""
+        handler = Counting()
+        handler.gate = asyncio.Event()
+        node = Node(await connect("node"), handler, num_shards=1, max_concurrency=2)
+        requester = await connect("raw")
+        subject = clstr.shard_subject("clstr", 0)
+        async with node:
+            burst = [Envelope("hold", key="a"), Envelope("hold", key="b")]
+            burst.append(Envelope("late", key="c", ttl=1.0))
+            try:
+                async with virtual_time(autojump=False) as clock:
+                    calls = [
+                        asyncio.create_task(requester.request(subject, encode_request(env), 10))
+                        for env in burst
+                    ]
+                    await _until(lambda: node.running == 2 and node.queued == 1)
+                    clock.advance(1.5)  # its deadline passes while both workers are held
+                    await _until(lambda: calls[2].done(), turns=10_000)
+                    with pytest.raises(EnvelopeExpiredError):
+                        decode_reply(await calls[2])
+                    assert node.queued == 0
+            finally:
+                handler.gate.set()
+            for call in calls[:2]:
+                decode_reply(await call)
+            assert handler.runs == {"hold": 2}
+
 
 async def _until(predicate: Callable[[], bool], turns: int = 1_000_000) -> None:
     """Wait until ``predicate`` holds, a loop turn at a time (real I/O goes on; on a

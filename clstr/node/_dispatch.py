@@ -216,8 +216,9 @@ class Dispatcher:
         self._ready.append(lane)
         if self._spare is None:
             self._spawn_worker()
-        if env.deadline is not None and len(self.workers) >= node.max_concurrency:
-            self._watch(job, env.deadline, shard)  # every worker is busy: it waits
+        if env.deadline is not None and len(self._ready) > node.max_concurrency - self.running:
+            # More lanes ready than workers free to start them: it may wait.
+            self._watch(job, env.deadline, shard)
 
     def _watch(self, job: Job, deadline: float, shard: int) -> None:
         """Answer ``job`` at ``deadline`` should it still wait then."""
