@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from clstr import owner_of, shard_for_key
+from clstr import assign_shards, owner_of, shard_for_key
 from clstr.cli import main
 from clstr.observe import DEFAULT_DASHBOARD_PORT
 from clstr.testing import NatsServer
@@ -286,6 +286,64 @@ class TestDevUp:
         assert not [name for name, pid in pids.items() if alive(pid)]
 
 
+class TestKvMembership:
+    def test_a_killed_nodes_shards_are_served_by_the_others(
+        self, tmpdir_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`dev up --membership kv` starts the nodes on the embedded server's JetStream
+        KV, ready once each holds its HRW share; after a SIGKILL of node-2 it warns and
+        serves on: the dashboard shows node-2's shards held by node-1 and node-3 as HRW
+        places them, and node-2's keys are answered by them. SIGINT stops the rest."""
+        argv = ["dev", "up", "--port", "0", "--shards", str(NUM_SHARDS), "--membership", "kv"]
+        child = Child(*argv, "--dashboard-port", "0", env=tmpdir_env)
+        nodes = ["node-1", "node-2", "node-3"]
+        pids: dict[str, int] = {}
+        try:
+            child.wait_for(READY)
+            pids = child.pids()
+            assert set(pids) == {"nats-server", *nodes}, child.describe()
+            assert child.out[0].endswith(", kv membership"), child.describe()
+            placed = assign_shards(nodes, NUM_SHARDS)
+            for node in nodes:
+                share = sum(owner == node for owner in placed.values())
+                assert re.search(rf"^  {node}  pid \d+  {share} shards$", child.stdout, re.M)
+            url = child.url()
+            key = next(
+                k
+                for i in range(1000)
+                if placed[shard_for_key(k := f"user-{i}", NUM_SHARDS)] == "node-2"
+            )
+            code, out = cli(capsys, url, "request", key, "whoami", "--json")
+            assert (code, json.loads(out)["node"]) == (0, "node-2")
+
+            os.kill(pids["node-2"], signal.SIGKILL)
+            survivors = assign_shards(["node-1", "node-3"], NUM_SHARDS)
+            snapshot = dashboard_snapshot(
+                child.dashboard_url(),
+                lambda s: s["state"] == "ok" and s["summary"]["members"] == 2,
+            )
+            assert [s["owner"] for s in snapshot["shards"]] == [
+                survivors[shard] for shard in range(NUM_SHARDS)
+            ]
+            code, out = cli(capsys, url, "request", key, "whoami", "--json")
+            assert code == 0
+            assert json.loads(out)["node"] == survivors[shard_for_key(key, NUM_SHARDS)]
+            assert child.process.poll() is None, child.describe()
+            warning = (
+                "clstr: warning: node-2 exited with code -9; its shards move to the other nodes"
+            )
+            assert warning in child.err, child.describe()
+
+            child.process.send_signal(signal.SIGINT)
+            assert child.wait() == 0, child.describe()
+        finally:
+            child.kill_everything(pids)
+        assert child.out[-1] == (
+            "stopped: node-1 (exit 0), node-2 (exit -9), node-3 (exit 0), nats-server"
+        ), child.describe()
+        assert not [name for name, pid in pids.items() if alive(pid)]
+
+
 class TestParentGone:
     """Whatever ends `clstr dev up`, none of its processes outlives it."""
 
@@ -356,10 +414,13 @@ def demo_answers(stdout: str) -> list[tuple[str, int, str]]:
 
 
 class TestDemo:
-    def test_demo_once_answers_from_each_owner_and_exits(self) -> None:
-        """`clstr demo --once` starts the cluster, shows each key answered by its HRW
-        owner, stops every process and exits 0."""
-        child = Child("demo", "--once", "--keys", "12", "--rounds", "2")
+    @pytest.mark.parametrize("membership", ["static", "kv"])
+    def test_demo_once_answers_from_each_owner_and_exits(self, membership: str) -> None:
+        """`clstr demo --once` starts the cluster (under KV membership: until the shards
+        have settled), shows each key answered by its HRW owner, stops every process
+        and exits 0."""
+        argv = ["--once", "--keys", "12", "--rounds", "2", "--membership", membership]
+        child = Child("demo", *argv)
         try:
             assert child.wait(60) == 0, child.describe()
         finally:

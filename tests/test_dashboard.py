@@ -13,16 +13,16 @@ import math
 import random
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 
-from clstr import Client, Envelope, Node
+from clstr import Client, Envelope, Node, assign_shards, shard_for_key
 from clstr.membership import KvMembership, KvSettings
 from clstr.observe import (
     ClusterWatch,
@@ -94,17 +94,24 @@ class Running:
 
 
 async def start_node(
-    url: str, node_id: str, prefix: str, *, kv: bool, members: list[str]
+    url: str,
+    node_id: str,
+    prefix: str,
+    *,
+    kv: bool,
+    members: list[str],
+    handler: Callable[[Envelope], Awaitable[bytes]] = echo,
+    kv_settings: KvSettings = FAST_KV,
 ) -> Running:
     """A node answering discovery, on KV membership or a static member list."""
     transport = await NatsTransport.connect(url, NatsOptions(name=node_id))
     stats = ShardStats()
     placement: dict[str, Any] = (
-        {"membership": KvMembership(settings=FAST_KV)} if kv else {"nodes": members}
+        {"membership": KvMembership(settings=kv_settings)} if kv else {"nodes": members}
     )
     node = Node(
         transport,
-        stats.wrap(echo),
+        stats.wrap(handler),
         node_id=node_id,
         num_shards=NUM_SHARDS,
         prefix=prefix,
@@ -118,10 +125,13 @@ async def start_node(
 
 @asynccontextmanager
 async def cluster(
-    url: str, prefix: str, *, kv: bool, n: int = 3
+    url: str, prefix: str, *, kv: bool, n: int = 3, **options: Any
 ) -> AsyncIterator[dict[str, Running]]:
     ids = [f"node-{i + 1}" for i in range(n)]
-    nodes = {node_id: await start_node(url, node_id, prefix, kv=kv, members=ids) for node_id in ids}
+    nodes = {
+        node_id: await start_node(url, node_id, prefix, kv=kv, members=ids, **options)
+        for node_id in ids
+    }
     try:
         yield nodes
     finally:
@@ -297,6 +307,80 @@ class TestClusterData:
                 assert any("moved from node-2" in t for t in texts)
             finally:
                 await watch.stop()
+
+    async def test_a_joining_node_shows_a_held_shard_moving_then_owned(self, prefix: str) -> None:
+        """A node joins a KV cluster of two while a handler runs on a shard HRW gives
+        the newcomer: the snapshot shows that shard moving (still held by its old
+        owner, the newcomer desired) for as long as the handler holds the handoff,
+        then owned by the newcomer once it ends; the join and the move are events."""
+        two, three = ["node-1", "node-2"], ["node-1", "node-2", "node-3"]
+        before, after = assign_shards(two, NUM_SHARDS), assign_shards(three, NUM_SHARDS)
+        shard = next(s for s in range(NUM_SHARDS) if after[s] == "node-3")
+        key = next(k for i in range(1000) if shard_for_key(k := f"k{i}", NUM_SHARDS) == shard)
+        old = before[shard]
+        running, release = asyncio.Event(), asyncio.Event()
+
+        async def hold(env: Envelope) -> bytes:
+            if env.key == key:
+                running.set()
+                await release.wait()
+            return env.data
+
+        # The old owner drains its in-flight messages before it lets the shard go: a
+        # handoff bound well past the test's waits keeps the shard moving until release.
+        patient = replace(FAST_KV, handoff_timeout=60.0)
+        options: dict[str, Any] = {"handler": hold, "kv_settings": patient}
+        async with (
+            NatsServer() as server,
+            cluster(server.url, prefix, kv=True, n=2, **options),
+        ):
+            watch = ClusterWatch(
+                lambda: NatsTransport.connect(server.url),
+                nats_url=server.url,
+                prefix=prefix,
+                settings=FAST,
+            )
+            await watch.start()
+            joined: Running | None = None
+            client = await Client.connect(server.url, num_shards=NUM_SHARDS, prefix=prefix)
+            try:
+                snap = await until(watch, lambda s: s["state"] == "ok" and s["membership"] == "kv")
+                assert snap["shards"][shard] == {"owner": old, "desired": old, "state": "owned"}
+                call = asyncio.ensure_future(client.request_key(key, "echo", b"x", timeout=60))
+                await running.wait()
+                joined = await start_node(
+                    server.url, "node-3", prefix, kv=True, members=three, **options
+                )
+                snap = await until(watch, lambda s: s["shards"][shard]["desired"] == "node-3")
+                assert snap["shards"][shard] == {
+                    "owner": old,
+                    "desired": "node-3",
+                    "state": "moving",
+                }
+                assert snap["state"] == "degraded"
+                assert snap["summary"]["moving"] >= 1
+                release.set()
+                assert await call == b"x"
+                snap = await until(
+                    watch, lambda s: s["state"] == "ok" and s["shards"][shard]["owner"] == "node-3"
+                )
+                assert snap["shards"][shard] == {
+                    "owner": "node-3",
+                    "desired": "node-3",
+                    "state": "owned",
+                }
+                assert all(
+                    s["owner"] == s["desired"] == after[n] for n, s in enumerate(snap["shards"])
+                )
+                texts = [e["text"] for e in snap["events"]]
+                assert any(t.startswith("node-3 joined") for t in texts), texts
+                assert any(f"moved from {old} to node-3" in t for t in texts), texts
+            finally:
+                release.set()
+                await client.close()
+                await watch.stop()
+                if joined is not None:
+                    await joined.stop()
 
     async def test_static_cluster_map_comes_from_discovery(self, prefix: str) -> None:
         """Without membership buckets the map is what the nodes announce; a node that

@@ -1,6 +1,7 @@
 """The event bus on a real nats-server: the JetStream adapter (stream, dedupe of retried
-batches, the producer nonce across restarts), polls from another client, the NATS
-subjects adapter, and checkpoints in JetStream KV."""
+batches, the producer nonce across restarts), polls from another client, what the bus
+does when JetStream refuses a frame for good and when the server is slow under the
+dropping backpressure modes, the NATS subjects adapter, and checkpoints in JetStream KV."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from _bus_support import assert_invariant
 
 from clstr import ConfigurationError
 from clstr.eventbus import (
+    Backpressure,
+    BackpressureError,
     BatchConfig,
     BusConfig,
     BusReader,
@@ -33,7 +36,7 @@ from clstr.eventbus import (
     stream_name,
 )
 from clstr.eventbus._event import Record
-from clstr.testing import NatsServer
+from clstr.testing import NatsServer, TcpProxy
 from clstr.transports.nats import NatsTransport
 
 
@@ -176,6 +179,89 @@ class TestJetStream:
         await other.close()
         with pytest.raises(ConsumerAdapterError):
             await reader.poll(PollRequest(shards=[0]))
+
+
+class TestFailures:
+    async def test_a_frame_over_the_streams_max_msg_size_is_dropped_and_counted(
+        self, transport: NatsTransport
+    ) -> None:
+        """The stream's max_msg_size is narrowed under a running bus: JetStream refuses
+        a larger frame for good (error 10054), so its batch is dropped at once, not
+        retried, and counted in events_dropped and batches_dropped without making the
+        shutdown lossy; a small batch after it is stored."""
+        adapter = JetStreamAdapter(transport)
+        bus = EventBus(bus_config("narrow", adapter, retry=DispatchRetry(initial_backoff=0.01)))
+        await bus.start()
+        try:
+            js = transport.nc.jetstream()
+            config = (await js.stream_info(adapter.stream)).config
+            config.max_msg_size = 512
+            await js.update_stream(config)
+            bus.ingest(Event("k", b"x" * 2000, "big"))
+            async with asyncio.timeout(10):
+                await bus.flush()
+            bus.ingest(Event("k", b"small", "small"))
+            async with asyncio.timeout(10):
+                await bus.flush()
+        finally:
+            stats = await bus.shutdown(timeout=5)
+        assert_invariant(stats)
+        assert (stats.events_dispatched, stats.events_dropped) == (1, 1)
+        assert (stats.batches_dispatched, stats.batches_dropped, stats.retries) == (1, 1, 0)
+        assert not stats.shutdown_was_lossy
+        assert [e.payload for e in await poll_all(bus)] == [b"small"]
+
+    @pytest.mark.parametrize("mode", [Backpressure.DROP_OLDEST, Backpressure.DROP_NEWEST])
+    async def test_a_slow_server_under_dropping_backpressure_keeps_the_invariant(
+        self, transport: NatsTransport, clstr_nats_server: NatsServer, mode: Backpressure
+    ) -> None:
+        """Through a proxy adding 50 ms each way, 3000 events offered at once overflow
+        rings of 64: DropOldest evicts (dropped), DropNewest refuses (rejected, never
+        ingested). Throughout and after shutdown dispatched + dropped + queued +
+        in_flight == ingested, and the stream holds exactly the dispatched events,
+        each key's in order."""
+        name = f"slow-{mode.name.lower().replace('_', '-')}"
+        offered, refused = 3000, 0
+        server = clstr_nats_server
+        async with TcpProxy(server.host, server.port, delay=0.05) as proxy:
+            slow = await NatsTransport.connect(proxy.url)
+            batch = BatchConfig(max_events=16, max_delay_ms=1)
+            config = bus_config(
+                name, JetStreamAdapter(slow), ring_capacity=64, backpressure=mode, batch=batch
+            )
+            bus = EventBus(config)
+            await bus.start()
+            try:
+                for i in range(offered):
+                    try:
+                        bus.ingest(Event(f"k{i % 10}", str(i).encode()))
+                    except BackpressureError:
+                        refused += 1
+                    if i % 50 == 0:
+                        assert bus.stats().invariant_holds, bus.stats()
+                        await asyncio.sleep(0)  # the workers take batches meanwhile
+                during = bus.stats()
+                assert during.invariant_holds, during
+                assert during.events_in_flight + during.events_queued > 0
+                async with asyncio.timeout(30):
+                    await bus.flush()
+            finally:
+                stats = await bus.shutdown(timeout=5)
+                await slow.close()
+        assert_invariant(stats)
+        assert not stats.shutdown_was_lossy
+        assert stats.events_ingested + stats.events_rejected == offered
+        if mode is Backpressure.DROP_OLDEST:
+            assert (refused, stats.events_rejected) == (0, 0)
+            assert stats.events_dropped > 0
+        else:
+            assert refused == stats.events_rejected == stats.rejected["backpressure"] > 0
+            assert stats.events_dropped == 0
+        events = await poll_all(BusReader.jetstream(transport, name))
+        assert len(events) == stats.events_dispatched
+        for key in {e.key for e in events}:
+            numbers = [int(e.payload) for e in events if e.key == key]
+            assert numbers == sorted(numbers)
 
 
 class TestNatsSubjects:

@@ -233,6 +233,7 @@ class TestErrors:
         async with EventBus(BusConfig(name="p")) as bus:
             with pytest.raises(ConsumerAdapterError, match="keeps no events"):
                 await bus.poll()
+            assert_invariant(await bus.shutdown())
 
     async def test_an_empty_log_polls_empty(self) -> None:
         """A log with nothing in it gives no events, has_more False, and a usable cursor."""

@@ -194,6 +194,7 @@ class TestRescale:
                 await bus.remove_shards([0, 1])
             with pytest.raises(ConfigurationError):
                 await bus.add_shards(0)
+            assert_invariant(await bus.shutdown())
 
 
 class TestScalingRule:

@@ -14,6 +14,7 @@ import pytest
 
 from clstr import Client, IdempotencyKeyReusedError, NoopMetrics, RetryPolicy
 from clstr.ledger import (
+    ACCOUNT_TYPE,
     ENTRY,
     HOLD,
     RELEASE,
@@ -29,9 +30,12 @@ from clstr.ledger import (
     ReservationClosedError,
     ReservationExpiredError,
     UnknownReservationError,
+    account_entity_id,
     decode_event,
+    request_id_of,
 )
 from clstr.ledger._fold import encode_event
+from clstr.ledger._model import Post
 from clstr.testing import NatsServer, TcpProxy
 from clstr.transports.nats import NatsTransport
 
@@ -124,6 +128,34 @@ async def journal_events(journal: Journal, bucket: str, account: str) -> list[Le
         position, body = found
         events.append(decode_event(bucket, account, position, body))
     return events
+
+
+async def dedupe_remembers(ledger: Ledger, bucket: str, account: str, nonce: str) -> bool:
+    """Whether the journal's JetStream dedupe still knows the message id of ``nonce``.
+
+    Asked without storing anything: the server checks a message id for a duplicate
+    before it checks ``Nats-Expected-Last-Msg-Id``, so a publish expecting a last
+    message id that cannot be is acknowledged as a duplicate while the id is
+    remembered, and refused once it is forgotten.
+    """
+    import nats.js.errors
+
+    journal = ledger.journal
+    js = ledger.transports[0].nc.jetstream()
+    try:
+        ack = await js.publish(
+            journal.subject(bucket, account),
+            b"",
+            stream=journal.stream(bucket),
+            headers={
+                "Nats-Msg-Id": journal.msg_id(bucket, account, nonce),
+                "Nats-Expected-Last-Msg-Id": "no such id",
+            },
+        )
+    except nats.js.errors.BadRequestError:
+        return False
+    assert ack.duplicate, ack
+    return True
 
 
 class TestEvents:
@@ -223,6 +255,56 @@ class TestEvents:
         page = await ledger.client.events("credits", "eve", limit=3)
         rest = await ledger.client.events("credits", "eve", after=page[-1].position)
         assert [e.amount for e in page + rest] == [1, 2, 3, 4, 5]
+
+
+class TestNonceMemory:
+    async def test_a_nonce_past_the_journals_dedupe_window_is_still_known(
+        self, server: NatsServer
+    ) -> None:
+        """With a journal that deduplicates for 1 s only, a nonce repeated once
+        JetStream has forgotten it, under a new request id (so that no node's reply
+        cache can answer), gets the original event back from the account's own memory
+        of its last nonces: the journal holds it once and the balance counts it once."""
+        short = LedgerSettings(sweep_interval=0.1, duplicate_window=1.0)
+        async with ledger_cluster(server, settings=short) as ledger:
+            journal = ledger.journal
+            first = await ledger.client.create_event(
+                "credits", "ann", 10, EventOptions(nonce="pay-1")
+            )
+            assert await dedupe_remembers(ledger, "credits", "ann", "pay-1")
+            async with asyncio.timeout(10):
+                while await dedupe_remembers(ledger, "credits", "ann", "pay-1"):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # the server's clock ends it: nothing tells us
+            retry_id = request_id_of("credits", "ann", "pay-1") + ".again"
+            account = ledger.client.sender.entity(ACCOUNT_TYPE, account_entity_id("credits", "ann"))
+            again = await account.call(
+                Post("pay-1", 10, "", None, ""), LedgerEvent, request_id=retry_id
+            )
+            assert again == first
+            assert await journal_events(journal, "credits", "ann") == [first]
+            view = await ledger.client.get_account("credits", "ann")
+            assert (view.balance, view.events) == (10, 1)
+
+
+class TestEpochs:
+    async def test_a_restarted_node_takes_the_next_epoch_and_new_event_ids(
+        self, server: NatsServer
+    ) -> None:
+        """A ledger node restarted under the same node id takes epoch 2 from the store:
+        its sequence starts again at 1, yet every event id of the second run differs
+        from every id of the first."""
+        runs: list[list[LedgerEvent]] = []
+        for run in (1, 2):
+            async with ledger_cluster(server, ["solo"]) as ledger:
+                assert ledger.services[0].epoch == run
+                runs.append(
+                    [await ledger.client.create_event("credits", f"acct-{n}", 1) for n in range(4)]
+                )
+        first, second = ({event.id for event in events} for events in runs)
+        assert len(first) == len(second) == 4
+        assert not first & second
+        assert {(e.id.origin, e.id.epoch) for e in runs[1]} == {("clstr-solo", 2)}
+        assert sorted(e.id.seq for e in runs[1]) == [e.id.seq for e in runs[0]] == [1, 2, 3, 4]
 
 
 class TestReservations:

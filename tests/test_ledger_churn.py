@@ -1,8 +1,9 @@
 """The ledger's invariants under churn: concurrent clients doing credits, debits,
 reserve/settle/release and repeats while ledger node processes (``clstr ledger
-serve``) are SIGKILLed and new ones join. Afterwards, read straight from the
-journal: every balance is the sum of its events, no reservation was closed
-twice, every acknowledged event is there, and no nonce has two events."""
+serve``) are SIGKILLed, a new one joins and a killed one comes back under its
+old id. Afterwards, read straight from the journal: every balance is the sum of
+its events, no reservation was closed twice, every acknowledged event is there,
+no nonce has two events and no event id is used twice."""
 
 from __future__ import annotations
 
@@ -192,11 +193,12 @@ def shard_of(account: str) -> int:
 
 @pytest.mark.timeout(120)
 async def test_invariants_hold_through_kills_and_joins() -> None:
-    """Eight clients write while two nodes are SIGKILLed and two join; the journal
-    then shows, per account, contiguous events whose running sums are the stored
-    balances and held amounts (and what get_account and get_balances say), each
-    reservation held once and closed at most once, every acknowledged event in
-    place, and each nonce once."""
+    """Eight clients write while two nodes are SIGKILLed, one joins and one of the
+    killed comes back under its old id; the journal then shows, per account,
+    contiguous events whose running sums are the stored balances and held amounts
+    (and what get_account and get_balances say), each reservation held once and
+    closed at most once, every acknowledged event in place, each nonce once, and
+    every event id once (the returning node's two runs in two epochs)."""
     processes: dict[str, NodeProcess] = {}
     async with NatsServer(jetstream=True) as server:
 
@@ -250,8 +252,8 @@ async def test_invariants_hold_through_kills_and_joins() -> None:
             await acked_past(len(book.acked) + 150)
             await kill("n3")
             await acked_past(len(book.acked) + 150)
-            await start("n5")
-            live.add("n5")
+            await start("n2")  # back under its old id: a new epoch keeps its event ids new
+            live.add("n2")
             await acked_past(len(book.acked) + 150)
             stop.set()
             await asyncio.gather(*workers)
@@ -294,7 +296,11 @@ async def test_invariants_hold_through_kills_and_joins() -> None:
                 assert nonces.most_common(1)[0][1] == 1, f"a nonce with two events: {nonces}"
                 view = await ledger.get_account(BUCKET, account)
                 assert view.balance == balance == rows[account].balance
-            by_position = {(e.account, e.position): e for h in events.values() for e in h}
+            everything = [e for h in events.values() for e in h]
+            ids = Counter(e.id for e in everything)
+            assert ids.most_common(1)[0][1] == 1, f"an event id twice: {ids.most_common(3)}"
+            assert {e.id.epoch for e in everything if e.id.origin == "n2"} == {1, 2}
+            by_position = {(e.account, e.position): e for e in everything}
             for (account, _), acked in book.acked.items():
                 assert by_position.get((account, acked.position)) == acked, f"lost: {acked}"
         finally:
@@ -309,7 +315,8 @@ async def test_invariants_hold_through_kills_and_joins() -> None:
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
     print(
         f"\nchurn: {len(book.acked)} acknowledged ops, {total_events} events in the journal, "
-        f"{len(book.acked) / elapsed:.0f} ops/s over {elapsed:.1f} s with 2 kills and 2 joins; "
+        f"{len(book.acked) / elapsed:.0f} ops/s over {elapsed:.1f} s with 2 kills, a join and "
+        "a rejoin; "
         f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; {book.repeats} repeats answered with "
         f"their original; refused {dict(book.refused)}; {len(book.unknown)} outcomes unknown "
         f"then settled by their nonce; retried under the same id {dict(retries.reasons)}; "

@@ -1,6 +1,8 @@
 """The edge client over three separate clusters sharing one store: it picks the
 closest healthy cluster, fails over once when that one is killed mid-request,
-and the ledger holds exactly one event per nonce.
+and the ledger holds exactly one event per nonce. Then the edge client alone,
+over two clusters of plain handlers: the failover carries the first attempt's
+request id, and a caller's cancellation stays one.
 
 Topology (docs/ledger.md): four nats-servers, none routed to another. Three are
 regions A, B and C, each a clstr cluster of its own (its own subjects, its own
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from clstr import Node, NoShardOwnerError, Router
+from clstr import Envelope, Node, NoShardOwnerError, Router
 from clstr.client import EdgeClient, EdgeSettings, Endpoint
 from clstr.ledger import (
     EventOptions,
@@ -195,6 +197,74 @@ class TestNoEndpoint:
                 with pytest.raises(NoShardOwnerError, match="cannot connect"):
                     await edge.key("k").request_raw("t")
                 assert not edge.health().ok
+
+
+class TestFailoverRequestId:
+    @pytest.mark.parametrize("failure", ["reply lost", "connection dropped"])
+    async def test_the_failover_carries_the_first_attempts_request_id(self, failure: str) -> None:
+        """Two clusters of plain handlers that record the request id of each call: the
+        first attempt reaches the near cluster, then its reply is held (the attempt
+        times out) or its connection drops; the one failover reaches the far cluster
+        with the very request id the near one saw, and its answer is the call's."""
+        seen: list[tuple[str, str | None]] = []
+        arrived = asyncio.Event()
+        go_on = asyncio.Event()
+
+        def router(cluster: str) -> Router:
+            routes = Router()
+
+            @routes.on("op")
+            async def op(env: Envelope) -> bytes:
+                seen.append((cluster, env.id))
+                if cluster == "near":
+                    arrived.set()
+                    await go_on.wait()
+                return cluster.encode()
+
+            return routes
+
+        async with contextlib.AsyncExitStack() as stack:
+            proxies: dict[str, TcpProxy] = {}
+            for cluster, delay in (("near", 0.0), ("far", 0.02)):
+                server = await stack.enter_async_context(NatsServer(jetstream=False))
+                transport = await NatsTransport.connect(server.url)
+                stack.push_async_callback(transport.close)
+                node = Node(
+                    transport,
+                    router(cluster),
+                    num_shards=NUM_SHARDS,
+                    node_id=f"{cluster}-1",
+                    stop_timeout=0.2,
+                )
+                await stack.enter_async_context(node)
+                proxies[cluster] = await stack.enter_async_context(
+                    TcpProxy(server.host, server.port, delay=delay)
+                )
+            stack.callback(go_on.set)
+            settings = EdgeSettings(probe_interval=0.5, probe_timeout=1.0, attempt_timeout=0.5)
+            edge = EdgeClient(
+                [Endpoint((proxy.url,), name) for name, proxy in proxies.items()],
+                num_shards=NUM_SHARDS,
+                timeout=5.0,
+                settings=settings,
+            )
+            await stack.enter_async_context(edge)
+            assert edge.active == "near"
+            call = asyncio.ensure_future(edge.key("k").request_raw("op"))
+            await arrived.wait()
+            if failure == "reply lost":
+                proxies["near"].stall(upstream=False)  # its reply waits in the proxy
+                go_on.set()
+            else:
+                await proxies["near"].cut()
+            assert await call == b"far"
+            near, far = seen
+            assert near[0] == "near"
+            assert far == ("far", near[1])
+            assert near[1]
+            status = {e.name: e for e in edge.edges()}
+            assert status["near"].failovers == 1
+            proxies["near"].resume()
 
 
 class TestCancellation:

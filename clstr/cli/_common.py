@@ -19,6 +19,7 @@ import structlog
 
 __all__ = [
     "DEFAULT_APP",
+    "DEV_MEMBERSHIPS",
     "DEFAULT_NATS_URL",
     "DEFAULT_SERVICE_NAME",
     "DEFAULT_SHARDS",
@@ -38,6 +39,8 @@ DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_SHARDS: Final = 64
 DEFAULT_APP: Final = "clstr.demo_app:app"
 DEFAULT_SERVICE_NAME: Final = "clstr"
+#: How the nodes of a dev cluster place their shards (``clstr dev up --membership``).
+DEV_MEMBERSHIPS: Final = ("static", "kv")
 
 EXIT_OK = 0
 #: The command ran, and what it did failed (a handler error, a timeout).

@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import signal
 import sys
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Final, TextIO
-
-import structlog
+from typing import TYPE_CHECKING, Final
 
 from ..protocol import DEFAULT_PREFIX
 from ._common import (
@@ -24,16 +21,17 @@ from ._common import (
     DEFAULT_NATS_URL,
     DEFAULT_SERVICE_NAME,
     DEFAULT_SHARDS,
+    DEV_MEMBERSHIPS,
     EXIT_FAILED,
     EXIT_OK,
     CliError,
 )
 from ._dashboard import add_dashboard_port, beside
+from ._logrelay import LogRelay
 from ._parser import Parser, Subcommands, add_command, port_number, positive_int, seconds
 
 if TYPE_CHECKING:
     from ..observe import Dashboard
-    from ..testing._processes import LogRecord, NodeProcess
     from ..transports.nats import NatsTransport
     from ._devcluster import DevCluster
 
@@ -83,12 +81,24 @@ def _add_up(actions: Subcommands, env: Mapping[str, str]) -> None:
         default=10.0,
         help="seconds nodes get to finish in-flight work on stop (default 10)",
     )
+    _add_membership(up)
     up.add_argument(
         "--dashboard",
         action="store_true",
         help="serve the live web dashboard of the cluster too (docs/observability.md)",
     )
     add_dashboard_port(up, "; implies --dashboard")
+
+
+def _add_membership(parser: Parser) -> None:
+    parser.add_argument(
+        "--membership",
+        choices=DEV_MEMBERSHIPS,
+        default="static",
+        help="static (default): a fixed member list, a dead node's shards stay without "
+        "owner and the cluster stops; kv: dynamic membership on the embedded server's "
+        "JetStream KV, a dead node's shards move to the others and the cluster serves on",
+    )
 
 
 def _add_demo(sub: Subcommands, env: Mapping[str, str]) -> None:
@@ -115,6 +125,7 @@ def _add_demo(sub: Subcommands, env: Mapping[str, str]) -> None:
         help="client port of the embedded nats-server (default 4222 when free, "
         "else any; with --once any; 0: any)",
     )
+    _add_membership(demo)
     demo.add_argument(
         "--no-dashboard",
         dest="dashboard",
@@ -130,58 +141,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- the cluster in front of a person ----------------------------------------------------
-
-
-class LogRelay:
-    """Shows the children's log records in the parent's format.
-
-    With ``--log-json`` a record is written back as one JSON line (it already
-    names its node); otherwise it goes through structlog's console renderer,
-    prefixed with the node id. Plain (non-JSON) output lines are prefixed too.
-    """
-
-    def __init__(
-        self, *, json_lines: bool, level: str = "info", stream: TextIO | None = None
-    ) -> None:
-        self._json = json_lines
-        self._min = _LEVELS.get(level, 20)
-        self._stream = stream if stream is not None else sys.stderr
-        colors = _isatty(self._stream)
-        self._console = structlog.dev.ConsoleRenderer(colors=colors, pad_event_to=24)
-        self._closed = False
-
-    def __call__(self, process: NodeProcess, record: LogRecord) -> None:
-        if isinstance(record, str):
-            text = f"{process.node_id} | {record}"
-        elif _LEVELS.get(str(record.get("level", "info")), 20) < self._min:
-            return
-        elif self._json:
-            text = json.dumps(record, ensure_ascii=False)
-        else:
-            event = dict(record)
-            event.pop("node_id", None)
-            level = str(event.get("level", "info"))
-            try:
-                rendered = self._console(None, level, event)
-            except Exception:  # a record the renderer cannot take: show it raw
-                rendered = json.dumps(record)
-            text = f"{process.node_id} | {rendered}"
-        if self._closed:
-            return
-        try:
-            print(text, file=self._stream, flush=True)
-        except OSError:  # the terminal is gone (SIGHUP) or the pipe closed: stop relaying
-            self._closed = True
-
-
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 #: The signals that stop the local cluster: Ctrl-C, a polite kill, and a closed terminal.
@@ -232,6 +191,7 @@ def _cluster(args: argparse.Namespace, *, quiet: bool, port: int | None) -> DevC
         port=port,
         metrics_port_base=getattr(args, "metrics_port_base", None),
         service_name=args.service_name,
+        membership=args.membership,
         log_level="debug" if shown == "debug" else "info",
         stop_timeout=getattr(args, "stop_timeout", 10.0),
         on_log=LogRelay(json_lines=args.log_json, level=shown),
@@ -272,7 +232,7 @@ def _banner(cluster: DevCluster, dashboard: Dashboard | None) -> str:
     and shards."""
     lines = [
         f"clstr dev cluster: {len(cluster.node_ids)} nodes, {cluster.num_shards} shards, "
-        f"prefix {cluster.prefix!r}",
+        f"prefix {cluster.prefix!r}" + (", kv membership" if cluster.membership == "kv" else ""),
     ]
     if cluster.embedded and cluster.server is not None:
         lines.append(
@@ -290,7 +250,7 @@ def _banner(cluster: DevCluster, dashboard: Dashboard | None) -> str:
             extra = f"  metrics http://127.0.0.1:{ready['metrics_port']}/metrics"
         lines.append(
             f"  {process.node_id.ljust(pad)}  pid {process.pid}  "
-            f"{ready.get('shards', '?')} shards{extra}"
+            f"{cluster.shards.get(process.node_id, '?')} shards{extra}"
         )
     return "\n".join(lines)
 
@@ -316,33 +276,51 @@ def _hints(cluster: DevCluster) -> str:
         """  clstr request user-42 Greet '{"name": "ann"}'""",
         """  clstr request counter-1 counter.add '{"by": 5}'""",
         f"  nats --server {cluster.url} micro ls   (NATS CLI: the nodes as services)",
-        "",
-        READY_LINE,
     ]
+    if cluster.membership == "kv":
+        lines.append(
+            "  kill -9 <a node's pid>   (its shards move to the others once its heartbeat expires)"
+        )
+    lines += ["", READY_LINE]
     return "\n".join(lines)
 
 
 async def _serve(cluster: DevCluster, stop: asyncio.Event) -> int:
-    """Wait for a stop signal (exit code 0) or a node's death (said, exit code 1)."""
-    died = [asyncio.ensure_future(p.wait()) for p in cluster.processes]
+    """Wait for a stop signal (exit code 0) or a node's death. Under static membership
+    a dead node's shards are left without owner: say so and stop (exit code 1). Under
+    KV membership they move to the others: warn and serve on, until the last node
+    dies (exit code 1)."""
     stopping = asyncio.ensure_future(stop.wait())
+    died = {asyncio.ensure_future(p.wait()): p for p in cluster.processes}
     try:
-        done, _ = await asyncio.wait({stopping, *died}, return_when=asyncio.FIRST_COMPLETED)
+        while True:
+            done, _ = await asyncio.wait({stopping, *died}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping in done:
+                return EXIT_OK
+            gone = sorted((died.pop(w) for w in done), key=lambda p: p.node_id)
+            if cluster.membership == "kv" and died:
+                for process in gone:
+                    _complain(
+                        f"clstr: warning: {process.node_id} exited with code "
+                        f"{process.returncode}; its shards move to the other nodes"
+                    )
+                continue
+            for process in gone:
+                _complain(
+                    f"clstr: error: {process.node_id} exited with code "
+                    f"{process.returncode}; stopping the cluster"
+                )
+            return EXIT_FAILED
     finally:
         for waiter in (stopping, *died):
             waiter.cancel()
         await asyncio.gather(stopping, *died, return_exceptions=True)
-    if stopping in done:
-        return EXIT_OK
-    for process in cluster.processes:
-        if process.returncode is not None:
-            with contextlib.suppress(OSError):
-                print(
-                    f"clstr: error: {process.node_id} exited with code "
-                    f"{process.returncode}; stopping the cluster",
-                    file=sys.stderr,
-                )
-    return EXIT_FAILED
+
+
+def _complain(line: str) -> None:
+    """One line on stderr, if anyone can still read it."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _stopping(cluster: DevCluster) -> str:

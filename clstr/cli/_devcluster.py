@@ -34,7 +34,10 @@ than none:
   running. The temporary directories (the wrapper, the server's config and
   store) are removed by a clean stop only.
 * Readiness is read from each child's structured log (``node ready``), never
-  guessed with a sleep.
+  guessed with a sleep. Under KV membership the nodes take their shards after
+  they are ready (the first one up holds them all for a moment), so the cluster
+  is ready once every shard is held by the node HRW places it on, as the
+  dashboard's watch of the membership buckets sees it.
 """
 
 from __future__ import annotations
@@ -47,10 +50,11 @@ import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 from ..testing import NatsServer, find_nats_server
-from ..testing._processes import DEFAULT_READY_TIMEOUT, LogSink, NodeProcess
+from ..testing._processes import DEFAULT_READY_TIMEOUT, LogSink, NodeProcess, NodeProcessError
+from ._common import DEV_MEMBERSHIPS
 
 __all__ = ["DEFAULT_NATS_PORT", "DevCluster"]
 
@@ -120,8 +124,12 @@ def _server_wrapper(directory: Path, executable: str) -> str | None:
 class DevCluster:
     """An embedded nats-server (unless ``nats_url`` is given) and ``nodes`` node processes.
 
-    The nodes share a static member list (``node-1`` ... ``node-N``), so each
-    owns its HRW share of the shards. ``port`` is the server's client port:
+    With ``membership="static"`` the nodes share a static member list
+    (``node-1`` ... ``node-N``), so each owns its HRW share of the shards, and a
+    dead node's shards stay without owner. With ``"kv"`` they join the dynamic
+    membership on the server's JetStream KV: they own the same HRW shares once
+    settled, a dead node's shards move to the others after its heartbeat
+    expires, and more nodes may join. ``port`` is the server's client port:
     ``None`` takes :data:`DEFAULT_NATS_PORT` when free and any free port
     otherwise, ``0`` any free port. ``metrics_port_base`` gives node ``i``
     (from 1) the metrics port ``base + i``.
@@ -139,6 +147,7 @@ class DevCluster:
         port: int | None = None,
         metrics_port_base: int | None = None,
         service_name: str = "clstr",
+        membership: str = "static",
         log_level: str = "info",
         stop_timeout: float = 10.0,
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
@@ -146,6 +155,8 @@ class DevCluster:
     ) -> None:
         if nodes < 1:
             raise ValueError(f"a dev cluster needs at least one node, got {nodes}")
+        if membership not in DEV_MEMBERSHIPS:
+            raise ValueError(f"membership must be one of {DEV_MEMBERSHIPS}, got {membership!r}")
         self.node_ids = [f"node-{i + 1}" for i in range(nodes)]
         self.num_shards = num_shards
         self.seed = seed
@@ -155,6 +166,9 @@ class DevCluster:
         self._port = port
         self.metrics_port_base = metrics_port_base
         self.service_name = service_name
+        self.membership = membership
+        #: Shards each node serves, once started: under KV membership as settled.
+        self.shards: dict[str, int] = {}
         self.log_level = log_level
         self.stop_timeout = stop_timeout
         self.ready_timeout = ready_timeout
@@ -178,11 +192,13 @@ class DevCluster:
         return self._nats_url is None
 
     async def start(self) -> None:
-        """Start the server and the nodes; return once every node logged ``node ready``.
+        """Start the server and the nodes; return once every node logged ``node ready``
+        (under KV membership: and every shard is held by its HRW owner).
 
         Raises :class:`NodeProcessError` (everything started is stopped again)
-        when a node fails, and :class:`~clstr.testing.NatsServerError` when
-        the server does.
+        when a node fails or, under KV membership, the shards do not settle
+        within ``ready_timeout``, and :class:`~clstr.testing.NatsServerError`
+        when the server does.
         """
         try:
             if self._nats_url is None:
@@ -197,20 +213,71 @@ class DevCluster:
                     num_shards=self.num_shards,
                     seed=self.seed,
                     prefix=self.prefix,
-                    static_nodes=self.node_ids,
+                    static_nodes=self.node_ids if self.membership == "static" else (),
                     app=self.app,
                     metrics_port=metrics_port,
                     service_name=self.service_name,
                     log_level=self.log_level,
                     stop_timeout=self.stop_timeout,
+                    # Said even when static: CLSTR_MEMBERSHIP in our environment
+                    # must not reach the children.
+                    extra_args=("--membership", self.membership),
                     on_log=self._on_log,
                 )
                 self.processes.append(process)
                 await process.start()
             await asyncio.gather(*(p.wait_ready(self.ready_timeout) for p in self.processes))
+            if self.membership == "kv":
+                self.shards = await self._settled()
+            else:
+                self.shards = {
+                    p.node_id: int(p.ready_record["shards"])
+                    for p in self.processes
+                    if p.ready_record is not None and "shards" in p.ready_record
+                }
         except BaseException:
             await self.stop()
             raise
+
+    async def _settled(self) -> dict[str, int]:
+        """Wait until every node is a member and every shard is held by its HRW
+        owner (the dashboard's watch: woken by the membership buckets, no polling);
+        return the shards each node holds."""
+        from ..observe import ClusterWatch, DashboardSettings
+        from ..transports.nats import NatsTransport
+
+        url = self.url
+        watch = ClusterWatch(
+            lambda: NatsTransport.connect(url),
+            nats_url=url,
+            prefix=self.prefix,
+            num_shards=self.num_shards,
+            seed=self.seed,
+            service_name=self.service_name,
+            settings=DashboardSettings(poll_interval=0.5, discovery_timeout=0.25),
+        )
+
+        def settled(snapshot: dict[str, Any]) -> bool:
+            members = snapshot["summary"]["members"]
+            return bool(snapshot["state"] == "ok" and members == len(self.node_ids))
+
+        await watch.start()
+        try:
+            async with asyncio.timeout(self.ready_timeout):
+                while not settled(snapshot := watch.snapshot):
+                    await watch.changed(watch.version)
+        except TimeoutError:
+            raise NodeProcessError(
+                f"the nodes are up but their shards did not settle on their HRW owners "
+                f"within {self.ready_timeout:g} s under KV membership (is JetStream on at "
+                f"{url}? 'clstr status' shows who holds what)"
+            ) from None
+        finally:
+            await watch.stop()
+        held: dict[str, int] = {}
+        for shard in snapshot["shards"]:
+            held[shard["owner"]] = held.get(shard["owner"], 0) + 1
+        return held
 
     async def _start_server(self) -> None:
         self._workdir = tempfile.TemporaryDirectory(prefix="clstr-dev-")

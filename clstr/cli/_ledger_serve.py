@@ -26,6 +26,7 @@ from ..errors import ClstrError, ConnectionFailedError
 from . import _connection, _dev
 from ._common import DEFAULT_NATS_URL, DEFAULT_SHARDS, EXIT_OK, CliError
 from ._devcluster import DevCluster
+from ._logrelay import LogRelay
 from ._node import _metrics_server, _Signals
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ async def _up(args: argparse.Namespace) -> int:
         port=args.port,
         log_level="debug" if shown == "debug" else "info",
         heartbeat_ttl=args.heartbeat_ttl,
-        on_log=_dev.LogRelay(json_lines=args.log_json, level=shown),
+        on_log=LogRelay(json_lines=args.log_json, level=shown),
     )
     stop = asyncio.Event()
     with _dev._stop_on_signals(stop):

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from playwright.async_api import async_playwright
+from playwright.async_api import Playwright, async_playwright
 
 from clstr import Client, RequestError, RetryPolicy
 from clstr.observe import Dashboard, DashboardSettings
@@ -58,6 +58,40 @@ async def traffic(client: Client, stop: asyncio.Event) -> None:
         await asyncio.sleep(1 / rate)
 
 
+async def capture(playwright: Playwright, url: str, procs: list[NodeProcess], out: Path) -> None:
+    """Open the dashboard at ``url``, kill node-4, then node-3, and take the screenshot."""
+    with tempfile.TemporaryDirectory(prefix="clstr-chromium-") as profile:
+        browser = await playwright.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1280, "height": 1000},
+            device_scale_factor=1,
+        )
+        # Closed before its profile directory goes, whatever happens: removing the
+        # directory of a running Chromium fails and hides the error that got us here
+        # (as tests/_browser.py does).
+        try:
+            page = browser.pages[0] if browser.pages else await browser.new_page()
+            await page.goto(url)
+            await page.wait_for_selector('#state[data-state="ok"]', timeout=20_000)
+            await asyncio.sleep(15)  # history for the sparklines
+            await procs[3].kill()
+            await page.wait_for_function(
+                """() => !document.querySelector('.shard[data-owner="node-4"]')
+                    && document.querySelector('#state').dataset.state === 'ok'""",
+                timeout=15_000,
+            )
+            await asyncio.sleep(10)
+            await procs[2].kill()
+            await page.wait_for_selector('.shard[data-state="silent"]', timeout=10_000)
+            await asyncio.sleep(0.6)  # the cells' colour transition (0.4 s)
+            await page.screenshot(path=str(out), full_page=True)
+        finally:
+            await browser.close()
+
+
 async def main(out: Path) -> None:
     async with NatsServer() as server:
         procs = [
@@ -80,33 +114,11 @@ async def main(out: Path) -> None:
                 async_playwright() as playwright,
             ):
                 senders = [asyncio.create_task(traffic(client, stop)) for _ in range(2)]
-                with tempfile.TemporaryDirectory(prefix="clstr-chromium-") as profile:
-                    browser = await playwright.chromium.launch_persistent_context(
-                        profile,
-                        executable_path=CHROMIUM,
-                        headless=True,
-                        args=FLAGS,
-                        viewport={"width": 1280, "height": 1000},
-                        device_scale_factor=1,
-                    )
-                    page = browser.pages[0] if browser.pages else await browser.new_page()
-                    await page.goto(dashboard.url)
-                    await page.wait_for_selector('#state[data-state="ok"]', timeout=20_000)
-                    await asyncio.sleep(15)  # history for the sparklines
-                    await procs[3].kill()
-                    await page.wait_for_function(
-                        """() => !document.querySelector('.shard[data-owner="node-4"]')
-                            && document.querySelector('#state').dataset.state === 'ok'""",
-                        timeout=15_000,
-                    )
-                    await asyncio.sleep(10)
-                    await procs[2].kill()
-                    await page.wait_for_selector('.shard[data-state="silent"]', timeout=10_000)
-                    await asyncio.sleep(0.6)  # the cells' colour transition (0.4 s)
-                    await page.screenshot(path=str(out), full_page=True)
-                    await browser.close()
-                stop.set()
-                await asyncio.gather(*senders)
+                try:
+                    await capture(playwright, dashboard.url, procs, out)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*senders)
         finally:
             stop.set()
             for proc in procs:
