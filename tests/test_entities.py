@@ -31,11 +31,18 @@ from clstr.entities import (
     EntityRegistered,
     MemoryStateStore,
     Record,
+    ShardAcquired,
     ShardId,
     Sharding,
+    ShardingEvent,
+    ShardReleased,
+    SingletonRegistered,
+    SingletonStarted,
+    SingletonStopped,
     handles,
 )
 from clstr.hashing import shard_for_key
+from clstr.node import FixedShards, ShardContext
 from clstr.protocol import entity_key
 from clstr.testing import virtual_time
 
@@ -493,6 +500,86 @@ class TestSingletons:
             stop.set()
             for runner in runners:
                 await runner.shutdown()
+
+    async def test_singleton_events_follow_its_shard(self) -> None:
+        """A subscriber that comes after the registration still gets
+        SingletonRegistered first; the owner announces ShardAcquired and
+        SingletonStarted; when the shard moves, the old owner announces
+        SingletonStopped then ShardReleased and the new one ShardAcquired and
+        SingletonStarted; the new owner's shutdown announces both stops."""
+        network = MemoryNetwork()
+
+        async def tick(ctx: ShardContext) -> None:
+            await ctx.stopping.wait()
+
+        # a serves every shard, b none, until the test moves the singleton's shard.
+        a = Sharding(
+            MemoryTransport(network),
+            num_shards=NUM_SHARDS,
+            node_id="a",
+            membership=lambda group: FixedShards(),
+        )
+        b = Sharding(
+            MemoryTransport(network),
+            num_shards=NUM_SHARDS,
+            node_id="b",
+            membership=lambda group: FixedShards([]),
+        )
+        for runner in (a, b):
+            runner.register_singleton("tick", tick, grace=1.0)
+        events_a = a.registration_events()
+        try:
+            await a.start()
+            await b.start()
+            shard = a.singleton_shard("tick").shard
+            started = await _next_events(events_a, NUM_SHARDS + 2)
+            assert started[0] == SingletonRegistered("tick")
+            assert set(started[1:]) == {
+                SingletonStarted("tick"),
+                *(ShardAcquired("default", s) for s in range(NUM_SHARDS)),
+            }
+            assert started.index(SingletonStarted("tick")) > started.index(
+                ShardAcquired("default", shard)
+            )
+            events_b = b.registration_events()
+            assert await _next_events(events_b, 1) == [SingletonRegistered("tick")]
+
+            await a.nodes["default"].release(shard)
+            await b.nodes["default"].acquire(shard)
+            assert await _events_until(events_a, ShardReleased("default", shard)) == [
+                SingletonStopped("tick"),
+                ShardReleased("default", shard),
+            ]
+            assert await _events_until(events_b, SingletonStarted("tick")) == [
+                ShardAcquired("default", shard),
+                SingletonStarted("tick"),
+            ]
+            await b.shutdown()
+            assert [e async for e in events_b] == [
+                SingletonStopped("tick"),
+                ShardReleased("default", shard),
+            ]
+        finally:
+            for runner in (b, a):
+                await runner.shutdown()
+        assert SingletonStopped("tick") not in [e async for e in events_a]
+
+
+async def _next_events(events: AsyncIterator[ShardingEvent], count: int) -> list[ShardingEvent]:
+    """The next ``count`` events (failing after 5 s)."""
+    async with asyncio.timeout(5):
+        return [await anext(events) for _ in range(count)]
+
+
+async def _events_until(
+    events: AsyncIterator[ShardingEvent], last: ShardingEvent
+) -> list[ShardingEvent]:
+    """The events up to and including ``last`` (failing after 5 s)."""
+    seen: list[ShardingEvent] = []
+    async with asyncio.timeout(5):
+        while not seen or seen[-1] != last:
+            seen.append(await anext(events))
+    return seen
 
 
 class TestSnowflakes:
