@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from clstr import (
     Client,
     ConfigurationError,
+    Envelope,
     IdempotencyKeyReusedError,
     MemoryNetwork,
     MemoryTransport,
@@ -24,6 +25,7 @@ from clstr import (
     RemoteHandlerError,
     RequestInterruptedError,
     decode_payload,
+    encode_payload,
 )
 from clstr.entities import (
     Entity,
@@ -194,6 +196,52 @@ class TestInterrupts:
                 await call
             assert cancelled.is_set()
             assert await waiter.call(AddItem("tea"), int) == 3
+
+
+class TestRunnerMessages:
+    async def test_send_and_notify_reach_the_keys_owner(self) -> None:
+        """Sharding.send delivers an envelope to its key's owner (the other runner
+        here) and returns the reply's payload; Sharding.notify runs the handler
+        there without a reply."""
+        noted: list[tuple[str, str]] = []
+        arrived = asyncio.Event()
+
+        class Where(Entity[None]):
+            @handles
+            async def where(self, msg: Checkout) -> str:
+                return self.context.node_id
+
+            @handles
+            async def note(self, msg: AddItem) -> None:
+                noted.append((self.context.node_id, msg.item))
+                arrived.set()
+
+        network = MemoryNetwork()
+        a, b = (
+            Sharding(MemoryTransport(network), num_shards=NUM_SHARDS, node_id=n, nodes=["a", "b"])
+            for n in ("a", "b")
+        )
+        for runner in (a, b):
+            runner.register_entity(Where)
+        async with a, b:
+            ids = (f"w{n}" for n in range(100))
+            on_b = next(i for i in ids if b.has_shard_id(b.get_shard_id(Where, i)))
+            key = entity_key("Where", on_b)
+            reply = await a.send(Envelope("Checkout", encode_payload(Checkout()), key=key))
+            assert decode_payload(reply, str) == "b"
+            await a.notify(Envelope("AddItem", encode_payload(AddItem("tea")), key=key))
+            async with asyncio.timeout(5):
+                await arrived.wait()
+            assert noted == [("b", "tea")]
+            assert a.active_entity_count(Where) == 0
+
+    async def test_is_shutdown_flips_after_shutdown(self) -> None:
+        """is_shutdown is false before and while the runner serves, true after shutdown."""
+        runner = Sharding(MemoryTransport(MemoryNetwork()), num_shards=2)
+        assert not runner.is_shutdown()
+        async with runner:
+            assert not runner.is_shutdown()
+        assert runner.is_shutdown()
 
 
 class TestPlacement:
