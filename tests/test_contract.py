@@ -520,6 +520,22 @@ class TestDeadlines:
         finally:
             await stop_all(nodes)
 
+    async def test_without_a_ttl_an_old_envelope_is_never_stale(self, connect: Connect) -> None:
+        """A message without a ttl (absent or 0) runs whatever its ts: here one
+        created in 1970, far beyond the skew allowance."""
+        recorder = Recorder(node_id="a")
+        nodes = await start_nodes(connect, ["a"], lambda n: recorder, clock_skew=1.0)
+        requester = await connect("raw")
+        subject = clstr.shard_subject("clstr", clstr.shard_for_key("k", NUM_SHARDS))
+        try:
+            for ttl in ({}, {"ttl": 0}):
+                body = {"v": 1, "t": "echo", "d": b"x", "k": "k", "ts": 1000, **ttl}
+                raw = await requester.request(subject, msgpack.packb(body, use_bin_type=True), 5)
+                assert decode_reply(raw) == b"a:x"
+            assert len(recorder.seen) == 2
+        finally:
+            await stop_all(nodes)
+
     async def test_node_with_skewed_clock_still_serves(self, connect: Connect) -> None:
         """A node whose clock is 10 s ahead still serves: deadlines count from receipt."""
         nodes = await start_nodes(

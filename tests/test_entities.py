@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from clstr import (
     Client,
     ConfigurationError,
+    Envelope,
     IdempotencyKeyReusedError,
     MemoryNetwork,
     MemoryTransport,
@@ -24,6 +25,7 @@ from clstr import (
     RemoteHandlerError,
     RequestInterruptedError,
     decode_payload,
+    encode_payload,
 )
 from clstr.entities import (
     Entity,
@@ -31,11 +33,18 @@ from clstr.entities import (
     EntityRegistered,
     MemoryStateStore,
     Record,
+    ShardAcquired,
     ShardId,
     Sharding,
+    ShardingEvent,
+    ShardReleased,
+    SingletonRegistered,
+    SingletonStarted,
+    SingletonStopped,
     handles,
 )
 from clstr.hashing import shard_for_key
+from clstr.node import FixedShards, ShardContext
 from clstr.protocol import entity_key
 from clstr.testing import virtual_time
 
@@ -187,6 +196,52 @@ class TestInterrupts:
                 await call
             assert cancelled.is_set()
             assert await waiter.call(AddItem("tea"), int) == 3
+
+
+class TestRunnerMessages:
+    async def test_send_and_notify_reach_the_keys_owner(self) -> None:
+        """Sharding.send delivers an envelope to its key's owner (the other runner
+        here) and returns the reply's payload; Sharding.notify runs the handler
+        there without a reply."""
+        noted: list[tuple[str, str]] = []
+        arrived = asyncio.Event()
+
+        class Where(Entity[None]):
+            @handles
+            async def where(self, msg: Checkout) -> str:
+                return self.context.node_id
+
+            @handles
+            async def note(self, msg: AddItem) -> None:
+                noted.append((self.context.node_id, msg.item))
+                arrived.set()
+
+        network = MemoryNetwork()
+        a, b = (
+            Sharding(MemoryTransport(network), num_shards=NUM_SHARDS, node_id=n, nodes=["a", "b"])
+            for n in ("a", "b")
+        )
+        for runner in (a, b):
+            runner.register_entity(Where)
+        async with a, b:
+            ids = (f"w{n}" for n in range(100))
+            on_b = next(i for i in ids if b.has_shard_id(b.get_shard_id(Where, i)))
+            key = entity_key("Where", on_b)
+            reply = await a.send(Envelope("Checkout", encode_payload(Checkout()), key=key))
+            assert decode_payload(reply, str) == "b"
+            await a.notify(Envelope("AddItem", encode_payload(AddItem("tea")), key=key))
+            async with asyncio.timeout(5):
+                await arrived.wait()
+            assert noted == [("b", "tea")]
+            assert a.active_entity_count(Where) == 0
+
+    async def test_is_shutdown_flips_after_shutdown(self) -> None:
+        """is_shutdown is false before and while the runner serves, true after shutdown."""
+        runner = Sharding(MemoryTransport(MemoryNetwork()), num_shards=2)
+        assert not runner.is_shutdown()
+        async with runner:
+            assert not runner.is_shutdown()
+        assert runner.is_shutdown()
 
 
 class TestPlacement:
@@ -493,6 +548,86 @@ class TestSingletons:
             stop.set()
             for runner in runners:
                 await runner.shutdown()
+
+    async def test_singleton_events_follow_its_shard(self) -> None:
+        """A subscriber that comes after the registration still gets
+        SingletonRegistered first; the owner announces ShardAcquired and
+        SingletonStarted; when the shard moves, the old owner announces
+        SingletonStopped then ShardReleased and the new one ShardAcquired and
+        SingletonStarted; the new owner's shutdown announces both stops."""
+        network = MemoryNetwork()
+
+        async def tick(ctx: ShardContext) -> None:
+            await ctx.stopping.wait()
+
+        # a serves every shard, b none, until the test moves the singleton's shard.
+        a = Sharding(
+            MemoryTransport(network),
+            num_shards=NUM_SHARDS,
+            node_id="a",
+            membership=lambda group: FixedShards(),
+        )
+        b = Sharding(
+            MemoryTransport(network),
+            num_shards=NUM_SHARDS,
+            node_id="b",
+            membership=lambda group: FixedShards([]),
+        )
+        for runner in (a, b):
+            runner.register_singleton("tick", tick, grace=1.0)
+        events_a = a.registration_events()
+        try:
+            await a.start()
+            await b.start()
+            shard = a.singleton_shard("tick").shard
+            started = await _next_events(events_a, NUM_SHARDS + 2)
+            assert started[0] == SingletonRegistered("tick")
+            assert set(started[1:]) == {
+                SingletonStarted("tick"),
+                *(ShardAcquired("default", s) for s in range(NUM_SHARDS)),
+            }
+            assert started.index(SingletonStarted("tick")) > started.index(
+                ShardAcquired("default", shard)
+            )
+            events_b = b.registration_events()
+            assert await _next_events(events_b, 1) == [SingletonRegistered("tick")]
+
+            await a.nodes["default"].release(shard)
+            await b.nodes["default"].acquire(shard)
+            assert await _events_until(events_a, ShardReleased("default", shard)) == [
+                SingletonStopped("tick"),
+                ShardReleased("default", shard),
+            ]
+            assert await _events_until(events_b, SingletonStarted("tick")) == [
+                ShardAcquired("default", shard),
+                SingletonStarted("tick"),
+            ]
+            await b.shutdown()
+            assert [e async for e in events_b] == [
+                SingletonStopped("tick"),
+                ShardReleased("default", shard),
+            ]
+        finally:
+            for runner in (b, a):
+                await runner.shutdown()
+        assert SingletonStopped("tick") not in [e async for e in events_a]
+
+
+async def _next_events(events: AsyncIterator[ShardingEvent], count: int) -> list[ShardingEvent]:
+    """The next ``count`` events (failing after 5 s)."""
+    async with asyncio.timeout(5):
+        return [await anext(events) for _ in range(count)]
+
+
+async def _events_until(
+    events: AsyncIterator[ShardingEvent], last: ShardingEvent
+) -> list[ShardingEvent]:
+    """The events up to and including ``last`` (failing after 5 s)."""
+    seen: list[ShardingEvent] = []
+    async with asyncio.timeout(5):
+        while not seen or seen[-1] != last:
+            seen.append(await anext(events))
+    return seen
 
 
 class TestSnowflakes:

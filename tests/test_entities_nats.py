@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from clstr import Client, RequestError, RetryPolicy
-from clstr.entities import Entity, KvStateStore, Sharding, handles
+from clstr import Client, NotOwnerError, RequestError, RetryPolicy
+from clstr.entities import Entity, KvStateStore, Record, Sharding, StaleStateError, handles
 from clstr.hashing import assign_shards, shard_for_key
 from clstr.membership import KvMembership, KvSettings
 from clstr.node import ShardContext
@@ -23,7 +24,7 @@ from clstr.transports.nats import NatsOptions, NatsTransport
 from _support import ScriptNode, eventually
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _entity_node import Append, Items
+from _entity_node import Append, Basket, Items
 
 NODE_SCRIPT = Path(__file__).with_name("_entity_node.py")
 NUM_SHARDS = 16
@@ -112,6 +113,48 @@ class TestHandoff:
 
 def _shard(notebook: str) -> int:
     return shard_for_key(f"Notebook/{notebook}", NUM_SHARDS)
+
+
+class TestFencing:
+    async def test_a_save_at_a_stale_revision_is_refused(self, server: NatsServer) -> None:
+        """KvStateStore writes only at the revision the writer loaded: a second
+        first write, or a write at a revision another writer has moved past, raises
+        StaleStateError and leaves the newer record in the bucket."""
+        transport = await NatsTransport.connect(server.url)
+        try:
+            store = KvStateStore(transport)
+            first = await store.save("Basket", "b1", Record(b"one"), 0)
+            with pytest.raises(StaleStateError, match="written by another owner"):
+                await store.save("Basket", "b1", Record(b"again"), 0)
+            second = await store.save("Basket", "b1", Record(b"two"), first)
+            assert second > first
+            with pytest.raises(StaleStateError, match=f"since revision {first}"):
+                await store.save("Basket", "b1", Record(b"stale"), first)
+            assert await store.load("Basket", "b1") == (Record(b"two"), second)
+        finally:
+            await transport.close()
+
+    async def test_a_stale_owner_cannot_overwrite_newer_state(self, server: NatsServer) -> None:
+        """An instance whose record another owner rewrote in KV meanwhile gets
+        not_owner for its next write (nothing overwritten) and reloads the newer
+        state, as on the memory store (tests/test_entities.py)."""
+        transport = await NatsTransport.connect(server.url)
+        store = KvStateStore(transport)
+        try:
+            async with Sharding(transport, num_shards=NUM_SHARDS, store=store) as runner:
+                runner.register_entity(Basket)
+                basket = runner.entity(Basket, "b1")
+                assert await basket.call(Append("tea"), int) == 1
+                loaded = await store.load("Basket", "b1")
+                assert loaded is not None
+                newer = Record(msgpack.packb({"items": ["other"]}), [])
+                await store.save("Basket", "b1", newer, loaded[1])  # another owner wrote
+                with pytest.raises(NotOwnerError, match="written by another owner"):
+                    await basket.call(Append("jam"), int)
+                assert await basket.call(Items(), list[str]) == ["other"]
+                assert await basket.call(Append("jam"), int) == 2
+        finally:
+            await transport.close()
 
 
 class TestCrashes:

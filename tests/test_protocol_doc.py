@@ -79,6 +79,28 @@ class TestWorkedExample:
         assert documented is not None
         assert fingerprint(env).hex() == documented.group(1)
 
+    async def test_the_error_reply_is_what_a_router_node_sends(self) -> None:
+        """A clstr node whose Router serves only counter.add answers the documented
+        request (at a wall clock that makes it fresh) with the documented error
+        reply, byte for byte."""
+        request, _, error_reply = _hex_blocks()[:3]
+        router = clstr.Router()
+
+        async def add(env: clstr.Envelope) -> bytes:
+            return b""
+
+        router.mount("counter.add", add)
+        network = clstr.MemoryNetwork()
+        node = clstr.Node(
+            clstr.MemoryTransport(network),
+            router,
+            num_shards=64,
+            wall_clock=lambda: 1_795_000_001.0,
+        )
+        async with node:
+            requester = clstr.MemoryTransport(network)
+            assert await requester.request("clstr.shard.22", request, 5) == error_reply
+
 
 class TestErrorCodes:
     def test_the_table_lists_exactly_the_codes_that_travel(self) -> None:

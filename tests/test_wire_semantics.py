@@ -22,9 +22,11 @@ from clstr import (
     MemoryTransport,
     Node,
     NoHandlerError,
+    NotOwnerError,
     PrometheusMetrics,
     RemoteHandlerError,
     ReplyTooLargeError,
+    RequestInterruptedError,
     Router,
     Transport,
     WrongShardError,
@@ -54,12 +56,17 @@ class Counting:
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
         self.fail_next = False
+        #: Called once when a handler passes the gate (without yielding to the loop).
+        self.after_gate: Callable[[], None] | None = None
 
     async def __call__(self, env: Envelope) -> bytes:
         self.runs[env.type] = self.runs.get(env.type, 0) + 1
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
+            after, self.after_gate = self.after_gate, None
+            if after is not None:
+                after()
         if self.fail_next:
             self.fail_next = False
             raise ValueError("out of stock")
@@ -179,6 +186,115 @@ class TestRefusalsAreNotStored:
             with pytest.raises(clstr.KeyRequiredError):
                 await client.request_shard(shard, "buy", b"1", request_id="r1")
             assert await client.request_key("k", "buy", b"1", request_id="r1") == b"ran:1"
+
+
+class TestQueuedRefusalsAreNotStored:
+    """A request refused before its handler ran leaves nothing under its id: the
+    retry under the same id runs the handler instead of getting the refusal again."""
+
+    async def test_a_retry_after_expiring_in_the_queue_runs(self, connect: Connect) -> None:
+        """A request answered expired while it waited behind its key's running
+        message is not stored: its retry under the same id runs."""
+        handler = Counting()
+        handler.gate = asyncio.Event()
+        raw = await connect("raw")
+        async with Node(await connect("node"), handler, num_shards=NUM_SHARDS) as node:
+            hold = asyncio.create_task(_send(raw, Envelope("hold", key="k")))
+            await handler.entered.wait()
+            async with virtual_time(autojump=False) as clock:
+                late = asyncio.create_task(_send(raw, _late(ttl=1.0)))
+                await _until(lambda: node.queued == 1)
+                clock.advance(1.5)  # the queue's timer answers it while "hold" runs
+                with pytest.raises(EnvelopeExpiredError):
+                    decode_reply(await late)
+            handler.gate.set()
+            decode_reply(await hold)
+            assert decode_reply(await _send(raw, _late(ttl=5.0))) == b"ran:1"
+            assert handler.runs == {"hold": 1, "late": 1}
+
+    async def test_a_retry_after_expiring_as_a_worker_takes_it_runs(self, connect: Connect) -> None:
+        """A request whose deadline passes just before a worker takes it up (before
+        the queue's timer could answer it) is refused expired by the worker, not
+        stored: its retry under the same id runs."""
+        handler = Counting()
+        handler.gate = asyncio.Event()
+        raw = await connect("raw")
+        async with Node(await connect("node"), handler, num_shards=NUM_SHARDS) as node:
+            hold = asyncio.create_task(_send(raw, Envelope("hold", key="k")))
+            await handler.entered.wait()
+            async with virtual_time(autojump=False) as clock:
+                late = asyncio.create_task(_send(raw, _late(ttl=1.0)))
+                await _until(lambda: node.queued == 1)
+                # "hold" moves the clock past the deadline and returns without
+                # yielding: its worker takes "late" up in the same loop turn.
+                handler.after_gate = lambda: clock.advance(1.5)
+                handler.gate.set()
+                with pytest.raises(EnvelopeExpiredError):
+                    decode_reply(await late)
+            decode_reply(await hold)
+            assert decode_reply(await _send(raw, _late(ttl=5.0))) == b"ran:1"
+            assert handler.runs == {"hold": 1, "late": 1}
+
+    async def test_a_retry_after_an_eviction_runs(self, connect: Connect) -> None:
+        """A queued request dropped with not_owner when its shard is released at
+        once is not stored: once the shard is served again, its retry under the
+        same id runs."""
+        handler = Counting()
+        handler.gate = asyncio.Event()
+        raw = await connect("raw")
+        # One worker, busy with a key of another shard: "late" waits in the queue
+        # and is dropped by the eviction, not refused by a worker.
+        other = next(k for k in (f"o{i}" for i in range(100)) if _shard(k) != _shard("k"))
+        node = Node(await connect("node"), handler, num_shards=NUM_SHARDS, max_concurrency=1)
+        async with node:
+            hold = asyncio.create_task(_send(raw, Envelope("hold", key=other)))
+            await handler.entered.wait()
+            late = asyncio.create_task(_send(raw, _late()))
+            await _until(lambda: node.queued == 1)
+            await node.release(_shard("k"), timeout=0)
+            with pytest.raises(NotOwnerError, match="moved away"):
+                decode_reply(await late)
+            await node.acquire(_shard("k"))
+            handler.gate.set()
+            decode_reply(await hold)
+            assert decode_reply(await _send(raw, _late())) == b"ran:1"
+            assert handler.runs == {"hold": 1, "late": 1}
+
+    async def test_a_retry_after_an_interrupt_in_the_queue_runs(self, connect: Connect) -> None:
+        """A queued request interrupted before its handler ran is not stored: its
+        retry under the same id runs."""
+        handler = Counting()
+        handler.gate = asyncio.Event()
+        raw = await connect("raw")
+        async with Node(await connect("node"), handler, num_shards=NUM_SHARDS) as node:
+            client = Client(await connect("client"), num_shards=NUM_SHARDS)
+            hold = asyncio.create_task(_send(raw, Envelope("hold", key="k")))
+            await handler.entered.wait()
+            late = asyncio.create_task(_send(raw, _late()))
+            await _until(lambda: node.queued == 1)
+            assert await client.interrupt("r1", key="k") == 1
+            with pytest.raises(RequestInterruptedError, match="before its handler ran"):
+                decode_reply(await late)
+            handler.gate.set()
+            decode_reply(await hold)
+            assert decode_reply(await _send(raw, _late())) == b"ran:1"
+            assert handler.runs == {"hold": 1, "late": 1}
+
+
+def _late(ttl: float | None = None) -> Envelope:
+    """The request under id r1 that waits behind "hold" (same key, same payload)."""
+    return Envelope("late", b"1", key="k", id="r1", ttl=ttl)
+
+
+def _send(transport: Transport, env: Envelope) -> Awaitable[bytes]:
+    """Send ``env`` to its key's shard and return the raw reply (10 s transport timeout)."""
+    assert env.key is not None
+    subject = clstr.shard_subject("clstr", _shard(env.key))
+    return transport.request(subject, encode_request(env), 10)
+
+
+def _shard(key: str) -> int:
+    return shard_for_key(key, NUM_SHARDS)
 
 
 class TestWrongShard:

@@ -290,6 +290,13 @@ async def _stale(c: _Cluster) -> None:
     _expect(await c.send(0, _request("x", ttl=1000, ts=1000)), "expired")
 
 
+@_case("no ttl (absent or 0) is never stale", "Deadlines and clocks")
+async def _never_stale(c: _Cluster) -> None:
+    c.needs_app()
+    for ttl in ({}, {"ttl": 0}):
+        _expect(await c.send(0, _request(APP_TYPES[0], ts=1000, **ttl)), "ok")
+
+
 @_case("an unknown message type", "Error codes")
 async def _no_handler(c: _Cluster) -> None:
     if c.message_types is None:
