@@ -101,8 +101,8 @@ def totals_singleton(store: KvStateStore, reports: asyncio.Queue[Report]) -> Sin
 
 
 async def _report(reports: asyncio.Queue[Report], wanted: Callable[[Report], bool]) -> None:
-    """Wait (10 s at most) for the singleton's first report that is ``wanted``."""
-    async with asyncio.timeout(10.0):
+    """Wait (30 s at most) for the singleton's first report that is ``wanted``."""
+    async with asyncio.timeout(30.0):
         while not wanted(await reports.get()):
             pass
 
@@ -145,7 +145,7 @@ async def main() -> None:
         client_transport = await NatsTransport.connect(server.url)
         # Shards move while the nodes join: the retry policy resends a request that
         # met no owner (or a node that just gave its shard away) until its deadline.
-        client = Client(client_transport, num_shards=NUM_SHARDS, retry=DEFAULT_RETRY)
+        client = Client(client_transport, num_shards=NUM_SHARDS, retry=DEFAULT_RETRY, timeout=15.0)
         for cart, item in [("ann", "tea"), ("bob", "jam"), ("ann", "bread"), ("cy", "milk")]:
             view = await client.entity(Cart, cart).call(AddItem(item), CartView)
             print(f"add {item:5} to {cart:3} -> {view.items} on {view.node}")
