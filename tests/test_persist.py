@@ -336,6 +336,30 @@ class TestLongJobs:
         assert consumers.stats.redelivered == 0
         assert sorted(worker.ran) == sorted([(a, -1), (a, 1), (b, 2)])
 
+    async def test_a_poll_while_a_job_runs_neither_reruns_nor_strands_it(self, rig: Rig) -> None:
+        """poll() makes the consumer anew while a job runs: its message, delivered again,
+        is not run twice (the node keeps no replies), and is acknowledged once the job
+        ends (the stream is empty at once, not after ack_wait)."""
+        worker = Worker("n1")
+        worker.hold = asyncio.Event()
+        _, consumers = await rig.node(worker, reply_cache_size=0)
+        persisted = await rig.client()
+        held = await persisted.send(Job(-1), key="a")
+        await eventually(lambda: worker.ran == [("a", -1)], 10)
+        consumers.poll()
+        await eventually(lambda: consumers.stats.redelivered == 1, 10)
+        worker.hold.set()
+        await persisted.await_reply(held, timeout=10)
+        js = rig.transports[0].nc.jetstream()
+
+        async def pending() -> int:
+            return int((await js.stream_info(stream_name(rig.prefix))).state.messages)
+
+        async with asyncio.timeout(5):
+            while await pending():  # noqa: ASYNC110 - server state, no event
+                await asyncio.sleep(0.01)
+        assert worker.ran == [("a", -1)]
+
 
 class TestPollAndMoves:
     async def test_poll_storage_cuts_a_retry_pause_short(self, rig: Rig) -> None:

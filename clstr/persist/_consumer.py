@@ -256,8 +256,9 @@ class PersistedConsumers:
         for msg in msgs:
             taken = flight.items.get(msg.metadata.sequence.stream)
             if taken is not None:
-                # Still handled here: acknowledged later through its newest
-                # delivery (the one a consumer made anew knows), not run again.
+                # Delivered again while still handled here (the consumer made
+                # anew after a poke, or an in-progress ack lost): not run again;
+                # its acks go through the newest delivery from now on.
                 taken.msg = msg
                 self.stats.redelivered += 1
                 continue
