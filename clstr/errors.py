@@ -17,6 +17,7 @@
     ├── CounterRangeError (ValueError)       a counter amount or total outside signed 64 bits
     ├── CounterFullError (RuntimeError)      a lax counter holds its maximum of unflushed keys
     ├── CounterFlushError (RuntimeError)     a lax counter closed with deltas it could not flush
+    ├── CounterSessionLostError (RuntimeError) a counter forgot whether it applied a late retry
     ├── TransportError                       the messaging layer failed
     │   ├── TransportClosedError             the transport (or client) is closed
     │   └── ConnectionFailedError            no NATS server could be reached
@@ -61,6 +62,7 @@ __all__ = [
     "CounterRangeError",
     "CounterFullError",
     "CounterFlushError",
+    "CounterSessionLostError",
     "TransportError",
     "TransportClosedError",
     "ConnectionFailedError",
@@ -152,6 +154,13 @@ class CounterFullError(ClstrError, RuntimeError):
 class CounterFlushError(ClstrError, RuntimeError):
     """A lax counter was closed with deltas it could not flush in time (the
     message says how many, for how many keys): they were not counted."""
+
+
+class CounterSessionLostError(ClstrError, RuntimeError):
+    """A counter operation was refused, not applied: it was first sent before
+    its key dropped a writer session (idle for an hour, or past the key's
+    maximum of writers), so the key cannot tell whether it applied it already
+    (docs/counters.md, "Exactly once, per writer"). Read the counter to decide."""
 
 
 class TransportError(ClstrError):

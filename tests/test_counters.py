@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import pytest
@@ -17,21 +19,26 @@ from clstr import (
     CounterFlushError,
     CounterFullError,
     CounterRangeError,
+    CounterSessionLostError,
     InvalidCounterKeyError,
     LifecycleError,
     MemoryNetwork,
     MemoryTransport,
     NotOwnerError,
     PrometheusMetrics,
+    RemoteHandlerError,
     WrongShardError,
 )
 from clstr.client import BatchItem, send_batch
 from clstr.codec import encode_payload
 from clstr.counters import (
+    CLOCK_SKEW,
+    MAX_WRITERS,
     Counter,
     LaxCounter,
     StrictCounter,
     counter_key,
+    counter_type,
     serve_counters,
 )
 from clstr.entities import MemoryStateStore, Sharding
@@ -92,8 +99,25 @@ async def cluster() -> AsyncIterator[Cluster]:
         await made.client.close()
 
 
-def _add(n: int, writer: str = "", q: int = 0, lo: int = 0) -> bytes:
-    return encode_payload({"n": n, "w": writer, "q": q, "lo": lo})
+def _add(n: int, writer: str = "", q: int = 0, lo: int = 0, t: int = 0) -> bytes:
+    return encode_payload({"n": n, "w": writer, "q": q, "lo": lo, "t": t})
+
+
+async def _record(cluster: Cluster, namespace: str, key: str) -> dict[str, Any]:
+    """The saved state of counter ``key``, as the node wrote it."""
+    found = await cluster.store.load(counter_type(namespace), key)
+    assert found is not None
+    state: dict[str, Any] = msgpack.unpackb(found[0].state)
+    return state
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def _later() -> int:
+    """An operation's ``t`` as if it were sent once the clock allowance has passed."""
+    return _now() + int(CLOCK_SKEW * 1000) + 1000
 
 
 def _keys_of(cluster: Cluster, node_id: str, count: int, namespace: str = "t") -> list[str]:
@@ -270,6 +294,78 @@ class TestStrict:
         await counter.close()
 
 
+class TestWriterBound:
+    async def test_short_lived_counter_objects_write_a_key_as_one_writer(
+        self, cluster: Cluster
+    ) -> None:
+        """2,000 StrictCounter objects, each made for one increment of one key and
+        dropped, share one writer session: the key's record holds one session."""
+        for _ in range(2000):
+            async with StrictCounter(cluster.client, "churn") as counter:
+                await counter.inc("hot")
+        state = await _record(cluster, "churn", "hot")
+        assert state["value"] == 2000
+        assert len(state["sessions"]) == 1
+        assert len(msgpack.packb(state)) < 100
+
+    async def test_a_key_keeps_at_most_max_writers_sessions(self, cluster: Cluster) -> None:
+        """Writers that each write a key once (one process each, say) leave at most
+        MAX_WRITERS sessions in its record: the least recently written go."""
+        scoped = cluster.client.key(counter_key("many", "hot"))
+        writers = MAX_WRITERS + 200
+        for i in range(writers):
+            # Sent as if after the clock allowance (the test sends them in a burst).
+            await scoped.request_raw("clstr.counter.add", _add(1, f"w{i}", 1, 1, _later()))
+        state = await _record(cluster, "many", "hot")
+        assert state["value"] == writers
+        assert len(state["sessions"]) == MAX_WRITERS
+        assert "w0" not in state["sessions"]
+        assert f"w{writers - 1}" in state["sessions"]
+        assert len(msgpack.packb(state)) < 30 * MAX_WRITERS  # about 27 bytes a session
+
+    async def test_a_retry_the_key_may_have_forgotten_is_refused_not_counted_twice(
+        self, cluster: Cluster
+    ) -> None:
+        """A writer's operation is applied and its reply lost; more than MAX_WRITERS
+        other writers then write the key, which drops the writer's session: the
+        retry (same bytes) is refused with CounterSessionLostError instead of being
+        applied again. A remembered writer's next operation is applied; a new
+        writer's is refused within the clock allowance of the drop, and applied
+        when sent after it."""
+        scoped = cluster.client.key(counter_key("lost", "hot"))
+        retry = _add(5, "w", 1, 1, _now())
+        await scoped.request_raw("clstr.counter.add", retry)
+        others = MAX_WRITERS + 10
+        for i in range(others):
+            await scoped.request_raw("clstr.counter.add", _add(1, f"o{i}", 1, 1, _later()))
+        with pytest.raises(RemoteHandlerError) as raised:
+            await scoped.request_raw("clstr.counter.add", retry)
+        assert raised.value.remote_type == CounterSessionLostError.__name__
+        strict = StrictCounter(cluster.client, "lost")
+        assert await strict.get("hot") == 5 + others
+        await scoped.request_raw("clstr.counter.add", _add(1, f"o{others - 1}", 2, 2, _now()))
+        with pytest.raises(RemoteHandlerError, match="CounterSessionLostError"):
+            await scoped.request_raw("clstr.counter.add", _add(1, "new", 1, 1, _now()))
+        await scoped.request_raw("clstr.counter.add", _add(1, "new", 1, 1, _later()))
+        assert await strict.get("hot") == 5 + others + 2
+
+    async def test_a_retry_of_a_shared_writer_still_counts_once(self, cluster: Cluster) -> None:
+        """Two counter objects share their writer; an increment whose reply is lost is
+        sent again by the client under the same number and counted once, while the
+        other object writes the same key meanwhile."""
+        key = _keys_of(cluster, "a", 1, "shared")[0]
+        one = StrictCounter(cluster.client, "shared")
+        two = StrictCounter(cluster.client, "shared")
+        assert one.session is two.session
+        cluster.network.faults.drop(src="a", dst="client", count=1)
+        await two.inc(key, 10)  # its first reply is lost: retried, counted once
+        assert cluster.network.faults.dropped == 1
+        assert await one.inc(key, 1) == 11
+        state = await _record(cluster, "shared", key)
+        assert list(state["sessions"]) == [one.session.writer]
+        assert await two.get(key) == 11
+
+
 class TestLax:
     async def test_inc_nowait_sends_nothing_until_the_flush(self, cluster: Cluster) -> None:
         """inc_nowait is a local add: nothing is sent before allowed_lag; then the
@@ -337,6 +433,25 @@ class TestLax:
             await cluster.start("b")
             await _flushed(lax)
         assert await StrictCounter(cluster.client, "f").get(key) == 5
+
+    async def test_a_delta_waiting_on_one_key_does_not_grow_another_keys_record(
+        self, cluster: Cluster
+    ) -> None:
+        """While one key's delta waits for its owner (down), another key is flushed
+        50 times: its record keeps one reply of the writer, not one per flush (the
+        low mark sent to a key is the lowest number still open on that key)."""
+        stuck, busy = _keys_of(cluster, "b", 1, "low")[0], _keys_of(cluster, "a", 1, "low")[0]
+        async with LaxCounter(cluster.client, "low", allowed_lag=0.01, flush_timeout=0.2) as lax:
+            await cluster.stop("b")
+            lax.inc_nowait(stuck)
+            await eventually(lambda: stuck in lax.deltas.items)
+            for n in range(1, 51):
+                lax.inc_nowait(busy)
+                assert await lax.get(busy) == n
+            session = (await _record(cluster, "low", busy))["sessions"][lax.strict.session.writer]
+            assert len(session) == 4  # [low mark, last write, q, reply]
+            await cluster.start("b")
+        assert await StrictCounter(cluster.client, "low").get(stuck) == 1
 
     async def test_a_flush_whose_reply_is_lost_counts_once(self, cluster: Cluster) -> None:
         """The owner applies a flush but its answer is lost (the client times out):

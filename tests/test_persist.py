@@ -250,19 +250,115 @@ class TestOnce:
         assert worker.ran == [("k", 9)]
         assert await persisted.replies_for(rid, Done) == [Done(9, "n1")]
 
-    async def test_one_keys_messages_run_in_stream_order(self, rig: Rig) -> None:
+    @pytest.mark.parametrize("batch", [64, 4])
+    async def test_one_keys_messages_run_in_stream_order(self, rig: Rig, batch: int) -> None:
         """Messages of one key are handled one after the other in the order they were
-        persisted; other keys interleave."""
+        persisted; other keys interleave (also when a key's messages span fetches)."""
         persisted = await rig.client()
         ids = [await persisted.send(Job(n), key=f"k{n % 3}") for n in range(30)]
         worker = Worker("n1")
-        await rig.node(worker)
+        await rig.node(worker, PersistSettings(batch=batch))
         for rid in ids:
             await persisted.await_reply(rid, timeout=10)
         for key in ("k0", "k1", "k2"):
             ran = [n for k, n in worker.ran if k == key]
             assert ran == sorted(ran)
             assert len(ran) == 10
+
+
+def same_shard_keys(count: int) -> list[str]:
+    """``count`` keys of one shard."""
+    keys = [f"key-{n}" for n in range(200)]
+    shard = shard_for_key(keys[0], NUM_SHARDS)
+    return [k for k in keys if shard_for_key(k, NUM_SHARDS) == shard][:count]
+
+
+class TestLongJobs:
+    async def test_a_running_job_does_not_hold_back_other_keys_of_its_shard(self, rig: Rig) -> None:
+        """While a job on key a runs, a job on key b of the same shard is answered, and
+        a's next job waits for a's running one (per-key order)."""
+        worker = Worker("n1")
+        worker.hold = asyncio.Event()
+        await rig.node(worker)
+        persisted = await rig.client()
+        a, b = same_shard_keys(2)
+        held = await persisted.send(Job(-1), key=a)
+        await eventually(lambda: worker.ran == [(a, -1)], 10)
+        later = await persisted.send(Job(2), key=a)
+        other = await persisted.send(Job(3), key=b)
+        assert await persisted.await_reply(other, Done, timeout=8) == Done(3, "n1")
+        assert worker.ran == [(a, -1), (b, 3)]
+        assert await persisted.replies_for(later) == []
+        worker.hold.set()
+        assert await persisted.await_reply(later, Done, timeout=10) == Done(2, "n1")
+        assert await persisted.await_reply(held, Done, timeout=10) == Done(-1, "n1")
+        assert worker.ran == [(a, -1), (b, 3), (a, 2)]
+
+    async def test_keys_run_on_while_one_key_fills_the_batch(self, rig: Rig) -> None:
+        """With batch 4, key a's messages queued behind its held job take at most the
+        batch: messages of other keys published after them are still answered."""
+        worker = Worker("n1")
+        worker.hold = asyncio.Event()
+        await rig.node(worker, PersistSettings(batch=4))
+        persisted = await rig.client()
+        a, *others = same_shard_keys(4)
+        held = await persisted.send(Job(-1), key=a)
+        await eventually(lambda: worker.ran == [(a, -1)], 10)
+        queued = [await persisted.send(Job(n), key=a) for n in range(2)]
+        rest = [await persisted.send(Job(10 + n), key=k) for n, k in enumerate(others)]
+        for rid in rest:
+            await persisted.await_reply(rid, timeout=8)
+        worker.hold.set()
+        for rid in [held, *queued]:
+            await persisted.await_reply(rid, timeout=10)
+        assert [n for k, n in worker.ran if k == a] == [-1, 0, 1]
+
+    async def test_a_job_longer_than_ack_wait_is_not_delivered_or_run_again(self, rig: Rig) -> None:
+        """A job running for three times ack_wait, and a job of its key queued behind it,
+        are kept from redelivery by in-progress acks: each runs once (the node keeps
+        no replies, so a second delivery would run again), none is delivered twice."""
+        worker = Worker("n1")
+        worker.hold = asyncio.Event()
+        settings = PersistSettings(ack_wait=1.0)
+        _, consumers = await rig.node(worker, settings, reply_cache_size=0)
+        persisted = await rig.client()
+        a, b = same_shard_keys(2)
+        held = await persisted.send(Job(-1), key=a)
+        await eventually(lambda: worker.ran == [(a, -1)], 10)
+        queued = await persisted.send(Job(1), key=a)
+        # Lets ack_wait pass three times while the job runs: the time is what is tested.
+        await asyncio.sleep(3 * settings.ack_wait)
+        other = await persisted.send(Job(2), key=b)
+        await persisted.await_reply(other, timeout=8)
+        worker.hold.set()
+        await persisted.await_reply(held, timeout=10)
+        await persisted.await_reply(queued, timeout=10)
+        assert consumers.stats.redelivered == 0
+        assert sorted(worker.ran) == sorted([(a, -1), (a, 1), (b, 2)])
+
+    async def test_a_poll_while_a_job_runs_neither_reruns_nor_strands_it(self, rig: Rig) -> None:
+        """poll() makes the consumer anew while a job runs: its message, delivered again,
+        is not run twice (the node keeps no replies), and is acknowledged once the job
+        ends (the stream is empty at once, not after ack_wait)."""
+        worker = Worker("n1")
+        worker.hold = asyncio.Event()
+        _, consumers = await rig.node(worker, reply_cache_size=0)
+        persisted = await rig.client()
+        held = await persisted.send(Job(-1), key="a")
+        await eventually(lambda: worker.ran == [("a", -1)], 10)
+        consumers.poll()
+        await eventually(lambda: consumers.stats.redelivered == 1, 10)
+        worker.hold.set()
+        await persisted.await_reply(held, timeout=10)
+        js = rig.transports[0].nc.jetstream()
+
+        async def pending() -> int:
+            return int((await js.stream_info(stream_name(rig.prefix))).state.messages)
+
+        async with asyncio.timeout(5):
+            while await pending():  # noqa: ASYNC110 - server state, no event
+                await asyncio.sleep(0.01)
+        assert worker.ran == [("a", -1)]
 
 
 class TestPollAndMoves:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from ._counter import Counter
 from ._entity import (
+    CLOCK_SKEW,
+    MAX_WRITERS,
     WRITER_TTL,
     Add,
     CounterEntity,
@@ -37,6 +39,8 @@ __all__ = [
     "DEFAULT_ALLOWED_LAG",
     "DEFAULT_COUNTER_RETRY",
     "WRITER_TTL",
+    "MAX_WRITERS",
+    "CLOCK_SKEW",
     "MAX_KEY_BYTES",
     # the node side: one entity per key
     "CounterEntity",

@@ -15,11 +15,17 @@ import msgpack
 import structlog
 
 from .._clock import monotonic
-from ..errors import ClstrError, CounterFullError, RemoteHandlerError, RequestTimeoutError
+from ..errors import (
+    ClstrError,
+    CounterFullError,
+    CounterRangeError,
+    RemoteHandlerError,
+    RequestTimeoutError,
+)
 from ..metrics import Metrics
 from ._entity import WRITER_TTL
 from ._routing import Delivery
-from ._strict import ADD, StrictCounter, range_error
+from ._strict import ADD, StrictCounter, counter_error, now_ms
 
 __all__ = ["Deltas", "Item", "LaxStats"]
 
@@ -46,14 +52,15 @@ class LaxStats:
 class Item:
     """The delta of one key sent under number ``seq`` until it is answered."""
 
-    __slots__ = ("delta", "key", "sent", "seq", "since")
+    __slots__ = ("delta", "first", "key", "sent", "seq", "since")
 
-    def __init__(self, key: str, delta: int, seq: int) -> None:
+    def __init__(self, key: str, delta: int, seq: int, first: int) -> None:
         self.key = key
         self.delta = delta
         self.seq = seq
         self.sent: asyncio.Event | None = None  # while being sent: set when answered
         self.since = monotonic()
+        self.first = first  # when it was first sent: wall clock, ms (the message's t)
 
 
 class Deltas:
@@ -140,8 +147,9 @@ class Deltas:
         deltas = list(deltas)
         if not deltas:
             return []
-        seq = self.strict.session.open(len(deltas))
-        made = [Item(key, delta, seq) for key, delta in deltas]
+        seq = self.strict.session.open(key for key, _ in deltas)
+        first = now_ms()
+        made = [Item(key, delta, seq, first) for key, delta in deltas]
         for item in made:
             self.items.setdefault(item.key, []).append(item)
         return made
@@ -153,12 +161,20 @@ class Deltas:
         how many were acknowledged, and the last error of the others."""
         strict = self.strict
         session = strict.session
-        writer, low = session.writer, session.low
+        writer = session.writer
         deliveries = []
         answered = asyncio.Event()
         for item in items:
             item.sent = answered
-            data = msgpack.packb({"n": item.delta, "w": writer, "q": item.seq, "lo": low})
+            data = msgpack.packb(
+                {
+                    "n": item.delta,
+                    "w": writer,
+                    "q": item.seq,
+                    "lo": session.low(item.key),
+                    "t": item.first,
+                }
+            )
             deliveries.append(strict.delivery(item.key, ADD, data))
         courier = strict.courier
         messages, sent = courier.messages, courier.items
@@ -188,9 +204,10 @@ class Deltas:
             self.stats.acknowledged += 1
             return 1
         error = delivery.error
-        mapped = range_error(error) if isinstance(error, RemoteHandlerError) else None
+        mapped = counter_error(error) if isinstance(error, RemoteHandlerError) else None
         if mapped is not None:
-            self._drop(item, "out_of_range", mapped)
+            reason = "out_of_range" if isinstance(mapped, CounterRangeError) else "session_lost"
+            self._drop(item, reason, mapped)
         elif monotonic() - item.since > _GIVE_UP:
             self._drop(item, "unknown", error)
         elif monotonic() - self._logged > _LOG_EVERY:
@@ -209,7 +226,7 @@ class Deltas:
             items.remove(item)
             if not items:
                 del self.items[item.key]
-            self.strict.session.close(item.seq)
+            self.strict.session.close(item.key, item.seq)
 
     def _drop(self, item: Item, reason: str, error: BaseException | None) -> None:
         self._forget(item)

@@ -37,6 +37,7 @@ from ..errors import (
 from ..metrics import NOOP_METRICS, Metrics
 from ._deltas import Deltas, LaxStats
 from ._keys import VALUE_MAX, VALUE_MIN, check_amount, check_key
+from ._session import Session
 from ._strict import DEFAULT_COUNTER_RETRY, StrictCounter
 
 __all__ = ["DEFAULT_ALLOWED_LAG", "DEFAULT_FLUSH_TIMEOUT", "LaxCounter", "LaxStats"]
@@ -86,7 +87,11 @@ class LaxCounter:
     ) -> None:
         if not allowed_lag > 0 or max_keys < 1:
             raise ConfigurationError("LaxCounter needs allowed_lag > 0 and max_keys >= 1")
-        self.strict = StrictCounter(source, namespace, timeout=timeout, retry=retry, store=store)
+        # A writer session of its own: its deltas may wait long for an owner, and
+        # strict counters sharing the session would then keep more replies.
+        self.strict = StrictCounter(
+            source, namespace, timeout=timeout, retry=retry, store=store, session=Session()
+        )
         self.namespace = self.strict.namespace
         self.allowed_lag = allowed_lag
         self.flush_timeout = (

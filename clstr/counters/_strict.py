@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -11,13 +11,26 @@ import msgpack
 from ..client import DEFAULT_TIMEOUT, BatchItem, Client, RetryPolicy
 from ..codec import encode_payload, message_type
 from ..entities import DEFAULT_GROUP, KvStateStore, Sharding, StateStore
-from ..errors import ConfigurationError, CounterRangeError, RemoteHandlerError
+from ..errors import (
+    ClstrError,
+    ConfigurationError,
+    CounterRangeError,
+    CounterSessionLostError,
+    RemoteHandlerError,
+)
 from ._entity import Add, Put, Read, Take
 from ._keys import check_amount, check_key, check_namespace, counter_key, counter_type
 from ._routing import Courier, Delivery
-from ._session import Session
+from ._session import Session, shared_session
 
-__all__ = ["ADD", "DEFAULT_COUNTER_RETRY", "StrictCounter", "counter_client", "range_error"]
+__all__ = [
+    "ADD",
+    "DEFAULT_COUNTER_RETRY",
+    "StrictCounter",
+    "counter_client",
+    "counter_error",
+    "now_ms",
+]
 
 #: Retries of counter operations: an attempt without an answer within a second
 #: (its node died with it, say) is sent again, under the same number.
@@ -75,7 +88,10 @@ class StrictCounter:
     (:func:`serve_counters`). ``namespace`` names the counter set. Each call
     has ``timeout`` seconds; attempts are retried by ``retry``. ``store`` is the
     nodes' state store, read by :meth:`clear` alone to list the keys (found by
-    itself on NATS, and on a runner).
+    itself on NATS, and on a runner). ``session`` is the writer it writes as: by
+    default the one every strict counter of the same transport and namespace
+    shares, so that counter objects made and dropped by the thousand still
+    write each key as one writer (docs/counters.md).
     """
 
     def __init__(
@@ -91,7 +107,7 @@ class StrictCounter:
         self.namespace = check_namespace(namespace)
         self.timeout = timeout
         self.client = counter_client(source, timeout, retry)
-        self.session = session or Session()
+        self.session = session or shared_session(self.client.transport, self.namespace)
         # Batches are not retried by the client: the courier sends what is left
         # where it belongs now, and a shard with no owner does not hold the others.
         self.courier = Courier(counter_client(source, timeout, None))
@@ -101,7 +117,7 @@ class StrictCounter:
     async def inc(self, key: str, n: int = 1) -> int:
         """Add ``n`` (may be negative) to ``key``; return the new total."""
         check_amount(n)
-        return await self._write(key, lambda w, q, lo: {"n": n, "w": w, "q": q, "lo": lo}, ADD)
+        return await self._write(key, {"n": n}, ADD)
 
     async def get(self, key: str) -> int:
         """The value of ``key`` (0 when it was never set), as of the last write."""
@@ -111,11 +127,11 @@ class StrictCounter:
     async def set(self, key: str, value: int) -> None:
         """Set ``key`` to ``value``."""
         check_amount(value, "value")
-        await self._write(key, lambda w, q, lo: {"value": value, "w": w, "q": q, "lo": lo}, _PUT)
+        await self._write(key, {"value": value}, _PUT)
 
     async def delete(self, key: str) -> int:
         """Delete ``key`` (it reads 0 again); return its value before."""
-        return await self._write(key, lambda w, q, lo: {"w": w, "q": q, "lo": lo}, _TAKE)
+        return await self._write(key, {}, _TAKE)
 
     async def clear(self) -> None:
         """Delete every key of the namespace (each through its owner; keys written
@@ -129,14 +145,22 @@ class StrictCounter:
         for start in range(0, len(keys), _CLEAR_CHUNK):
             chunk = keys[start : start + _CLEAR_CHUNK]
             session = self.session
-            seq = session.open(len(chunk))
-            data = encode_payload({"w": session.writer, "q": seq, "lo": session.low})
-            deliveries = [self.delivery(key, _TAKE, data) for key in chunk]
+            seq, sent = session.open(chunk), now_ms()
+            deliveries = [
+                self.delivery(
+                    key,
+                    _TAKE,
+                    encode_payload(
+                        {"w": session.writer, "q": seq, "lo": session.low(key), "t": sent}
+                    ),
+                )
+                for key in chunk
+            ]
             try:
                 await self.courier.deliver(deliveries, timeout=self.timeout)
             finally:
-                for _ in chunk:
-                    session.close(seq)
+                for key in chunk:
+                    session.close(key, seq)
             failed = [d for d in deliveries if d.result is None]
             if failed:
                 assert failed[0].error is not None
@@ -168,27 +192,36 @@ class StrictCounter:
     ) -> None:
         await self.close()
 
-    async def _write(
-        self, key: str, body: Callable[[str, int, int], dict[str, Any]], msg_type: str
-    ) -> int:
+    async def _write(self, key: str, body: dict[str, Any], msg_type: str) -> int:
         routing = self.routing_key(key)
         session = self.session
-        seq = session.open()
+        seq = session.open((key,))
         try:
-            data = encode_payload(body(session.writer, seq, session.low))
-            payload = await self.client.request_key(routing, msg_type, data)
+            body.update(w=session.writer, q=seq, lo=session.low(key), t=now_ms())
+            # Encoded once: the client's retries send these very bytes.
+            payload = await self.client.request_key(routing, msg_type, encode_payload(body))
         except RemoteHandlerError as exc:
-            mapped = range_error(exc)
+            mapped = counter_error(exc)
             if mapped is None:
                 raise
             raise mapped from None
         finally:
-            session.close(seq)
+            session.close(key, seq)
         return _int(payload)
 
 
-def range_error(exc: RemoteHandlerError) -> CounterRangeError | None:
-    """The node's :class:`CounterRangeError`, raised here as itself."""
-    if exc.remote_type == CounterRangeError.__name__:
-        return CounterRangeError(exc.remote_message)
-    return None
+_MAPPED: Final[dict[str, type[ClstrError]]] = {
+    cls.__name__: cls for cls in (CounterRangeError, CounterSessionLostError)
+}
+
+
+def counter_error(exc: RemoteHandlerError) -> ClstrError | None:
+    """The node's :class:`~clstr.CounterRangeError` or
+    :class:`~clstr.CounterSessionLostError`, raised here as itself."""
+    cls = _MAPPED.get(exc.remote_type)
+    return None if cls is None else cls(exc.remote_message)
+
+
+def now_ms() -> int:
+    """The wall clock in ms since the epoch (an operation's ``t``)."""
+    return int(time.time() * 1000)

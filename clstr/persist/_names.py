@@ -68,16 +68,21 @@ class PersistSettings:
     bucket are created (by the first sender or node); change them on the
     server afterwards.
 
-    Consumed: each shard's consumer fetches up to ``batch`` messages at a time
-    and has them handled concurrently (one key's messages one after the other,
-    in stream order); it waits ``request_timeout`` seconds for the node's reply
-    before asking again (under the same request id, so the handler does not run
-    twice); a retryable refusal (``not_owner``, ``overloaded``, no owner) is
-    retried after ``retry_pause`` seconds. A message delivered and not
-    acknowledged within ``ack_wait`` seconds is delivered again (a new owner
-    does not wait for it: it starts from the shard's unacknowledged messages).
-    ``fetch_wait`` bounds one long poll; ``grace`` is the consumer task's grace
-    when its shard moves (see :meth:`clstr.Node.bind`).
+    Consumed: each shard's consumer holds up to ``batch`` messages not
+    acknowledged yet, and fetches more as each one is acknowledged; one key's
+    messages are handled one after the other, in stream order, other keys' at
+    once (a long job holds back only its own key's later messages); it waits
+    ``request_timeout`` seconds for the node's reply before asking again (under
+    the same request id, so the handler does not run twice); a retryable
+    refusal (``not_owner``, ``overloaded``, no owner) is retried after
+    ``retry_pause`` seconds. The consumer sends an in-progress ack for each
+    message it holds every ``ack_wait / 3`` seconds, so a job may run longer
+    than ``ack_wait``; a message delivered and then neither acknowledged nor
+    kept in progress within ``ack_wait`` seconds (its consumer stalled) is
+    delivered again (a new owner does not wait for it: it starts from the
+    shard's unacknowledged messages). ``fetch_wait`` bounds one long poll;
+    ``grace`` is the consumer task's grace when its shard moves (see
+    :meth:`clstr.Node.bind`).
     """
 
     reply_max_age: float = 24 * 3600.0
