@@ -13,7 +13,7 @@ import time
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -65,6 +65,19 @@ class Limits:
     max_headers_bytes: int = 16 * 1024
     max_id_bytes: int = 128
     max_message_bytes: int = 64 * 1024 * 1024
+    #: Strings (type, key, id, headers) of at most this many bytes in all break
+    #: no limit: the smallest of the limits above but the message's (derived).
+    _strings_fit: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fits = min(
+            self.max_key_bytes,
+            self.max_type_bytes,
+            self.max_header_count,
+            self.max_headers_bytes,
+            self.max_id_bytes,
+        )
+        object.__setattr__(self, "_strings_fit", fits)
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -227,9 +240,10 @@ def decode_request(
     deadline = None
     if ttl is not None:
         deadline = (monotonic() if received is None else received) + ttl
+    payload = payload or b""
     env = _envelope(
         msg_type,
-        payload or b"",
+        payload,
         shard,
         key,
         headers or _NO_HEADERS,
@@ -239,10 +253,13 @@ def decode_request(
         deadline,
         window or 0,
     )
-    try:
-        check_limits(env, limits)
-    except LimitExceededError as exc:
-        raise BadRequestError(str(exc)) from exc
+    # Every string is in the message, apart from the payload: when that part
+    # is short, no string can break a limit and none needs a look.
+    if len(data) - len(payload) > limits._strings_fit:
+        try:
+            check_limits(env, limits)
+        except LimitExceededError as exc:
+            raise BadRequestError(str(exc)) from exc
     if headers:
         # Only clstr's own reserved names may pass (trace context: a peer must
         # not pass for clstr otherwise); after the limits, which count them too,
