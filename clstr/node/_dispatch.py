@@ -201,18 +201,20 @@ class Dispatcher:
         self._load[shard] = self._load.get(shard, 0) + 1
         key = env.key
         job: Job = [env, reply, received, None]
-        if key is None:
-            lane = Lane(shard, None)
-        else:
+        if key is not None:
             existing = self._lanes.get((shard, key))
             if existing is not None:
                 # Busy or already ready: its worker puts it back when done.
-                existing.items.append(job)
+                existing.append(job)
                 if env.deadline is not None:
                     self._watch(job, env.deadline, shard)
                 return
-            lane = self._lanes[shard, key] = Lane(shard, key)
-        lane.items.append(job)
+            lane = self._lanes[shard, key] = Lane()
+        else:
+            lane = Lane()
+        lane.shard = shard
+        lane.key = key
+        lane.append(job)
         self._ready.append(lane)
         if self._spare is None:
             self._spawn_worker()
@@ -313,7 +315,7 @@ class Dispatcher:
             lane = ready.popleft()
             if ready and self._spare is None:
                 self._spawn_worker()
-            job = lane.items.popleft()
+            job = lane.popleft()
             env, reply, received, waiting = job
             if waiting is not None:
                 if waiting.answered:  # expired while it waited: answered then
@@ -334,7 +336,7 @@ class Dispatcher:
 
     def _lane_next(self, lane: Lane) -> None:
         """``lane``'s message is done: back in line if it holds more, else gone."""
-        if lane.items:
+        if lane:
             self._ready.append(lane)
         elif lane.key is not None:
             self._lanes.pop((lane.shard, lane.key), None)
@@ -343,7 +345,8 @@ class Dispatcher:
         self, env: Envelope, reply: ReplyTo, me: asyncio.Task[None], received: float
     ) -> None:
         node = self._node
-        if env.expired():
+        deadline = env.deadline
+        if deadline is not None and monotonic() >= deadline:  # (env.expired(), inlined)
             self.rejected("expired")
             if node.traced:
                 node.tracer.message_refused(env, received, "expired")
@@ -375,7 +378,7 @@ class Dispatcher:
             if env.stream and isinstance(reply, str):
                 stream = await self._streams.open(env, reply, partial(self._calls.interrupt, me))
             calls = self._calls
-            slot = calls.begin(env, me)
+            slot = 0 if deadline is None else calls.begin(env, me)
             token = None if stream is None else streaming(stream)
             try:
                 result = await node.handler(env)
@@ -443,7 +446,8 @@ class Dispatcher:
             return
         if body is not None and len(body) > node.transport.max_payload:
             body = self._too_large(env, len(body))
-        self._finish(env, reply, body, cache=store)
+        if reply is not None or env.id is not None:  # (else nothing to answer or keep)
+            self._finish(env, reply, body, cache=store)
 
     def _too_large(self, env: Envelope, size: int) -> bytes:
         """The reply that stands for one too large to send (the handler ran)."""
@@ -508,8 +512,8 @@ class Dispatcher:
             if not which(lane.shard):
                 keep.append(lane)
                 continue
-            while lane.items:
-                job = lane.items.popleft()
+            while lane:
+                job = lane.popleft()
                 waiting = job[3]
                 if waiting is not None:
                     if waiting.answered:
@@ -541,7 +545,7 @@ class Dispatcher:
             else [lane for lane in self._ready if lane.key is None and lane.shard == shard]
         )
         for lane in lanes:
-            for job in lane.items if lane is not None else ():
+            for job in lane if lane is not None else ():
                 env, waiting = job[0], job[3]
                 if (waiting is not None and waiting.answered) or not match(env):
                     continue
