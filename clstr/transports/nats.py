@@ -297,7 +297,10 @@ class NatsTransport(Transport):
 
     @property
     def max_payload(self) -> int:
-        return int(self.nc.max_payload)
+        # (What nats-py's max_payload property returns: read per message, so
+        # without that second call.)
+        limit: int = self.nc._max_payload
+        return limit
 
     def _check_open(self) -> None:
         if self._closed or self.nc.is_closed:
