@@ -133,21 +133,25 @@ def encode_request(
     (seconds) overrides it without building a copy of the envelope, and so
     does ``created_at`` (epoch seconds) for the ``ts`` field.
     """
-    body: dict[str, Any] = {"v": WIRE_VERSION, "t": env.type, "d": env.data}
-    if env.key is not None:
-        body["k"] = env.key
+    data = env.data
+    body: dict[str, Any] = {"v": WIRE_VERSION, "t": env.type, "d": data}
+    key = env.key
+    if key is not None:
+        body["k"] = key
     if env.headers:
         body["h"] = dict(env.headers)
-    remaining = env.remaining() if ttl is None else ttl
-    if remaining is not None:
+    if ttl is None and env.deadline is not None:
+        ttl = env.deadline - monotonic()  # (env.remaining())
+    if ttl is not None:
         # At least 1 ms: 0 means "no TTL" on the wire.
-        body["ttl"] = max(1, int(remaining * 1000))
+        ttl_ms = int(ttl * 1000)
+        body["ttl"] = ttl_ms if ttl_ms > 1 else 1
     body["ts"] = int((env.created_at if created_at is None else created_at) * 1000)
     if env.id is not None:
         body["id"] = env.id
     if env.stream:
         body["s"] = env.stream
-    return _pack(body, len(env.data))
+    return _pack(body, len(data))
 
 
 _local = threading.local()
