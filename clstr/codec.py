@@ -155,6 +155,7 @@ def encode_request(
 
 
 _local = threading.local()
+_unpackb: Final = msgpack.unpackb
 # A Packer keeps the largest buffer it ever needed: bigger messages get one of
 # their own, so that one huge message does not pin its size for good.
 _REUSE_MAX: Final = 64 * 1024
@@ -181,13 +182,15 @@ def _unpack_map(data: bytes, limits: Limits, what: str) -> dict[Any, Any]:
             f"{what} is {len(data)} bytes, over the limit of {limits.max_message_bytes}"
         )
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        # (msgpack's defaults are raw=False and strict_map_key=True: passing
+        # them costs a keyword parse per message.)
+        body = _unpackb(data)
     except Exception as exc:
         raise BadRequestError(f"{what} is not valid msgpack: {exc}") from exc
-    if not isinstance(body, dict):
+    if body.__class__ is not dict:
         raise BadRequestError(f"{what} must be a msgpack map, got {type(body).__name__}")
     version = body.get("v")
-    if type(version) is not int or version != WIRE_VERSION:
+    if version.__class__ is not int or version != WIRE_VERSION:
         raise BadRequestError(f"{what}: unsupported wire version {version!r}, expected 1")
     return body
 
@@ -229,15 +232,15 @@ def decode_request(
     # msgpack makes exact types (and bool is no int here): one test for the
     # common case; _explain says what is wrong otherwise.
     if (
-        type(msg_type) is not str
+        msg_type.__class__ is not str
         or not msg_type
-        or (payload is not None and type(payload) is not bytes)
-        or (key is not None and type(key) is not str)
+        or (payload is not None and payload.__class__ is not bytes)
+        or (key is not None and key.__class__ is not str)
         or (headers is not None and not _str_map(headers))
-        or (ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms < 0))
-        or (ts_ms is not None and type(ts_ms) is not int)
-        or (req_id is not None and type(req_id) is not str)
-        or (window is not None and (type(window) is not int or window < 0))
+        or (ttl_ms is not None and (ttl_ms.__class__ is not int or ttl_ms < 0))
+        or (ts_ms is not None and ts_ms.__class__ is not int)
+        or (req_id is not None and req_id.__class__ is not str)
+        or (window is not None and (window.__class__ is not int or window < 0))
     ):
         _explain(body)
     ttl = ttl_ms / 1000 if ttl_ms else None

@@ -479,9 +479,12 @@ class Node:
     def serving(self, shard: int) -> bool:
         """Whether a message of ``shard`` may be taken now: the node runs, is not
         fenced, and serves the shard (or is subscribing to it)."""
+        lease = self._lease_until
         return (
             (shard in self._subs or shard in self._acquiring)
-            and not self.fenced
+            # (not self.fenced, inlined: this runs per message)
+            and self._fenced is None
+            and (lease is None or monotonic() < lease)
             and self.state is not _STOPPED
         )
 
