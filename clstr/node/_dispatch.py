@@ -393,7 +393,9 @@ class Dispatcher:
                 calls.end(slot, me)
             if result is None:
                 result = b""
-            elif not isinstance(result, bytes | bytearray | memoryview):
+            elif result.__class__ is not bytes and not isinstance(
+                result, bytes | bytearray | memoryview
+            ):
                 raise TypeError(
                     f"handler for {env.type!r} returned {type(result).__name__}; "
                     "a raw handler returns bytes (use a Router for typed replies)"
