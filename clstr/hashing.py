@@ -233,30 +233,33 @@ class ShardMapper:
         return f"ShardMapper(num_shards={self._num_shards}, seed={self._seed!r})"
 
 
-class ShardCache:
+class ShardCache(dict[str | bytes, int]):
     """``ShardMapper.shard`` with a memo of the keys seen lately, for hot paths
     where keys repeat (a client's requests, a node's check of each message's
-    key): a dict look-up instead of a BLAKE3 digest (about 0.05 µs against
-    0.7 µs). At most ``size`` keys are kept; past that the memo starts over, so
-    memory stays bounded whatever the keys.
+    key): ``cache[key]`` is a dict look-up instead of a BLAKE3 digest, with no
+    Python call when the key is known. At most ``size`` keys are kept; past
+    that the memo starts over, so memory stays bounded whatever the keys.
+    ``cache(key)`` is the same look-up.
+
+    Raises (on a key not seen yet) what :meth:`ShardMapper.shard` raises; an
+    unhashable key raises the dict's ``TypeError``.
     """
 
-    __slots__ = ("_mapper", "_memo", "_size")
+    __slots__ = ("_mapper", "_size")
 
     def __init__(self, mapper: ShardMapper, size: int = 4096) -> None:
+        super().__init__()
         self._mapper = mapper
-        self._memo: dict[str | bytes, int] = {}
         self._size = size
 
-    def __call__(self, key: str | bytes) -> int:
-        shard = self._memo.get(key)
-        if shard is None:
-            shard = self._mapper.shard(key)
-            memo = self._memo
-            if len(memo) >= self._size:
-                memo.clear()
-            memo[key] = shard
+    def __missing__(self, key: str | bytes) -> int:
+        shard = self._mapper.shard(key)
+        if len(self) >= self._size:
+            self.clear()
+        self[key] = shard
         return shard
+
+    __call__ = dict.__getitem__
 
 
 def shard_for_key(key: str | bytes, num_shards: int, seed: str = "") -> int:

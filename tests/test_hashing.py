@@ -509,8 +509,9 @@ class TestShardCache:
         mapper = ShardMapper(64, "s")
         cache = ShardCache(mapper, size=10)
         keys = [f"k{i}" for i in range(25)] * 3
+        assert [cache[k] for k in keys] == [mapper.shard(k) for k in keys]
         assert [cache(k) for k in keys] == [mapper.shard(k) for k in keys]
-        assert len(cache._memo) <= 10
+        assert len(cache) <= 10
 
 
 class TestPooledHashers:

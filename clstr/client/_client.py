@@ -170,7 +170,7 @@ class Client:
 
     def shard_for(self, key: str | bytes) -> int:
         """The shard ``key`` belongs to."""
-        return self._shard_of(key)
+        return self._mapper.shard(key)
 
     def _check_shard(self, shard: int) -> None:
         if not isinstance(shard, int) or not 0 <= shard < self.num_shards:
@@ -424,7 +424,7 @@ class Client:
             raise TypeError(f"key must be str, got {type(key).__name__}")
         if not key:
             raise MissingKeyError("key must not be empty; every key-routed call needs a key")
-        return self._shard_of(key)
+        return self._shard_of[key]
 
     # -- streamed replies -------------------------------------------------
 
