@@ -13,7 +13,7 @@ import time
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -65,6 +65,19 @@ class Limits:
     max_headers_bytes: int = 16 * 1024
     max_id_bytes: int = 128
     max_message_bytes: int = 64 * 1024 * 1024
+    #: Strings (type, key, id, headers) of at most this many bytes in all break
+    #: no limit: the smallest of the limits above but the message's (derived).
+    _strings_fit: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fits = min(
+            self.max_key_bytes,
+            self.max_type_bytes,
+            self.max_header_count,
+            self.max_headers_bytes,
+            self.max_id_bytes,
+        )
+        object.__setattr__(self, "_strings_fit", fits)
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -120,24 +133,29 @@ def encode_request(
     (seconds) overrides it without building a copy of the envelope, and so
     does ``created_at`` (epoch seconds) for the ``ts`` field.
     """
-    body: dict[str, Any] = {"v": WIRE_VERSION, "t": env.type, "d": env.data}
-    if env.key is not None:
-        body["k"] = env.key
+    data = env.data
+    body: dict[str, Any] = {"v": WIRE_VERSION, "t": env.type, "d": data}
+    key = env.key
+    if key is not None:
+        body["k"] = key
     if env.headers:
         body["h"] = dict(env.headers)
-    remaining = env.remaining() if ttl is None else ttl
-    if remaining is not None:
+    if ttl is None and env.deadline is not None:
+        ttl = env.deadline - monotonic()  # (env.remaining())
+    if ttl is not None:
         # At least 1 ms: 0 means "no TTL" on the wire.
-        body["ttl"] = max(1, int(remaining * 1000))
+        ttl_ms = int(ttl * 1000)
+        body["ttl"] = ttl_ms if ttl_ms > 1 else 1
     body["ts"] = int((env.created_at if created_at is None else created_at) * 1000)
     if env.id is not None:
         body["id"] = env.id
     if env.stream:
         body["s"] = env.stream
-    return _pack(body, len(env.data))
+    return _pack(body, len(data))
 
 
 _local = threading.local()
+_unpackb: Final = msgpack.unpackb
 # A Packer keeps the largest buffer it ever needed: bigger messages get one of
 # their own, so that one huge message does not pin its size for good.
 _REUSE_MAX: Final = 64 * 1024
@@ -164,13 +182,15 @@ def _unpack_map(data: bytes, limits: Limits, what: str) -> dict[Any, Any]:
             f"{what} is {len(data)} bytes, over the limit of {limits.max_message_bytes}"
         )
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        # (msgpack's defaults are raw=False and strict_map_key=True: passing
+        # them costs a keyword parse per message.)
+        body = _unpackb(data)
     except Exception as exc:
         raise BadRequestError(f"{what} is not valid msgpack: {exc}") from exc
-    if not isinstance(body, dict):
+    if body.__class__ is not dict:
         raise BadRequestError(f"{what} must be a msgpack map, got {type(body).__name__}")
     version = body.get("v")
-    if type(version) is not int or version != WIRE_VERSION:
+    if version.__class__ is not int or version != WIRE_VERSION:
         raise BadRequestError(f"{what}: unsupported wire version {version!r}, expected 1")
     return body
 
@@ -212,24 +232,25 @@ def decode_request(
     # msgpack makes exact types (and bool is no int here): one test for the
     # common case; _explain says what is wrong otherwise.
     if (
-        type(msg_type) is not str
+        msg_type.__class__ is not str
         or not msg_type
-        or (payload is not None and type(payload) is not bytes)
-        or (key is not None and type(key) is not str)
+        or (payload is not None and payload.__class__ is not bytes)
+        or (key is not None and key.__class__ is not str)
         or (headers is not None and not _str_map(headers))
-        or (ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms < 0))
-        or (ts_ms is not None and type(ts_ms) is not int)
-        or (req_id is not None and type(req_id) is not str)
-        or (window is not None and (type(window) is not int or window < 0))
+        or (ttl_ms is not None and (ttl_ms.__class__ is not int or ttl_ms < 0))
+        or (ts_ms is not None and ts_ms.__class__ is not int)
+        or (req_id is not None and req_id.__class__ is not str)
+        or (window is not None and (window.__class__ is not int or window < 0))
     ):
         _explain(body)
     ttl = ttl_ms / 1000 if ttl_ms else None
     deadline = None
     if ttl is not None:
         deadline = (monotonic() if received is None else received) + ttl
+    payload = payload or b""
     env = _envelope(
         msg_type,
-        payload or b"",
+        payload,
         shard,
         key,
         headers or _NO_HEADERS,
@@ -239,10 +260,13 @@ def decode_request(
         deadline,
         window or 0,
     )
-    try:
-        check_limits(env, limits)
-    except LimitExceededError as exc:
-        raise BadRequestError(str(exc)) from exc
+    # Every string is in the message, apart from the payload: when that part
+    # is short, no string can break a limit and none needs a look.
+    if len(data) - len(payload) > limits._strings_fit:
+        try:
+            check_limits(env, limits)
+        except LimitExceededError as exc:
+            raise BadRequestError(str(exc)) from exc
     if headers:
         # Only clstr's own reserved names may pass (trace context: a peer must
         # not pass for clstr otherwise); after the limits, which count them too,

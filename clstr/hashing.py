@@ -151,6 +151,15 @@ def _seed_hasher(seed: str) -> blake3:
     return blake3(_seed_prefix(seed))
 
 
+# Idle hashers that have absorbed nothing, for unseeded keys: constructing a
+# BLAKE3 hasher costs more than hashing a short key (and so does copying one),
+# so a key is hashed by one taken from here, which is reset and put back.
+# list.pop and append are atomic, so a hasher is in one caller's hands at a
+# time (another thread, or a re-entrant call from a finalizer, finds another
+# or makes one); the pool holds at most as many as were ever in use at once.
+_FREE: Final[list[blake3]] = []
+
+
 def _key_bytes(key: object) -> bytes:
     """The slow path of key coercion: str and bytes subclasses, and errors."""
     if isinstance(key, str):
@@ -178,7 +187,7 @@ class ShardMapper:
 
     def __init__(self, num_shards: int, seed: str = "") -> None:
         self._num_shards: int = validate_num_shards(num_shards)
-        # None without a seed: a fresh hasher is cheaper than a copy.
+        # None without a seed: a pooled hasher is cheaper than a copy.
         self._hasher: blake3 | None = _seed_hasher(seed) if seed != "" else None
         self._seed: str = seed
 
@@ -203,10 +212,20 @@ class ShardMapper:
         cls = key.__class__
         # (mypy does not narrow on __class__, which is cheaper than type() or isinstance.)
         data: bytes = key.encode() if cls is str else key if cls is bytes else _key_bytes(key)  # type: ignore[union-attr,assignment]
-        hasher = self._hasher
-        if hasher is None:
-            return _from_bytes(blake3(data).digest(8)) % self._num_shards
-        return _from_bytes(hasher.copy().update(data).digest(8)) % self._num_shards
+        primed = self._hasher
+        if primed is not None:
+            return _from_bytes(primed.copy().update(data).digest(8)) % self._num_shards
+        # (Written out here and in shard_for_key: a helper call would cost a
+        # tenth of the whole.)
+        free = _FREE
+        try:
+            hasher = free.pop()
+        except IndexError:
+            hasher = blake3()
+        digest = hasher.update(data).digest(8)
+        hasher.reset()
+        free.append(hasher)
+        return _from_bytes(digest) % self._num_shards
 
     __call__ = shard
 
@@ -214,30 +233,33 @@ class ShardMapper:
         return f"ShardMapper(num_shards={self._num_shards}, seed={self._seed!r})"
 
 
-class ShardCache:
+class ShardCache(dict[str | bytes, int]):
     """``ShardMapper.shard`` with a memo of the keys seen lately, for hot paths
     where keys repeat (a client's requests, a node's check of each message's
-    key): a dict look-up instead of a BLAKE3 digest (about 0.05 µs against
-    0.7 µs). At most ``size`` keys are kept; past that the memo starts over, so
-    memory stays bounded whatever the keys.
+    key): ``cache[key]`` is a dict look-up instead of a BLAKE3 digest, with no
+    Python call when the key is known. At most ``size`` keys are kept; past
+    that the memo starts over, so memory stays bounded whatever the keys.
+    ``cache(key)`` is the same look-up.
+
+    Raises (on a key not seen yet) what :meth:`ShardMapper.shard` raises; an
+    unhashable key raises the dict's ``TypeError``.
     """
 
-    __slots__ = ("_mapper", "_memo", "_size")
+    __slots__ = ("_mapper", "_size")
 
     def __init__(self, mapper: ShardMapper, size: int = 4096) -> None:
+        super().__init__()
         self._mapper = mapper
-        self._memo: dict[str | bytes, int] = {}
         self._size = size
 
-    def __call__(self, key: str | bytes) -> int:
-        shard = self._memo.get(key)
-        if shard is None:
-            shard = self._mapper.shard(key)
-            memo = self._memo
-            if len(memo) >= self._size:
-                memo.clear()
-            memo[key] = shard
+    def __missing__(self, key: str | bytes) -> int:
+        shard = self._mapper.shard(key)
+        if len(self) >= self._size:
+            self.clear()
+        self[key] = shard
         return shard
+
+    __call__ = dict.__getitem__
 
 
 def shard_for_key(key: str | bytes, num_shards: int, seed: str = "") -> int:
@@ -254,9 +276,8 @@ def shard_for_key(key: str | bytes, num_shards: int, seed: str = "") -> int:
     """
     # The body repeats ShardMapper.shard instead of calling it: building a
     # mapper per call would cost more than the hash itself. Without a seed a
-    # fresh hasher over the key is cheaper than copying a primed one (and a
-    # conditional expression cheaper than an if chain): 0.51x -> 0.63x of a
-    # bare BLAKE3 loop (docs/benchmarks.md).
+    # pooled hasher (see _FREE) instead of a new one per key: 0.65x -> 0.85x
+    # of a bare BLAKE3 loop (docs/benchmarks.md).
     if not (num_shards.__class__ is int and 0 < num_shards <= MAX_SHARDS):
         validate_num_shards(num_shards)
     cls = key.__class__
@@ -264,9 +285,17 @@ def shard_for_key(key: str | bytes, num_shards: int, seed: str = "") -> int:
     data: bytes = key.encode() if cls is str else key if cls is bytes else _key_bytes(key)  # type: ignore[union-attr,assignment]
     # == "" rather than truthiness, so that a falsy non-str seed (None, b"")
     # reaches _seed_hasher and is refused.
-    if seed == "":
-        return _from_bytes(blake3(data).digest(8)) % num_shards
-    return _from_bytes(_seed_hasher(seed).copy().update(data).digest(8)) % num_shards
+    if seed != "":
+        return _from_bytes(_seed_hasher(seed).copy().update(data).digest(8)) % num_shards
+    free = _FREE
+    try:
+        hasher = free.pop()
+    except IndexError:
+        hasher = blake3()
+    digest = hasher.update(data).digest(8)
+    hasher.reset()
+    free.append(hasher)
+    return _from_bytes(digest) % num_shards
 
 
 # --- rendezvous placement ---------------------------------------------------

@@ -11,13 +11,17 @@ from typing import ClassVar
 
 import msgpack
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from clstr import (
     BadRequestError,
+    Client,
     Envelope,
     EnvelopeExpiredError,
     HandlerTimeoutError,
     LimitExceededError,
+    MemoryTransport,
     NoHandlerError,
     OverloadedError,
     PayloadError,
@@ -368,3 +372,97 @@ class TestLimits:
         """Headers over max_headers_bytes raise LimitExceededError."""
         with pytest.raises(LimitExceededError, match="headers take"):
             check_limits(Envelope("t", headers={"a": "v" * 20_000}), DEFAULT_LIMITS)
+
+
+class TestLimitShortcuts:
+    """decode_request and the client check a message's strings only when they
+    could break a limit: these pin the shortcuts to the full check."""
+
+    sizes = st.integers(1, 60)
+    limits = st.builds(
+        Limits,
+        max_key_bytes=sizes,
+        max_type_bytes=sizes,
+        max_header_count=sizes,
+        max_headers_bytes=sizes,
+        max_id_bytes=sizes,
+    )
+    # Characters of 1 to 4 UTF-8 bytes, so that lengths in bytes and in
+    # characters part ways.
+    text = st.text(
+        st.sampled_from("aé€𝄞") | st.characters(blacklist_categories=("Cs",)), max_size=20
+    )
+
+    @staticmethod
+    def _breaks(env: Envelope, limits: Limits) -> bool:
+        try:
+            check_limits(env, limits)
+        except LimitExceededError:
+            return True
+        return False
+
+    @given(
+        limits=limits,
+        msg_type=text.filter(bool),
+        key=st.none() | text,
+        req_id=st.none() | text,
+        headers=st.dictionaries(
+            text.filter(lambda name: not name.lower().startswith("x-clstr-")), text, max_size=3
+        ),
+        data=st.binary(max_size=40),
+    )
+    @settings(max_examples=500, deadline=None)
+    def test_decode_refuses_exactly_what_check_limits_refuses(
+        self,
+        limits: Limits,
+        msg_type: str,
+        key: str | None,
+        req_id: str | None,
+        headers: dict[str, str],
+        data: bytes,
+    ) -> None:
+        """decode_request refuses a request as bad_request exactly when
+        check_limits says one of its strings breaks a limit, short or long."""
+        env = Envelope(type=msg_type, data=data, key=key, headers=headers, id=req_id)
+        body = encode_request(env)
+        if self._breaks(env, limits):
+            with pytest.raises(BadRequestError):
+                decode_request(body, limits=limits)
+        else:
+            assert decode_request(body, limits=limits).key == key
+
+    @given(
+        limits=limits,
+        msg_type=text.filter(bool),
+        key=text.filter(bool),
+        req_id=st.none() | text,
+        data=st.binary(max_size=40),
+    )
+    # Four 4-byte characters: within the limit counted in characters, over it in bytes.
+    @example(
+        limits=Limits(
+            max_key_bytes=10,
+            max_type_bytes=10,
+            max_header_count=10,
+            max_headers_bytes=10,
+            max_id_bytes=10,
+        ),
+        msg_type="𝄞𝄞𝄞𝄞",
+        key="a",
+        req_id=None,
+        data=b"",
+    )
+    @settings(max_examples=500, deadline=None)
+    def test_client_refuses_exactly_what_check_limits_refuses(
+        self, limits: Limits, msg_type: str, key: str, req_id: str | None, data: bytes
+    ) -> None:
+        """A client without options refuses to build a request exactly when
+        check_limits says its type, key or id breaks a limit."""
+        client = Client(MemoryTransport(), num_shards=8, limits=limits)
+        env = Envelope(type=msg_type, data=data, key=key, id=req_id)
+        if self._breaks(env, limits):
+            with pytest.raises(LimitExceededError):
+                client.build_request(0, msg_type, data, key=key, request_id=req_id)
+        else:
+            built, _ = client.build_request(0, msg_type, data, key=key, request_id=req_id)
+            assert built.key == key

@@ -509,5 +509,36 @@ class TestShardCache:
         mapper = ShardMapper(64, "s")
         cache = ShardCache(mapper, size=10)
         keys = [f"k{i}" for i in range(25)] * 3
+        assert [cache[k] for k in keys] == [mapper.shard(k) for k in keys]
         assert [cache(k) for k in keys] == [mapper.shard(k) for k in keys]
-        assert len(cache._memo) <= 10
+        assert len(cache) <= 10
+
+
+class TestPooledHashers:
+    def test_threads_hashing_at_once_get_the_same_shards(self) -> None:
+        """Threads hashing unseeded keys at once, switching every few bytecodes,
+        each get the shards of a single-threaded run: no pooled hasher is shared."""
+        import sys
+        import threading
+
+        keys = [f"user-{i}" for i in range(3000)]
+        expected = [ref.ref_shard(k.encode(), 1024) for k in keys]
+        mapper = ShardMapper(1024)
+        results: list[list[int]] = []
+        interval = sys.getswitchinterval()
+
+        def run() -> None:
+            results.append([shard_for_key(k, 1024) for k in keys])
+            results.append([mapper.shard(k) for k in keys])
+
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=run) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+        assert len(results) == 12
+        assert all(result == expected for result in results)

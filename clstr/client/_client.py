@@ -40,7 +40,7 @@ from ..errors import (
     ShardOutOfRangeError,
     TransportClosedError,
 )
-from ..hashing import ShardMapper
+from ..hashing import ShardCache, ShardMapper
 from ..metrics import NOOP_METRICS, Metrics
 from ..protocol import (
     DEFAULT_PREFIX,
@@ -80,6 +80,10 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
+# Read per call: a module global is cheaper than the enum's class attribute.
+_CLOSED: Final = ClientState.CLOSED
+
+
 class Client:
     """Routes requests and notifications to the node that owns each key.
 
@@ -112,6 +116,8 @@ class Client:
         if not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         self._mapper = ShardMapper(num_shards, seed)
+        # Keys repeat: a dict look-up instead of a BLAKE3 digest per call.
+        self._shard_of = ShardCache(self._mapper)
         self.num_shards = num_shards
         self.seed = seed
         self.prefix = prefix
@@ -171,7 +177,7 @@ class Client:
             raise ShardOutOfRangeError(f"shard {shard!r} is out of range 0..{self.num_shards - 1}")
 
     def _check_open(self) -> None:
-        if self.state is ClientState.CLOSED:
+        if self.state is _CLOSED:
             raise TransportClosedError("client is closed; create a new Client to send again")
 
     def _build(
@@ -188,7 +194,7 @@ class Client:
         self._check_shard(shard)
         if not isinstance(msg_type, str) or not msg_type:
             raise ConfigurationError(f"message type must be a non-empty str, got {msg_type!r}")
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if data.__class__ is not bytes and not isinstance(data, bytearray | memoryview | bytes):
             raise TypeError(
                 f"data must be bytes, got {type(data).__name__}; "
                 "use client.key(k).request(obj) for typed payloads"
@@ -205,9 +211,16 @@ class Client:
             None,
             stream,
         )
-        for option in (*self.options, *options) if self.options or options else ():
-            env = option(env)
-        check_limits(env, self.limits)
+        limits = self.limits
+        if self.options or options:
+            for option in (*self.options, *options):
+                env = option(env)
+            check_limits(env, limits)
+        elif (
+            len(msg_type) + (len(key) if key else 0) + (len(request_id) if request_id else 0)
+        ) * 4 > limits._strings_fit:
+            # (Shorter strings, even at 4 UTF-8 bytes a character, break no limit.)
+            check_limits(env, limits)
         return env
 
     def _budget(self, env: Envelope, timeout: float | None) -> float:
@@ -411,7 +424,7 @@ class Client:
             raise TypeError(f"key must be str, got {type(key).__name__}")
         if not key:
             raise MissingKeyError("key must not be empty; every key-routed call needs a key")
-        return self._mapper.shard(key)
+        return self._shard_of[key]
 
     # -- streamed replies -------------------------------------------------
 

@@ -201,18 +201,20 @@ class Dispatcher:
         self._load[shard] = self._load.get(shard, 0) + 1
         key = env.key
         job: Job = [env, reply, received, None]
-        if key is None:
-            lane = Lane(shard, None)
-        else:
+        if key is not None:
             existing = self._lanes.get((shard, key))
             if existing is not None:
                 # Busy or already ready: its worker puts it back when done.
-                existing.items.append(job)
+                existing.append(job)
                 if env.deadline is not None:
                     self._watch(job, env.deadline, shard)
                 return
-            lane = self._lanes[shard, key] = Lane(shard, key)
-        lane.items.append(job)
+            lane = self._lanes[shard, key] = Lane()
+        else:
+            lane = Lane()
+        lane.shard = shard
+        lane.key = key
+        lane.append(job)
         self._ready.append(lane)
         if self._spare is None:
             self._spawn_worker()
@@ -314,7 +316,7 @@ class Dispatcher:
             lane = ready.popleft()
             if ready and self._spare is None:
                 self._spawn_worker()
-            job = lane.items.popleft()
+            job = lane.popleft()
             env, reply, received, waiting = job
             if waiting is not None:
                 if waiting.answered:  # expired while it waited: answered then
@@ -335,7 +337,7 @@ class Dispatcher:
 
     def _lane_next(self, lane: Lane) -> None:
         """``lane``'s message is done: back in line if it holds more, else gone."""
-        if lane.items:
+        if lane:
             self._ready.append(lane)
         elif lane.key is not None:
             self._lanes.pop((lane.shard, lane.key), None)
@@ -344,7 +346,8 @@ class Dispatcher:
         self, env: Envelope, reply: ReplyTo, me: asyncio.Task[None], received: float
     ) -> None:
         node = self._node
-        if env.expired():
+        deadline = env.deadline
+        if deadline is not None and monotonic() >= deadline:  # (env.expired(), inlined)
             self.rejected("expired")
             if node.traced:
                 node.tracer.message_refused(env, received, "expired")
@@ -376,7 +379,7 @@ class Dispatcher:
             if env.stream and isinstance(reply, str):
                 stream = await self._streams.open(env, reply, partial(self._calls.interrupt, me))
             calls = self._calls
-            slot = calls.begin(env, me)
+            slot = 0 if deadline is None else calls.begin(env, me)
             token = None if stream is None else streaming(stream)
             try:
                 result = await node.handler(env)
@@ -391,7 +394,9 @@ class Dispatcher:
                 calls.end(slot, me)
             if result is None:
                 result = b""
-            elif not isinstance(result, bytes | bytearray | memoryview):
+            elif result.__class__ is not bytes and not isinstance(
+                result, bytes | bytearray | memoryview
+            ):
                 raise TypeError(
                     f"handler for {env.type!r} returned {type(result).__name__}; "
                     "a raw handler returns bytes (use a Router for typed replies)"
@@ -444,7 +449,8 @@ class Dispatcher:
             return
         if body is not None and len(body) > node.transport.max_payload:
             body = self._too_large(env, len(body))
-        self._finish(env, reply, body, cache=store)
+        if reply is not None or env.id is not None:  # (else nothing to answer or keep)
+            self._finish(env, reply, body, cache=store)
 
     def _end_stream(
         self, env: Envelope, stream: StreamWriter, body: bytes | None, data: bytes
@@ -519,8 +525,8 @@ class Dispatcher:
             if not which(lane.shard):
                 keep.append(lane)
                 continue
-            while lane.items:
-                job = lane.items.popleft()
+            while lane:
+                job = lane.popleft()
                 waiting = job[3]
                 if waiting is not None:
                     if waiting.answered:
@@ -556,7 +562,7 @@ class Dispatcher:
             lane = self._lanes.get((shard, key))
             lanes = [] if lane is None else [lane]
         for lane in lanes:
-            for job in lane.items:
+            for job in lane:
                 env, waiting = job[0], job[3]
                 if (waiting is not None and waiting.answered) or not match(env):
                     continue

@@ -97,7 +97,7 @@ class Intake:
         dispatch = self._dispatch
         shard = env.shard
         key = env.key
-        if key is not None and self._shard_of(key) != shard:
+        if key is not None and self._shard_of[key] != shard:
             dispatch.rejected("wrong_shard")
             if node.traced:
                 node.tracer.message_refused(env, monotonic(), "wrong_shard")
@@ -178,7 +178,7 @@ class Intake:
     def _wrong_shard(self, key: str, shard: int) -> WrongShardError:
         node = self._node
         return WrongShardError(
-            f"key {key[:64]!r} belongs to shard {self._shard_of(key)}, not {shard} "
+            f"key {key[:64]!r} belongs to shard {self._shard_of[key]}, not {shard} "
             f"({node.num_shards} shards, seed {node.seed!r}); the sender's num_shards or "
             "seed differs from the node's: fix its settings"
         )

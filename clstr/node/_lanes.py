@@ -18,13 +18,15 @@ ReplyTo = str | Callable[[bytes], None] | None
 Job = list[Any]
 
 
-class Lane:
-    __slots__ = ("items", "key", "shard")
+class Lane(deque[Job]):
+    """The queued messages of one key (or the one message of a lane without a
+    key), oldest first, and whose they are: ``shard`` and ``key``, which the
+    maker sets right after ``Lane()``. A deque itself, built without a Python
+    ``__init__``: one is made for most messages."""
 
-    def __init__(self, shard: int, key: str | None) -> None:
-        self.shard = shard
-        self.key = key
-        self.items: deque[Job] = deque()
+    __slots__ = ("key", "shard")
+    shard: int
+    key: str | None
 
 
 class Waiting:

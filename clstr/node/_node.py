@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import structlog
 
@@ -39,6 +39,9 @@ from ._watchdog import DEFAULT_STALL_THRESHOLD as DEFAULT_LOOP_STALL_THRESHOLD
 from ._watchdog import LoopWatchdog
 
 __all__ = ["Node"]
+
+# Read per message: a module global is cheaper than the enum's class attribute.
+_STOPPED: Final = NodeState.STOPPED
 
 
 class Node:
@@ -476,16 +479,19 @@ class Node:
     def serving(self, shard: int) -> bool:
         """Whether a message of ``shard`` may be taken now: the node runs, is not
         fenced, and serves the shard (or is subscribing to it)."""
+        lease = self._lease_until
         return (
-            not self.fenced
-            and (shard in self._subs or shard in self._acquiring)
-            and self.state is not NodeState.STOPPED
+            (shard in self._subs or shard in self._acquiring)
+            # (not self.fenced, inlined: this runs per message)
+            and self._fenced is None
+            and (lease is None or monotonic() < lease)
+            and self.state is not _STOPPED
         )
 
     @property
     def accepting(self) -> bool:
         """Whether workers may still be started (not once stopped)."""
-        return self.state is not NodeState.STOPPED
+        return self.state is not _STOPPED
 
     def fence_reason(self, shard: int) -> str:
         """Why a message of ``shard`` is refused with ``not_owner`` (for its reply)."""

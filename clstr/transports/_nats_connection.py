@@ -28,6 +28,16 @@ __all__ = ["DirectCallback", "NatsConnection"]
 _log = structlog.get_logger("clstr.transport.nats")
 
 
+# nats-py's connection states, as publish_nowait reads them (its properties
+# each cost a call).
+_CONNECTED: Final = NatsClient.CONNECTED
+_CLOSED: Final = NatsClient.CLOSED
+_DRAINING_SUBS: Final = NatsClient.DRAINING_SUBS
+_DRAINING_PUBS: Final = NatsClient.DRAINING_PUBS
+
+# How many subjects a connection remembers as valid; past that it starts over.
+_VALID_SUBJECTS: Final = 1024
+
 # How long an abandoned connection attempt gets to end once cancelled.
 _ABANDON_GRACE: Final = 5.0
 
@@ -95,6 +105,7 @@ class NatsConnection(NatsClient):
         super().__init__()
         self._direct: dict[int, DirectCallback] = {}
         self._kick: asyncio.Future[None] | None = None  # a done future: wakes the flusher
+        self._valid_subjects: set[str] = set()  # subjects published to that passed the check
 
     async def subscribe_direct(
         self, subject: str, callback: DirectCallback, *, queue: str = ""
@@ -142,17 +153,25 @@ class NatsConnection(NatsClient):
         outgoing buffer and the flusher is woken. Unlike ``publish`` it never
         waits for a full buffer to be written (callers bound what they send
         some other way, as a node bounds its replies by its queue)."""
-        _validate_subject(subject)
+        # The checks of nats-py's publish, in its order; the subject's only
+        # once (a client sends to a few shard subjects over and over).
+        valid = self._valid_subjects
+        if subject not in valid:
+            _validate_subject(subject)
+            if len(valid) >= _VALID_SUBJECTS:
+                valid.clear()  # (replies, each to an inbox of its own, come and go)
+            valid.add(subject)
         if reply:
             _validate_subject(reply)
-        if self.is_closed:
+        status = self._status
+        if status == _CLOSED:
             raise nats.errors.ConnectionClosedError
-        if self.is_draining_pubs:
+        if status == _DRAINING_PUBS:
             raise nats.errors.ConnectionDrainingError
         size = len(payload)
         if size > self._max_payload:
             raise nats.errors.MaxPayloadError
-        connected = self.is_connected
+        connected = status == _CONNECTED or status == _DRAINING_SUBS  # (is_connected)
         if not connected and (
             self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size
         ):

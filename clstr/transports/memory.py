@@ -25,7 +25,7 @@ import asyncio
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple
+from typing import Final
 
 from .._clock import Timeouts, expire
 from ..errors import (
@@ -66,7 +66,7 @@ class _Group:
 
     def pick(self, sender: str, faults: Faults) -> _MemorySubscription | None:
         members = self.members
-        if not faults.active:
+        if not (faults._rules or faults._partitions):  # (not faults.active: per message)
             self.turn = (self.turn + 1) % len(members)
             return members[self.turn]
         for _ in range(len(members)):
@@ -75,11 +75,6 @@ class _Group:
             if faults.reachable(sender, candidate.owner_name):
                 return candidate
         return None
-
-
-class _Inbox(NamedTuple):
-    owner: str
-    future: asyncio.Future[bytes]
 
 
 class MemoryNetwork:
@@ -95,7 +90,8 @@ class MemoryNetwork:
         # subject -> queue group name ("" for plain subscribers) -> group
         self._subjects: dict[str, dict[str, _Group]] = {}
         self._plain: dict[str, list[_MemorySubscription]] = {}
-        self._inboxes: dict[str, _Inbox] = {}
+        # A pending request's inbox -> the transport that waits on it.
+        self._inboxes: dict[str, MemoryTransport] = {}
         self._ids = itertools.count(1)
 
     def connect(self, name: str = "") -> MemoryTransport:
@@ -148,23 +144,26 @@ class MemoryNetwork:
     def route(self, subject: str, data: bytes, reply: str | None, sender: str = "") -> None:
         """Schedule delivery of one message (never inline, like a real server)."""
         faults = self.faults
-        if subject.startswith(_INBOX_PREFIX):
-            inbox = self._inboxes.get(subject)
-            if inbox is None:
+        requester = self._inboxes.get(subject)
+        if requester is not None:  # a reply
+            future = requester._pending.get(subject)
+            if future is None:
                 return
-            if not faults.active:
+            if not (faults._rules or faults._partitions):  # (not faults.active)
                 # Resolving wakes the requester on a later turn anyway (future
                 # callbacks go through call_soon): no extra hop needed.
-                _resolve(inbox.future, data)
+                _resolve(future, data)
                 return
-            if not faults.reachable(sender, inbox.owner):
+            if not faults.reachable(sender, requester.name):
                 faults.dropped += 1
                 return
-            decision = faults.decide(sender, inbox.owner, subject)
+            decision = faults.decide(sender, requester.name, subject)
             # A reply resolves its request once: copies change nothing.
             if not decision.drop:
-                _schedule(inbox.future.get_loop(), decision.delay, _resolve, inbox.future, data)
+                _schedule(future.get_loop(), decision.delay, _resolve, future, data)
             return
+        if subject.startswith(_INBOX_PREFIX):
+            return  # a request's inbox, the request done: nobody listens any more
         for group in self._subjects.get(subject, {}).values():
             target = group.pick(sender, faults)
             if target is not None:
@@ -282,17 +281,20 @@ class MemoryTransport(Transport):
         if not network.has_interest(subject, self.name):
             raise NoShardOwnerError(f"no subscriber on {subject!r}")
         inbox = self._inbox_prefix + str(next(network._ids))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
         # A shared timer for the future, not asyncio.timeout(): a fraction of the
-        # cost. (A transport may outlive one loop, as in tests: its timers may not.)
+        # cost. A transport may outlive one loop, as in tests (its timers may
+        # not), but the loop of its last request, while it runs, is the one
+        # running now (one thread): no asyncio.get_running_loop() per request
+        # (on 3.11 a getpid() system call each).
         timeouts = self._timeouts
-        if timeouts is None or timeouts.loop is not loop:
-            timeouts = self._timeouts = Timeouts(loop, expire)
+        if timeouts is None or not timeouts.loop.is_running():
+            timeouts = self._timeouts = Timeouts(asyncio.get_running_loop(), expire)
+        loop = timeouts.loop
+        future: asyncio.Future[bytes] = loop.create_future()
         slot = timeouts.add(loop.time() + timeout, future)
         self._pending[inbox] = future
         inboxes = network._inboxes
-        inboxes[inbox] = _Inbox(self.name, future)
+        inboxes[inbox] = self
         try:
             network.route(subject, data, inbox, self.name)
             return await future

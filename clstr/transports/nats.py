@@ -297,7 +297,10 @@ class NatsTransport(Transport):
 
     @property
     def max_payload(self) -> int:
-        return int(self.nc.max_payload)
+        # (What nats-py's max_payload property returns: read per message, so
+        # without that second call.)
+        limit: int = self.nc._max_payload
+        return limit
 
     def _check_open(self) -> None:
         if self._closed or self.nc.is_closed:
@@ -358,12 +361,14 @@ class NatsTransport(Transport):
         try:
             prefix = self._mux_prefix or await self._reply_prefix()
             token = b"%d" % next(self._tokens)
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[bytes] = loop.create_future()
-            self._waiting[token] = future
             timeouts = self._timeouts
             if timeouts is None:
-                timeouts = self._timeouts = Timeouts(loop, expire)
+                timeouts = self._timeouts = Timeouts(asyncio.get_running_loop(), expire)
+            # The connection's loop, the one its reply subscription runs on (not
+            # asyncio.get_running_loop(): on 3.11 a getpid() system call each).
+            loop = timeouts.loop
+            future: asyncio.Future[bytes] = loop.create_future()
+            self._waiting[token] = future
             slot = timeouts.add(loop.time() + timeout, future)
             try:
                 nc = self.nc
