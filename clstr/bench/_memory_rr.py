@@ -26,7 +26,7 @@ _SPECS: Final = (
         "bare asyncio echo (queue + future) with the same encode/decode",
         "req/s",
         True,
-        0.5,
+        0.6,  # issue 17's floor (0.5 before); round 3 measured 0.46x: missed
     ),
 )
 
